@@ -1,0 +1,32 @@
+# Every target sets up what it needs first: on a fresh clone `make demo` and `make test` are enough.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# A CPU-only machine still installs the registry's standard (CUDA) torch build: see pyproject.toml.
+PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check
+
+.PHONY: venv demo test lint clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) --upgrade pip
+	# requirements.lock pins every package exactly; pyproject.toml pins the direct ones by minor.
+	$(PIP_INSTALL) --constraint requirements.lock --editable '.[dev]'
+	touch $(STAMP)
+
+## demo: train on the built-in digits dataset, export to ONNX, check parity, print the result
+demo: venv
+	$(BIN)/python -m training --dataset digits --epochs 10 --out runs/demo
+
+## test: lint, then the whole test suite (what CI runs)
+test: venv lint
+	$(BIN)/python -m pytest
+
+lint: venv
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

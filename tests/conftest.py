@@ -1,0 +1,45 @@
+"""Shared fixtures: small real datasets and one short real training run reused across tests."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SMALL_SYNTHETIC = "synthetic:640"  # 640 train / 128 val images: a few seconds per epoch on 2 cores
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+def python_env() -> dict[str, str]:
+    """Environment for child interpreters: the repo importable, output unbuffered."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+@pytest.fixture(scope="session")
+def python() -> str:
+    return sys.executable
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory: pytest.TempPathFactory):
+    """One real 2-epoch run on small synthetic data (train → export → parity), shared by tests
+    that only read its outputs."""
+    from training.config import TrainConfig
+    from training.pipeline import run
+    from training.progress import ProgressReporter
+
+    run_dir = tmp_path_factory.mktemp("small_run")
+    config = TrainConfig(dataset=SMALL_SYNTHETIC, epochs=2, seed=3, compile="off")
+    reporter = ProgressReporter(run_dir / "events.jsonl")
+    outcome = run(config, run_dir, reporter)
+    reporter.close()
+    return outcome

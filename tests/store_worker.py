@@ -1,0 +1,67 @@
+"""Publish one model into a store from a separate process; used by tests/test_store.py.
+
+    python tests/store_worker.py <store_root> <model_file> <accuracy>
+        [--hold-seconds S] [--start-at EPOCH] [--job-id ID]
+
+decide() promotes iff ``accuracy`` beats the champion card's metrics.onnx_val_accuracy (or there
+is no champion). It records what it saw and when (monotonic clock, system-wide on Linux), so the
+tests can check that concurrent deciders were serialised. Prints the PublishResult as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from service.store import ModelStore
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("root")
+    parser.add_argument("model_file", type=Path)
+    parser.add_argument("accuracy", type=float)
+    parser.add_argument("--hold-seconds", type=float, default=0.0)
+    parser.add_argument("--start-at", type=float, default=None, help="time.time() to start at")
+    parser.add_argument("--job-id", default=None)
+    args = parser.parse_args()
+
+    store = ModelStore(args.root)
+
+    def decide(champion: int | None) -> dict:
+        entered = time.monotonic()
+        best = None if champion is None else store.card(champion)["metrics"]["onnx_val_accuracy"]
+        if args.hold_seconds:
+            time.sleep(args.hold_seconds)  # widen the race window while holding the lock
+        promoted = best is None or args.accuracy > best
+        return {
+            "promoted": promoted,
+            "reason": f"accuracy {args.accuracy} vs champion {best}",
+            "champion_seen": champion,
+            "champion_accuracy": best,
+            "entered": entered,
+            "left": time.monotonic(),
+        }
+
+    if args.start_at is not None:
+        time.sleep(max(0.0, args.start_at - time.time()))
+    requested = time.monotonic()
+    result = store.publish(
+        args.model_file,
+        {"metrics": {"onnx_val_accuracy": args.accuracy}, "dataset": {"name": "fake"}},
+        decide,
+        actor=f"job:{args.job_id}" if args.job_id else f"worker:{os.getpid()}",
+        job_id=args.job_id,
+    )
+    print(json.dumps({**dataclasses.asdict(result), "requested": requested}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""Entry point: `python -m training --dataset digits --epochs 10 --out DIR`."""
+
+import sys
+
+from training.cli import main
+
+sys.exit(main())

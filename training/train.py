@@ -1,0 +1,295 @@
+"""The training loop of the seed tutorial, made repeatable, compiled and resumable.
+
+Per epoch it keeps the tutorial's `log_dict` (training loss per batch, validation loss per batch,
+training and validation accuracy per epoch), writes TensorBoard scalars, emits progress events and
+saves a checkpoint. Images stay uint8 on the device; `Preprocess` normalises each batch inside the
+model, exactly as the exported graph does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.tensorboard import SummaryWriter
+
+from training.config import TrainConfig
+from training.data import Dataset
+from training.metrics import ValidationMetrics, validation_metrics
+from training.model import ConvNet, Preprocess
+from training.progress import ProgressReporter, enumerate_with_estimate
+
+CHECKPOINT_NAME = "last.pt"
+EVAL_BATCH_SIZE = 512
+# Settings a resumed run may change: how long it runs, where and how fast, not what it learns.
+RESUMABLE_CHANGES = frozenset({"epochs", "compile", "compile_mode", "device", "download",
+                               "datasets_root"})
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint that cannot continue this run (missing, or made with another config)."""
+
+
+@dataclass
+class TrainLog:
+    """The tutorial's `log_dict`, one list per entry, plus what the card and TensorBoard need."""
+
+    training_loss_per_batch: list[float] = field(default_factory=list)
+    validation_loss_per_batch: list[float] = field(default_factory=list)
+    training_accuracy_per_epoch: list[float] = field(default_factory=list)
+    validation_accuracy_per_epoch: list[float] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return dict(vars(self))
+
+
+@dataclass
+class TrainResult:
+    net: ConvNet                   # the trained, uncompiled module (export needs this one)
+    preprocess: Preprocess
+    mean: list[float]              # the normalisation baked into `preprocess`, 0..1 units
+    std: list[float]
+    log: TrainLog
+    validation: ValidationMetrics  # of the final epoch, by torch
+    epochs_completed: int
+    train_seconds: float           # the epochs' wall time, this process and earlier ones
+    compile_seconds: float         # first compiled step (graph capture + codegen); 0 when eager
+    device: str
+    compiled: bool
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {choice!r} requested but CUDA is not available on this host")
+    return torch.device(choice)
+
+
+def should_compile(config: TrainConfig, device: torch.device) -> bool:
+    return config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 NHWC images, in 0..1 units (baked into the graph)."""
+    pixels = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    std = np.maximum(pixels.std(axis=0), 1e-3)  # a constant channel must not divide by zero
+    return pixels.mean(axis=0).tolist(), std.tolist()
+
+
+def train(config: TrainConfig, data: Dataset, run_dir: Path, reporter: ProgressReporter, *,
+          resume: bool = False) -> TrainResult:
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    checkpoint = load_checkpoint(run_dir, config) if resume else None
+
+    mean, std = (checkpoint["normalization"]["mean"], checkpoint["normalization"]["std"]) \
+        if checkpoint else channel_stats(data.train_images)
+    preprocess = Preprocess(mean, std).to(device)
+    net = ConvNet(len(data.classes)).to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+    log, start_epoch = TrainLog(), 0
+    if checkpoint:
+        net.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        log = TrainLog(**checkpoint["log"])
+        start_epoch = checkpoint["epoch"]
+        reporter.event("resumed", epoch=start_epoch, checkpoint=str(checkpoint_path(run_dir)))
+
+    compiled = should_compile(config, device)
+    forward = torch.compile(net, mode=config.compile_mode) if compiled else net
+
+    train_x = torch.from_numpy(data.train_images).to(device)
+    train_y = torch.from_numpy(data.train_labels).to(device)
+    val_x = torch.from_numpy(data.val_images).to(device)
+    val_y = torch.from_numpy(data.val_labels).to(device)
+    steps = steps_per_epoch(len(train_x), config.batch_size)
+
+    validation: ValidationMetrics | None = None
+    compile_seconds = 0.0
+    with SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_epoch) as writer:
+        for epoch in range(start_epoch, config.epochs):
+            started = time.perf_counter()
+            batch_losses, train_accuracy, first_step_s = _train_epoch(
+                forward, preprocess, optimizer, train_x, train_y, config, epoch, steps, reporter)
+            if epoch == start_epoch and compiled:
+                compile_seconds = first_step_s
+                reporter.event("compiled", seconds=round(first_step_s, 3), mode=config.compile_mode)
+            val_losses, validation = evaluate(net, preprocess, val_x, val_y, data.classes,
+                                              config.batch_size)
+            log.training_loss_per_batch += batch_losses
+            log.validation_loss_per_batch += val_losses
+            log.training_accuracy_per_epoch.append(train_accuracy)
+            log.validation_accuracy_per_epoch.append(validation.accuracy)
+            log.epoch_seconds.append(time.perf_counter() - started)
+            _write_scalars(writer, epoch + 1, batch_losses, val_losses, train_accuracy,
+                           validation, optimizer)
+            save_checkpoint(run_dir, net, optimizer, config, epoch + 1, log, mean, std, data.classes)
+            _report_epoch(reporter, epoch + 1, config.epochs, batch_losses, val_losses,
+                          train_accuracy, validation, log.epoch_seconds[-1])
+
+    if validation is None:  # resumed a run that had already finished: score it once more
+        _, validation = evaluate(net, preprocess, val_x, val_y, data.classes, config.batch_size)
+    return TrainResult(net=net, preprocess=preprocess, mean=mean, std=std, log=log, validation=validation,
+                       epochs_completed=config.epochs, train_seconds=sum(log.epoch_seconds),
+                       compile_seconds=compile_seconds, device=str(device), compiled=compiled)
+
+
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    # Full batches only (when there is at least one): every step has the same shape, so a
+    # compiled graph is captured once; the reshuffle each epoch still visits every image.
+    return max(1, n_train // batch_size)
+
+
+def epoch_batches(n_train: int, batch_size: int, seed: int, epoch: int,
+                  device: torch.device) -> Iterator[torch.Tensor]:
+    """Index batches for one epoch: a permutation that depends only on (seed, epoch), so a resumed
+    run sees exactly the batches an uninterrupted one would have."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n_train, generator=generator).to(device)
+    for step in range(steps_per_epoch(n_train, batch_size)):
+        yield order[step * batch_size:(step + 1) * batch_size]
+
+
+def _train_epoch(forward: Any, preprocess: Preprocess, optimizer: torch.optim.Optimizer,
+                 train_x: torch.Tensor, train_y: torch.Tensor, config: TrainConfig, epoch: int,
+                 steps: int, reporter: ProgressReporter) -> tuple[list[float], float, float]:
+    """One pass over the training split; returns per-batch losses, accuracy, first-step seconds.
+
+    Losses and correct counts stay on the device until the epoch ends: one host sync per epoch
+    instead of the tutorial's `.item()` per batch.
+    """
+    forward.train()
+    losses: list[torch.Tensor] = []
+    correct = torch.zeros((), dtype=torch.int64, device=train_x.device)
+    seen = 0
+    first_step_s = 0.0
+    batches = epoch_batches(len(train_x), config.batch_size, config.seed, epoch, train_x.device)
+    for step, index, estimate in enumerate_with_estimate(batches, steps):
+        step_started = time.perf_counter()
+        labels = train_y[index]
+        logits = forward(preprocess(train_x[index]))
+        loss = F.cross_entropy(logits, labels)  # on logits: see ConvNet's docstring
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+        correct += (logits.detach().argmax(dim=1) == labels).sum()
+        seen += len(index)
+        if step == 0:
+            _sync(train_x.device)
+            first_step_s = time.perf_counter() - step_started
+        if estimate is not None:
+            remaining = estimate.eta_s + (config.epochs - epoch - 1) * steps / max(estimate.rate, 1e-9)
+            reporter.progress(epoch=epoch + 1, epochs=config.epochs, step=step + 1, steps=steps,
+                              images_per_s=estimate.rate * config.batch_size, eta_s=remaining)
+    batch_losses = torch.stack(losses).float().cpu().tolist()
+    return batch_losses, correct.item() / seen, first_step_s
+
+
+@torch.inference_mode()
+def evaluate(net: ConvNet, preprocess: Preprocess, images: torch.Tensor, labels: torch.Tensor,
+             classes: tuple[str, ...], loss_batch_size: int) -> tuple[list[float],
+                                                                        ValidationMetrics]:
+    """Validation loss per batch (the tutorial's batch size) and metrics, in eval mode.
+
+    Runs the uncompiled module: eval mode is a different graph, and a second compilation would
+    cost more than this pass on the small validation split.
+    """
+    was_training = net.training
+    net.eval()
+    logits = torch.cat([net(preprocess(images[i:i + EVAL_BATCH_SIZE]))
+                        for i in range(0, len(images), EVAL_BATCH_SIZE)])
+    losses = [F.cross_entropy(logits[i:i + loss_batch_size], labels[i:i + loss_batch_size])
+              for i in range(0, len(labels), loss_batch_size)]
+    net.train(was_training)
+    predicted = logits.argmax(dim=1).cpu().numpy()
+    metrics = validation_metrics(predicted, labels.cpu().numpy(), classes)
+    return torch.stack(losses).cpu().tolist(), metrics
+
+
+def checkpoint_path(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / CHECKPOINT_NAME
+
+
+def save_checkpoint(run_dir: Path, net: ConvNet, optimizer: torch.optim.Optimizer,
+                    config: TrainConfig, epoch: int, log: TrainLog, mean: list[float],
+                    std: list[float], classes: tuple[str, ...]) -> Path:
+    """Everything needed to continue after `epoch` epochs; written to a temporary file and renamed
+    so that a kill mid-write leaves the previous checkpoint intact."""
+    path = checkpoint_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "model": net.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "config": config.to_dict(),
+        "epoch": epoch,
+        "log": log.to_dict(),
+        "normalization": {"mean": list(mean), "std": list(std)},
+        "classes": list(classes),
+    }
+    partial = path.with_suffix(".tmp")
+    torch.save(state, partial)
+    os.replace(partial, path)
+    return path
+
+
+def load_checkpoint(run_dir: Path, config: TrainConfig) -> dict[str, Any]:
+    path = checkpoint_path(run_dir)
+    if not path.is_file():
+        raise ResumeError(f"nothing to resume: no checkpoint at {path}")
+    # weights_only=True: a checkpoint is data, never code (no arbitrary unpickling).
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = TrainConfig.from_dict(state["config"])
+    # Only the length of the run may change on resume; anything else would silently train a
+    # different model than the checkpoint's first epochs did.
+    mismatched = [k for k, v in saved.to_dict().items()
+                  if k not in RESUMABLE_CHANGES and v != config.to_dict()[k]]
+    if mismatched:
+        raise ResumeError(f"checkpoint {path} was made with different {', '.join(mismatched)}; "
+                          "start a new run directory instead")
+    return state
+
+
+def _write_scalars(writer: SummaryWriter, step: int, batch_losses: list[float],
+                   val_losses: list[float], train_accuracy: float,
+                   validation: ValidationMetrics, optimizer: torch.optim.Optimizer) -> None:
+    writer.add_scalar("Loss/train", float(np.mean(batch_losses)), step)
+    writer.add_scalar("Loss/val", float(np.mean(val_losses)), step)
+    writer.add_scalar("Accuracy/train", train_accuracy, step)
+    writer.add_scalar("Accuracy/val", validation.accuracy, step)
+    writer.add_scalar("LearningRate", optimizer.param_groups[0]["lr"], step)
+    for name, recall in validation.recall_by_class().items():
+        writer.add_scalar(f"Recall/{name}", recall, step)
+    writer.flush()
+
+
+def _report_epoch(reporter: ProgressReporter, epoch: int, epochs: int, batch_losses: list[float],
+                  val_losses: list[float], train_accuracy: float, validation: ValidationMetrics,
+                  seconds: float) -> None:
+    metrics = {
+        "train_loss": round(float(np.mean(batch_losses)), 6),
+        "val_loss": round(float(np.mean(val_losses)), 6),
+        "train_accuracy": round(train_accuracy, 6),
+        "val_accuracy": round(validation.accuracy, 6),
+    }
+    if not all(math.isfinite(v) for v in metrics.values()):
+        raise FloatingPointError(f"training diverged at epoch {epoch}: {metrics}")
+    reporter.event("epoch", epoch=epoch, epochs=epochs, seconds=round(seconds, 3), **metrics)
+    reporter.line(f"epoch {epoch}/{epochs}  train loss {metrics['train_loss']:.4f} "
+                  f"acc {train_accuracy:.3f}  val loss {metrics['val_loss']:.4f} "
+                  f"acc {validation.accuracy:.3f}  ({seconds:.1f}s)")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
