@@ -15,8 +15,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tests.conftest import SMALL_SYNTHETIC, python_env
 from training.config import TrainConfig
 from training.data import load_dataset
+from training.errors import ResumeError
 from training.progress import ProgressReporter, read_events
-from training.train import ResumeError, checkpoint_path, steps_per_epoch, train
+from training.train import checkpoint_path, steps_per_epoch, train
 
 
 @pytest.fixture(scope="module")

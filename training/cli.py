@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
+from service.store import ModelStore, StoreError
 from training.config import COMPILE_MODES, ConfigError, TrainConfig
 from training.data import DATASET_NAMES_HELP, DatasetError
-from training.export import ExportError
+from training.errors import ExportError, ResumeError
+from training.gate import GateConfigError, GatePolicy
 from training.progress import ProgressReporter
-from training.train import ResumeError
+
+if TYPE_CHECKING:
+    from training.pipeline import RunOutcome
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -50,6 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run directory (default: runs/<UTC time>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its last checkpoint")
+    store = parser.add_argument_group("model store and gate (see README: 'Model store and gate')")
+    store.add_argument("--store", type=Path, default=None,
+                       help="gate the candidate and publish it to this model store if promoted")
+    gate_defaults = GatePolicy()
+    store.add_argument("--min-accuracy", type=float, default=gate_defaults.min_accuracy,
+                       help="lowest validation accuracy a candidate may have (default: %(default)s)")
+    store.add_argument("--min-improvement", type=float, default=gate_defaults.min_improvement,
+                       help="accuracy the candidate must gain over the champion (default: "
+                            "%(default)s: never promote a regression)")
+    store.add_argument("--max-class-recall-drop", type=float, default=None,
+                       help="refuse a candidate whose recall of any class falls more than this "
+                            "below the champion's (default: not checked)")
+    store.add_argument("--allow-class-change", action="store_true",
+                       help="let a candidate with other classes than the champion replace it")
     return parser
 
 
@@ -66,28 +85,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         config = config_from_args(args)
-    except ConfigError as error:
+        policy = GatePolicy(min_accuracy=args.min_accuracy, min_improvement=args.min_improvement,
+                            max_class_recall_drop=args.max_class_recall_drop,
+                            allow_class_change=args.allow_class_change)
+    except (ConfigError, GateConfigError) as error:
         parser.error(str(error))
     if args.resume and args.out is None:
         parser.error("--resume needs --out, the run directory to continue")
     run_dir = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     # Imported here so that `--help` and argument errors answer without loading torch.
-    from training.pipeline import run, summary
+    from training.pipeline import Publication, run, summary
 
+    publication = None
+    if args.store is not None:
+        publication = Publication(ModelStore(args.store), policy, actor=f"cli:{_user()}")
     run_dir.mkdir(parents=True, exist_ok=True)
     reporter = ProgressReporter(run_dir / "events.jsonl")
     try:
-        outcome = run(config, run_dir, reporter, resume=args.resume)
+        outcome = run(config, run_dir, reporter, resume=args.resume, publication=publication)
     except (DatasetError, ConfigError, ResumeError) as error:
         return _fail(reporter, EXIT_BAD_INPUT, str(error))
-    except ExportError as error:
+    except (ExportError, StoreError) as error:
         return _fail(reporter, EXIT_FAILED, str(error))
     except KeyboardInterrupt:
         return _fail(reporter, 130, "interrupted; resume with --resume --out " + str(run_dir))
-    reporter.event("state", state="SUCCEEDED", model=str(outcome.model_path))
+    reporter.event("state", state=final_state(outcome), model=str(outcome.model_path),
+                   version=outcome.published.version if outcome.published else None)
     reporter.close()
     print(summary(outcome, started))
     return 0
+
+
+def final_state(outcome: RunOutcome) -> str:
+    """SUCCEEDED without a store; PROMOTED or REJECTED once the gate has decided."""
+    if outcome.published is None:
+        return "SUCCEEDED"
+    return "PROMOTED" if outcome.published.promoted else "REJECTED"
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry / no login name inside some containers
+        return "unknown"
 
 
 def _fail(reporter: ProgressReporter, code: int, message: str) -> int:

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import torch
 
+from training.errors import ExportError
 from training.model import IMAGE_SIZE, ConvNet, Preprocess, ServingModel
 from training.onnx_eval import METADATA_PREFIX, OnnxClassifier
 
@@ -29,9 +30,6 @@ OPSET = 18
 PARITY_TOLERANCE = 1e-5
 PACKAGES = ("torch", "torchvision", "onnx", "onnxscript", "onnxruntime-gpu", "numpy")
 
-
-class ExportError(RuntimeError):
-    """The export failed, or the exported file does not match the torch model."""
 
 
 @dataclass(frozen=True)

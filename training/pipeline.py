@@ -6,8 +6,11 @@ Run directory layout (also a job directory of the model store, later):
     tensorboard/        SummaryWriter scalars
     checkpoints/last.pt the last finished epoch (resume point)
     log.json            the tutorial's log_dict (per-batch losses, per-epoch accuracies)
-    model.onnx          the exported serving graph
-    card.json           what the model is and how good it is
+    model.onnx          the exported serving graph (the candidate)
+    card.json           what the model is, how good it is, and the gate's decision
+
+With a model store the candidate then goes through the gate (`training.gate`) and, if promoted,
+is published as the store's next immutable version; a rejected one stays here for inspection.
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from service.store import ModelStore, PublishResult
+from training import gate
 from training.config import TrainConfig
 from training.data import Dataset, load_dataset
+from training.errors import ExportError
 from training.export import (
     INPUT_LAYOUT,
     INPUT_NAME,
     OUTPUT_NAME,
-    ExportError,
     ParityReport,
     check_parity,
     export_onnx,
@@ -44,18 +49,31 @@ CARD_FILE = "card.json"
 
 
 @dataclass(frozen=True)
+class Publication:
+    """Where and under which rules a finished candidate is gated and published."""
+
+    store: ModelStore
+    policy: gate.GatePolicy
+    actor: str                 # "job:<id>" for service jobs, "cli:<user>" for offline runs
+    job_id: str | None = None
+
+
+@dataclass(frozen=True)
 class RunOutcome:
     run_dir: Path
     model_path: Path
     card: dict[str, Any]
     parity: ParityReport
     onnx_validation: ValidationMetrics
+    published: PublishResult | None = None  # None when no store was given
 
 
 def run(config: TrainConfig, run_dir: Path, reporter: ProgressReporter, *,
-        resume: bool = False) -> RunOutcome:
-    """Train, export, check parity and score the exported file; raises ExportError on a mismatch
-    (after writing the card, so the failed candidate can be inspected)."""
+        resume: bool = False, publication: Publication | None = None) -> RunOutcome:
+    """Train, export, check parity, score the exported file and, with a store, gate and publish.
+
+    Raises ExportError on a parity mismatch, after writing the card (with the gate's rejection
+    when a store was given) so that the failed candidate can be inspected."""
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", config.to_dict())
     reporter.event("state", state="LOADING_DATA", dataset=config.dataset)
@@ -73,15 +91,39 @@ def run(config: TrainConfig, run_dir: Path, reporter: ProgressReporter, *,
     parity = check_parity(model, model_path, data.val_images)
     onnx_validation = OnnxClassifier(model_path).score(data.val_images, data.val_labels)
     card = build_card(metadata, result, parity, onnx_validation)
-    write_json(run_dir / CARD_FILE, card)
     reporter.event("exported", model=str(model_path), parity=parity.to_dict(),
                    onnx_val_accuracy=onnx_validation.accuracy)
+    published = None
+    if publication is not None:
+        reporter.event("state", state="GATING")
+        published = gate_and_publish(publication, model_path, card, parity, onnx_validation, data)
+        card = {**card, "gate": published.decision, "version": published.version}
+        reporter.event("gate", **published.decision, version=published.version)
+    write_json(run_dir / CARD_FILE, card)
     if not parity.passed:
         raise ExportError(
             f"ONNX parity check failed on {parity.images} validation images: max |p_onnx - "
             f"p_torch| = {parity.max_abs_diff:.3g} (limit {parity.tolerance:g}), argmax equal: "
             f"{parity.argmax_equal}; the candidate is kept in {run_dir} for inspection")
-    return RunOutcome(run_dir, model_path, card, parity, onnx_validation)
+    return RunOutcome(run_dir, model_path, card, parity, onnx_validation, published)
+
+
+def gate_and_publish(publication: Publication, model_path: Path, card: dict[str, Any],
+                     parity: ParityReport, onnx_validation: ValidationMetrics,
+                     data: Dataset) -> PublishResult:
+    """Run the gate under the store's lock and publish the candidate if it passes.
+
+    A failed parity check is decided without touching the store: nothing about the champion can
+    make a mismatched export servable."""
+    if not parity.passed:
+        decision = gate.evaluate(publication.policy, parity, data.classes, onnx_validation, None)
+        return PublishResult(promoted=False, version=None,
+                             previous=publication.store.promoted_version(),
+                             decision=decision.to_dict())
+    decide = gate.decide_against(publication.store, publication.policy, parity, data.classes,
+                                 onnx_validation, data.val_images, data.val_labels)
+    return publication.store.publish(model_path, card, decide, actor=publication.actor,
+                                     job_id=publication.job_id)
 
 
 def model_metadata(config: TrainConfig, data: Dataset, result: TrainResult) -> dict[str, Any]:
@@ -152,6 +194,16 @@ def summary(outcome: RunOutcome, started: float) -> str:
         f"training:   {training['epochs']} epochs in {training['train_seconds']:.1f} s on "
         f"{training['device']}" + (f" (compile {training['compile_seconds']:.1f} s)"
                                    if training["compiled"] else ""),
+        *_gate_lines(outcome),
         f"total:      {time.perf_counter() - started:.1f} s",
         f"tensorboard: tensorboard --logdir {outcome.run_dir / 'tensorboard'}",
     ])
+
+
+def _gate_lines(outcome: RunOutcome) -> list[str]:
+    if outcome.published is None:
+        return []
+    published = outcome.published
+    verdict = (f"PROMOTED as version {published.version}" if published.promoted
+               else "REJECTED (the served model is unchanged; candidate kept in the run dir)")
+    return [f"gate:       {verdict}", f"            {published.decision['reason']}"]

@@ -23,6 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from training.config import TrainConfig
 from training.data import Dataset
+from training.errors import ResumeError
 from training.metrics import ValidationMetrics, validation_metrics
 from training.model import ConvNet, Preprocess
 from training.progress import ProgressReporter, enumerate_with_estimate
@@ -33,9 +34,6 @@ EVAL_BATCH_SIZE = 512
 RESUMABLE_CHANGES = frozenset({"epochs", "compile", "compile_mode", "device", "download",
                                "datasets_root"})
 
-
-class ResumeError(RuntimeError):
-    """A checkpoint that cannot continue this run (missing, or made with another config)."""
 
 
 @dataclass

@@ -1,0 +1,208 @@
+"""The validation-accuracy gate: may this candidate replace the model being served?
+
+It judges the exported ONNX file as ONNX Runtime scores it on the held-out validation split: the
+artifact that will be served, not the torch module that made it. The champion is re-scored on the
+same split, so the comparison stays fair when the data changes between jobs. Rules, in order:
+
+1. the export's parity check passed;
+2. candidate accuracy >= min_accuracy;
+3. with a champion: candidate accuracy >= champion accuracy + min_improvement, on the same split;
+   a candidate whose classes differ from the champion's is refused unless the request allows a
+   class change (then rule 3 is skipped: label indices no longer mean the same classes);
+4. optionally, no class's recall falls more than max_class_recall_drop below the champion's.
+
+`decide_against` runs inside `ModelStore.publish`, under the store's lock, so the champion it
+compares with is the one actually being replaced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from service.store import ModelStore, StoreError
+from training.metrics import ValidationMetrics
+from training.onnx_eval import OnnxClassifier
+
+if TYPE_CHECKING:  # training.export imports torch; the gate itself needs none
+    from training.export import ParityReport
+
+
+class GateConfigError(ValueError):
+    """A gate threshold outside the bounds the server allows."""
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    min_accuracy: float = 0.5
+    min_improvement: float = 0.0      # 0: never promote a regression; ties are promoted
+    max_class_recall_drop: float | None = None
+    allow_class_change: bool = False
+
+    def __post_init__(self) -> None:
+        _in_range("min_accuracy", self.min_accuracy, 0.0, 1.0)
+        _in_range("min_improvement", self.min_improvement, -1.0, 1.0)
+        if self.max_class_recall_drop is not None:
+            _in_range("max_class_recall_drop", self.max_class_recall_drop, 0.0, 1.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class GateBounds:
+    """How far a single request may move the server's gate: never below these floors."""
+
+    min_accuracy_floor: float = 0.0
+    min_improvement_floor: float = 0.0
+    allow_class_change: bool = True
+
+    def apply(self, defaults: GatePolicy, overrides: dict[str, Any]) -> GatePolicy:
+        """The server's defaults with a request's overrides, refused outside the bounds."""
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(GatePolicy)}
+        if unknown:
+            raise GateConfigError(f"unknown gate settings {sorted(unknown)}")
+        policy = dataclasses.replace(defaults, **overrides)
+        if policy.min_accuracy < self.min_accuracy_floor:
+            raise GateConfigError(f"min_accuracy={policy.min_accuracy} is below this server's "
+                                  f"floor {self.min_accuracy_floor}")
+        if policy.min_improvement < self.min_improvement_floor:
+            raise GateConfigError(f"min_improvement={policy.min_improvement} is below this "
+                                  f"server's floor {self.min_improvement_floor}")
+        if policy.allow_class_change and not self.allow_class_change:
+            raise GateConfigError("this server does not allow a request to change the classes")
+        return policy
+
+
+@dataclass(frozen=True)
+class Champion:
+    version: int
+    classes: tuple[str, ...]
+    metrics: ValidationMetrics | None  # None when the classes differ: not comparable
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    promoted: bool
+    reasons: tuple[str, ...]
+    candidate_accuracy: float
+    required_accuracy: float
+    champion_version: int | None
+    champion_accuracy: float | None
+    class_recall_drops: dict[str, float]
+    parity_passed: bool
+    policy: GatePolicy
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.reasons)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The form stored in the card and returned to callers (`promoted` and `reason` are what
+        the store requires)."""
+        return {
+            "promoted": self.promoted,
+            "reason": self.reason,
+            "reasons": list(self.reasons),
+            "candidate_accuracy": self.candidate_accuracy,
+            "required_accuracy": self.required_accuracy,
+            "champion_version": self.champion_version,
+            "champion_accuracy": self.champion_accuracy,
+            "class_recall_drops": self.class_recall_drops,
+            "parity_passed": self.parity_passed,
+            "policy": self.policy.to_dict(),
+        }
+
+
+def evaluate(policy: GatePolicy, parity: ParityReport, classes: tuple[str, ...],
+             candidate: ValidationMetrics, champion: Champion | None) -> GateDecision:
+    """Apply the rules; every failed rule contributes a reason a caller can act on."""
+    failures: list[str] = []
+    if not parity.passed:
+        failures.append(f"export parity check failed (max |diff| {parity.max_abs_diff:.3g} > "
+                        f"{parity.tolerance:g} or argmax differs)")
+    required = policy.min_accuracy
+    if candidate.accuracy < policy.min_accuracy:
+        failures.append(f"accuracy {candidate.accuracy:.4f} is below min_accuracy "
+                        f"{policy.min_accuracy:.4f}")
+    drops: dict[str, float] = {}
+    if champion is not None and champion.classes != classes and not policy.allow_class_change:
+        failures.append(f"classes {list(classes)} differ from champion v{champion.version}'s "
+                        f"{list(champion.classes)}; allow a class change to replace it")
+    elif champion is not None and champion.metrics is not None:
+        needed = champion.metrics.accuracy + policy.min_improvement
+        required = max(required, needed)
+        if candidate.accuracy < needed:
+            failures.append(f"accuracy {candidate.accuracy:.4f} does not reach champion "
+                            f"v{champion.version}'s {champion.metrics.accuracy:.4f} + "
+                            f"min_improvement {policy.min_improvement:.4f}")
+        drops = recall_drops(candidate, champion.metrics)
+        limit = policy.max_class_recall_drop
+        worse = {name: drop for name, drop in drops.items() if limit is not None and drop > limit}
+        if worse:
+            listed = ", ".join(f"{name} -{drop:.3f}" for name, drop in sorted(worse.items()))
+            failures.append(f"recall fell more than max_class_recall_drop {limit:.3f} for: {listed}")
+    promoted = not failures
+    reasons = failures or [_why_promoted(candidate, champion)]
+    return GateDecision(
+        promoted=promoted, reasons=tuple(reasons), candidate_accuracy=candidate.accuracy,
+        required_accuracy=required, champion_version=champion.version if champion else None,
+        champion_accuracy=champion.metrics.accuracy if champion and champion.metrics else None,
+        class_recall_drops=drops, parity_passed=parity.passed, policy=policy)
+
+
+def recall_drops(candidate: ValidationMetrics, champion: ValidationMetrics) -> dict[str, float]:
+    """Per class, how much recall the candidate loses against the champion (negative: gains)."""
+    before = champion.recall_by_class()
+    return {name: round(before[name] - recall, 6)
+            for name, recall in candidate.recall_by_class().items() if name in before}
+
+
+def score_champion(store: ModelStore, version: int, classes: tuple[str, ...],
+                   images: np.ndarray, labels: np.ndarray) -> Champion:
+    """Re-score the champion's served file on the candidate's validation split.
+
+    `store.verify` first: a champion whose file no longer matches its card is not scored (it
+    raises, and the caller rejects the candidate rather than compare against a corrupt file).
+    """
+    champion = OnnxClassifier(store.verify(version))
+    metrics = champion.score(images, labels) if champion.classes == classes else None
+    return Champion(version=version, classes=champion.classes, metrics=metrics)
+
+
+def decide_against(store: ModelStore, policy: GatePolicy, parity: ParityReport,
+                   classes: tuple[str, ...], candidate: ValidationMetrics, images: np.ndarray,
+                   labels: np.ndarray) -> Callable[[int | None], dict[str, Any]]:
+    """The `decide` callback for `ModelStore.publish`: gate against whatever the champion is."""
+
+    def decide(champion_version: int | None) -> dict[str, Any]:
+        champion = None
+        if champion_version is not None:
+            try:
+                champion = score_champion(store, champion_version, classes, images, labels)
+            except StoreError as error:
+                return {"promoted": False, "reasons": [str(error)], "champion_version":
+                        champion_version, "reason": f"cannot score champion v{champion_version}: "
+                        f"{error}; an operator must promote a sound version first"}
+        return evaluate(policy, parity, classes, candidate, champion).to_dict()
+
+    return decide
+
+
+def _why_promoted(candidate: ValidationMetrics, champion: Champion | None) -> str:
+    if champion is None:
+        return f"first model: accuracy {candidate.accuracy:.4f} clears min_accuracy"
+    if champion.metrics is None:
+        return (f"class change allowed: replaces v{champion.version}; accuracy "
+                f"{candidate.accuracy:.4f} clears min_accuracy")
+    return (f"accuracy {candidate.accuracy:.4f} >= champion v{champion.version}'s "
+            f"{champion.metrics.accuracy:.4f} + min_improvement")
+
+
+def _in_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise GateConfigError(f"{name}={value} is out of range: expected {low}..{high}")
