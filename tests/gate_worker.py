@@ -18,12 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.store import ModelStore  # noqa: E402
-from tests.conftest import SMALL_SYNTHETIC  # noqa: E402
-from training import gate  # noqa: E402
-from training.data import load_dataset  # noqa: E402
-from training.export import ParityReport  # noqa: E402
-from training.onnx_eval import OnnxClassifier  # noqa: E402
+from service.store import ModelStore
+from tests.conftest import SMALL_SYNTHETIC
+from training import gate
+from training.data import load_dataset
+from training.export import ParityReport
+from training.onnx_eval import OnnxClassifier
 
 
 def main() -> None:

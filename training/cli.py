@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "below the champion's (default: not checked)")
     store.add_argument("--allow-class-change", action="store_true",
                        help="let a candidate with other classes than the champion replace it")
+    store.add_argument("--job-id", default=None,
+                       help="the service job this run is (recorded in the card and history)")
     return parser
 
 
@@ -98,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     publication = None
     if args.store is not None:
-        publication = Publication(ModelStore(args.store), policy, actor=f"cli:{_user()}")
+        actor = f"job:{args.job_id}" if args.job_id else f"cli:{_user()}"
+        publication = Publication(ModelStore(args.store), policy, actor=actor, job_id=args.job_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     reporter = ProgressReporter(run_dir / "events.jsonl")
     try:
