@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # A CPU-only machine still installs the registry's standard (CUDA) torch build: see pyproject.toml.
 PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test lint protos clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,10 @@ demo: venv
 ## test: lint, then the whole test suite (what CI runs)
 test: venv lint
 	$(BIN)/python -m pytest
+
+## protos: regenerate service/pb from protos/ (a test fails while they are stale)
+protos: venv
+	$(BIN)/python protos/generate.py
 
 lint: venv
 	$(BIN)/ruff check .
