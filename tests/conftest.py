@@ -43,3 +43,25 @@ def small_run(tmp_path_factory: pytest.TempPathFactory):
     outcome = run(config, run_dir, reporter)
     reporter.close()
     return outcome
+
+
+@pytest.fixture(scope="session")
+def onnx_models(small_run, tmp_path_factory):
+    """Real exported models: "good" (the trained small run, with its card beside it), "bad" (the
+    same net untrained: ~10% accuracy), "other" (2 classes)."""
+    import json
+
+    import torch
+
+    from training.export import export_onnx, serving_model
+    from training.model import ConvNet, Preprocess
+
+    folder = tmp_path_factory.mktemp("models")
+    card = json.loads((small_run.run_dir / "card.json").read_text())
+    preprocess = Preprocess(card["normalization"]["mean"], card["normalization"]["std"])
+    torch.manual_seed(1)
+    bad = export_onnx(serving_model(ConvNet(10), preprocess), folder / "bad" / "model.onnx",
+                      {"classes": card["classes"]})
+    other = export_onnx(serving_model(ConvNet(2), preprocess), folder / "other" / "model.onnx",
+                        {"classes": ["cat", "dog"]})
+    return {"good": small_run.model_path, "bad": bad, "other": other}

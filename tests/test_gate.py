@@ -10,15 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from service.store import ModelStore
 from tests.conftest import SMALL_SYNTHETIC, python_env
 from training import gate
 from training.data import load_dataset
-from training.export import ParityReport, export_onnx, serving_model
+from training.export import ParityReport
 from training.metrics import validation_metrics
-from training.model import ConvNet, Preprocess
 from training.onnx_eval import OnnxClassifier
 
 PASSED = ParityReport(images=10, max_abs_diff=1e-7, argmax_equal=True, tolerance=1e-5)
@@ -116,17 +114,8 @@ def val_split():
 
 
 @pytest.fixture(scope="module")
-def models(small_run, tmp_path_factory):
-    """good: the trained small run; bad: the same net untrained; other: different classes."""
-    folder = tmp_path_factory.mktemp("models")
-    meta = json.loads((small_run.run_dir / "card.json").read_text())
-    preprocess = Preprocess(meta["normalization"]["mean"], meta["normalization"]["std"])
-    torch.manual_seed(1)
-    bad = export_onnx(serving_model(ConvNet(10), preprocess), folder / "bad.onnx",
-                      {"classes": meta["classes"]})
-    other = export_onnx(serving_model(ConvNet(2), preprocess), folder / "other.onnx",
-                        {"classes": ["cat", "dog"]})
-    return {"good": small_run.model_path, "bad": bad, "other": other}
+def models(onnx_models):
+    return onnx_models
 
 
 def _publish(store: ModelStore, model: Path, val_split, **policy):

@@ -48,7 +48,7 @@ SYNTHETIC_MIN_TRAIN = SYNTHETIC_CLASSES
 _SYNTHETIC_TEMPLATE_SEED = 0x5EED_C1FA
 _SYNTHETIC_MAX_SHIFT = 4
 _SYNTHETIC_AMPLITUDE = 45.0
-_SYNTHETIC_CHUNK = 4096
+_SYNTHETIC_CHUNK = 1024
 
 # Pillow surfaces corrupt or truncated files through many exception types, depending on
 # the format plugin that trips over them.
@@ -374,7 +374,7 @@ def _confined_dataset_dir(root: Path, root_resolved: Path, relative: str) -> Pat
 def _class_dirs(folder: Path, root_resolved: Path) -> dict[str, Path]:
     """Sorted, non-hidden class subfolders of ``folder``, each confined to root."""
     classes: dict[str, Path] = {}
-    for entry in sorted(folder.iterdir()):
+    for entry in _list_dir(folder):
         if entry.name.startswith(".") or not entry.is_dir():
             continue
         classes[entry.name] = _confined(entry, root_resolved)
@@ -382,6 +382,14 @@ def _class_dirs(folder: Path, root_resolved: Path) -> dict[str, Path]:
         raise DatasetError(f"dataset folder {folder} is empty: expected one subfolder per "
                            f"class, found none")
     return classes
+
+
+def _list_dir(folder: Path) -> list[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except OSError as exc:  # unreadable folder: permissions, I/O errors, races
+        raise DatasetError(f"cannot list folder {folder}: {type(exc).__name__}: "
+                           f"{exc.strerror or exc}") from exc
 
 
 def _confined(path: Path, root_resolved: Path) -> Path:
@@ -393,7 +401,7 @@ def _confined(path: Path, root_resolved: Path) -> Path:
 
 def _image_files(class_dir: Path, root_resolved: Path) -> list[Path]:
     files = []
-    for entry in sorted(class_dir.iterdir()):
+    for entry in _list_dir(class_dir):
         if entry.name.startswith(".") or entry.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         # Checked before is_file() so an outside link is refused, not silently skipped.
@@ -423,10 +431,23 @@ def _read_tree(class_dirs: dict[str, Path], root_resolved: Path,
 def _read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
-            rgb = img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+            rgb = _to_8bit(img).convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE),
+                                                      Image.Resampling.BILINEAR)
             return np.asarray(rgb, dtype=np.uint8)
     except _DECODE_ERRORS as exc:
         raise DatasetError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Rescale 16-bit grayscale ("I;16*", or "I" as older Pillow opens such PNGs) to "L".
+
+    Pillow's convert("RGB") clips these modes at 255 instead of scaling, which turns an
+    ordinary 16-bit grayscale PNG or TIFF almost entirely white.
+    """
+    if img.mode != "I" and not img.mode.startswith("I;16"):
+        return img
+    wide = np.asarray(img).astype(np.float64)
+    return Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8))
 
 
 # --- synthetic ------------------------------------------------------------------------------
@@ -470,39 +491,45 @@ def _synthetic_templates() -> np.ndarray:
 def _synthetic_split(count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Balanced, shuffled labels and their images drawn from the class templates.
 
-    Integer arithmetic and raw generator bits keep 50k images to well under a second;
-    float Gaussian noise was several times slower.
+    Integer arithmetic, raw generator bits and reused chunk buffers keep this fast: float
+    Gaussian noise and fresh temporaries per step were several times slower.
     """
     templates = _synthetic_templates()
+    n_crops = templates.shape[1]
+    flat_templates = templates.reshape(SYNTHETIC_CLASSES * n_crops, -1)
     labels = rng.permutation(np.arange(count, dtype=np.int64) % SYNTHETIC_CLASSES)
-    crops = rng.integers(0, templates.shape[1], count)
+    rows = labels * n_crops + rng.integers(0, n_crops, count)
     # Contrast in 1/32 steps (0.6..1.4); brightness +-40 around grey less the noise mean.
-    contrast = rng.integers(19, 46, count).astype(np.int16)[:, None, None, None]
-    brightness = rng.integers(24, 105, count).astype(np.int16)[:, None, None, None]
-    images = np.empty((count, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    contrast = rng.integers(19, 46, (count, 1)).astype(np.int16)
+    brightness = rng.integers(24, 105, (count, 1)).astype(np.int16)
+    images = np.empty((count, flat_templates.shape[1]), np.uint8)
+    pixels = np.empty((min(count, _SYNTHETIC_CHUNK), flat_templates.shape[1]), np.int16)
+    noise = np.empty_like(pixels)
     # Fixed-size chunks bound peak memory and keep the random stream order fixed.
     for start in range(0, count, _SYNTHETIC_CHUNK):
         part = slice(start, start + _SYNTHETIC_CHUNK)
-        pixels = templates[labels[part], crops[part]]  # gather copies: safe to edit in place
-        pixels *= contrast[part]
-        pixels >>= 5
-        pixels += brightness[part]
-        pixels += _triangular_noise(rng, pixels.shape)
-        np.clip(pixels, 0, 255, out=pixels)
-        images[part] = pixels
-    return images, labels
+        n = len(rows[part])
+        chunk, chunk_noise = pixels[:n], noise[:n]
+        np.take(flat_templates, rows[part], axis=0, out=chunk)
+        chunk *= contrast[part]
+        chunk >>= 5
+        chunk += brightness[part]
+        _triangular_noise(rng, out=chunk_noise)
+        chunk += chunk_noise
+        np.clip(chunk, 0, 255, out=chunk)
+        np.copyto(images[part], chunk, casting="unsafe")
+    return images.reshape(count, IMAGE_SIZE, IMAGE_SIZE, 3), labels
 
 
-def _triangular_noise(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    """int16 noise in 0..127 (mean 63.5, std ~26): the sum of two random bytes, quartered."""
-    size = int(np.prod(shape))
+def _triangular_noise(rng: np.random.Generator, *, out: np.ndarray) -> None:
+    """Fill int16 ``out`` with 0..127 (mean 63.5, std ~26): two random bytes summed, /4."""
+    size = out.size
     words = rng.bit_generator.random_raw((2 * size + 7) // 8)
     # Little-endian view so the bytes, and thus the images, match on every platform.
-    raw = words.astype("<u8", copy=False).view(np.uint8)[: 2 * size]
-    noise = raw[:size].astype(np.int16)
-    noise += raw[size:]
-    noise >>= 2
-    return noise.reshape(shape)
+    raw = words.astype("<u8", copy=False).view(np.uint8)
+    flat = out.reshape(-1)
+    np.add(raw[:size], raw[size:2 * size], out=flat, dtype=np.int16)
+    flat >>= 2
 
 
 def _load_synthetic(name: str, n_train: int, seed: int) -> Dataset:

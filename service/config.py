@@ -1,0 +1,145 @@
+"""The server's one typed configuration, from command-line flags and CONVSERVE_* variables.
+
+A flag wins over its environment variable, which wins over the default. Every field is listed
+with its type and default in `FIELDS`, so `--help`, the environment names and the start-up print
+all come from one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "CONVSERVE_"
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the setting, the value and the range."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    store: Path = Path("store")
+    datasets_root: Path = Path("datasets")
+    host: str = "127.0.0.1"
+    port: int = 50051                  # 0: any free port (tests)
+    poll_interval_s: float = 0.5       # how often a replica reads the promoted pointer
+    model_cache_size: int = 4          # pinned versions kept loaded
+    max_images_per_request: int = 1024
+    max_message_bytes: int = 64 << 20
+    max_queued_jobs: int = 8
+    max_epochs: int = 200
+    min_accuracy: float = 0.5          # gate default; a request may raise it, never lower it
+    min_accuracy_floor: float = 0.0
+    min_improvement: float = 0.0
+    allow_class_change_requests: bool = True
+    providers: str = "auto"            # auto | cpu | cuda | comma-separated ORT provider names
+    intra_op_threads: int = 0
+    training_python: str = ""          # interpreter for training jobs ("" = this one)
+    job_heartbeat_s: float = 2.0
+    stale_job_after_s: float = 20.0
+    grace_period_s: float = 10.0       # calls in flight may finish this long after SIGTERM
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port <= 65535, "port", self.port, "0..65535")
+        _check(0.05 <= self.poll_interval_s <= 60, "poll_interval_s", self.poll_interval_s, "0.05..60")
+        _check(self.model_cache_size >= 1, "model_cache_size", self.model_cache_size, ">= 1")
+        _check(1 <= self.max_images_per_request <= 65536, "max_images_per_request",
+               self.max_images_per_request, "1..65536")
+        _check(1 << 20 <= self.max_message_bytes <= 1 << 30, "max_message_bytes",
+               self.max_message_bytes, "1 MiB..1 GiB")
+        _check(self.max_queued_jobs >= 1, "max_queued_jobs", self.max_queued_jobs, ">= 1")
+        _check(self.max_epochs >= 1, "max_epochs", self.max_epochs, ">= 1")
+        for name in ("min_accuracy", "min_accuracy_floor"):
+            _check(0.0 <= getattr(self, name) <= 1.0, name, getattr(self, name), "0..1")
+        _check(self.min_accuracy >= self.min_accuracy_floor, "min_accuracy", self.min_accuracy,
+               f">= min_accuracy_floor ({self.min_accuracy_floor})")
+        _check(self.intra_op_threads >= 0, "intra_op_threads", self.intra_op_threads, ">= 0")
+        _check(self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
+               self.log_level, "DEBUG, INFO, WARNING or ERROR")
+
+    def describe(self) -> str:
+        """One line per setting, for the start-up log."""
+        return "\n".join(f"  {f.name} = {getattr(self, f.name)}" for f in dataclasses.fields(self))
+
+
+FIELDS = tuple(dataclasses.fields(ServerConfig))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One `--flag-name` per setting; the default is None so that env/defaults fill the gaps."""
+    for field in FIELDS:
+        env = ENV_PREFIX + field.name.upper()
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default
+        if field.type in ("bool", bool):
+            parser.add_argument(flag, default=None, type=_parse_bool, metavar="true|false",
+                                help=f"(env {env}, default {default})")
+        else:
+            parser.add_argument(flag, default=None, help=f"(env {env}, default {default})")
+
+
+def from_sources(args: argparse.Namespace | None, environ: Mapping[str, str] | None = None
+                 ) -> ServerConfig:
+    """Flags, then CONVSERVE_* variables, then defaults; raises ConfigError on a bad value."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for field in FIELDS:
+        raw = getattr(args, field.name, None) if args is not None else None
+        source = "--" + field.name.replace("_", "-")
+        if raw is None:
+            raw = environ.get(ENV_PREFIX + field.name.upper())
+            source = ENV_PREFIX + field.name.upper()
+        if raw is None:
+            continue
+        values[field.name] = _convert(field, raw, source)
+    try:
+        return ServerConfig(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise ConfigError(str(error)) from None
+
+
+def parse(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> ServerConfig:
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    return from_sources(parser.parse_args(argv), environ)
+
+
+def _convert(field: dataclasses.Field, raw: Any, source: str) -> Any:
+    kind = field.type if isinstance(field.type, str) else field.type.__name__
+    if not isinstance(raw, str):
+        return raw
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            return _parse_bool(raw)
+        if kind == "Path":
+            return Path(raw)
+        return raw
+    except ValueError:
+        raise ConfigError(f"{source}={raw!r} is not a valid {kind}") from None
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{raw!r} is not a boolean (true/false)")
+
+
+def _check(ok: bool, name: str, value: object, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is out of range: expected {expected}")

@@ -1,0 +1,185 @@
+"""`convserve serve | train | watch | jobs | cancel | predict | promote`: the commands that run or
+talk to a server, built on the client SDK. Registered in `service.cli.COMMANDS`.
+
+grpc, numpy and the SDK are imported inside the handlers, so `convserve --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ADDRESS_ENV = "CONVSERVE_ADDRESS"
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=os.environ.get(ADDRESS_ENV, DEFAULT_ADDRESS),
+                        help=f"server host:port (default: ${ADDRESS_ENV} or {DEFAULT_ADDRESS})")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+
+
+# --- serve -----------------------------------------------------------------------------------
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from service import config
+
+    config.add_arguments(parser)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from service import config, server
+
+    try:
+        settings = config.from_sources(args)
+    except config.ConfigError as error:
+        print(f"convserve serve: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=settings.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("convserve").info("configuration:\n%s", settings.describe())
+    asyncio.run(server.serve(settings))
+    return EXIT_OK
+
+
+# --- training jobs ---------------------------------------------------------------------------
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    add_address(parser)
+    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--epochs", type=int, default=0, help="0: the server's default")
+    parser.add_argument("--batch-size", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-accuracy", type=float, default=None)
+    parser.add_argument("--min-improvement", type=float, default=None)
+    parser.add_argument("--max-class-recall-drop", type=float, default=None)
+    parser.add_argument("--allow-class-change", action="store_true")
+    parser.add_argument("--idempotency-key", default=None,
+                        help="retrying with the same key returns the same job")
+    parser.add_argument("--watch", action="store_true", help="follow the job with a progress bar")
+
+
+def train(args: argparse.Namespace) -> int:
+    from service.client import Client
+
+    with Client(args.address, timeout=args.timeout) as client:
+        job = client.train(args.dataset, epochs=args.epochs, batch_size=args.batch_size,
+                           lr=args.lr, seed=args.seed, min_accuracy=args.min_accuracy,
+                           min_improvement=args.min_improvement,
+                           max_class_recall_drop=args.max_class_recall_drop,
+                           allow_class_change=args.allow_class_change,
+                           idempotency_key=args.idempotency_key)
+        print(f"job {job.id}: {job.state}")
+        return _follow(client, job.id) if args.watch else EXIT_OK
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job_id", metavar="JOB")
+    add_address(parser)
+
+
+def watch(args: argparse.Namespace) -> int:
+    from service.client import Client
+
+    with Client(args.address, timeout=args.timeout) as client:
+        return _follow(client, args.job_id)
+
+
+def jobs(args: argparse.Namespace) -> int:
+    from service.client import Client
+
+    with Client(args.address, timeout=args.timeout) as client:
+        listed = client.jobs()
+    if not listed:
+        print("no jobs")
+    for job in listed:
+        request = job.message.request
+        detail = (f"v{job.model_version}" if job.model_version
+                  else job.error.splitlines()[-1] if job.error else job.gate_reason)
+        print(f"{job.id}  {job.state:<9}  {request.dataset:<14} epochs {request.epochs:<3} "
+              f"{job.message.created_at}  {detail}")
+    return EXIT_OK
+
+
+def cancel(args: argparse.Namespace) -> int:
+    from service.client import Client
+
+    with Client(args.address, timeout=args.timeout) as client:
+        job = client.cancel(args.job_id)
+    print(f"job {job.id}: {job.state}")
+    return EXIT_OK
+
+
+def _follow(client, job_id: str) -> int:
+    """Stream a job's events; a progress bar with ETA on a terminal, event lines otherwise."""
+    from training.progress import render_bar
+
+    tty = sys.stdout.isatty()
+    for event in client.watch(job_id):
+        if event.type == "progress":
+            if tty:
+                eta = event.eta_s if event.HasField("eta_s") else None
+                bar = render_bar(event.step, event.steps, event.epoch, event.epochs,
+                                 event.images_per_s, eta)
+                print("\r" + bar, end="", flush=True)
+            continue
+        print(("\r\033[K" if tty else "") + event.message, flush=True)
+    job = client.job(job_id)
+    outcome = {"PROMOTED": f"promoted as version {job.model_version}",
+               "REJECTED": f"rejected by the gate: {job.gate_reason}"}.get(job.state, job.error)
+    print(f"job {job.id}: {job.state}" + (f" ({outcome})" if outcome else ""))
+    return EXIT_OK if job.state in ("PROMOTED", "REJECTED") else EXIT_FAILED
+
+
+# --- inference and promotion -----------------------------------------------------------------
+
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("files", nargs="+", type=Path, metavar="FILE",
+                        help="PNG or JPEG images (any size; resized to 32x32 by the server)")
+    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--version", type=int, default=0, help="pin a version (0: promoted)")
+    add_address(parser)
+
+
+def predict(args: argparse.Namespace) -> int:
+    from service.client import Client
+
+    payloads = []
+    for path in args.files:
+        try:
+            payloads.append(path.read_bytes())
+        except OSError as error:
+            print(f"convserve predict: error: cannot read {path}: {error.strerror}",
+                  file=sys.stderr)
+            return EXIT_FAILED
+    with Client(args.address, timeout=args.timeout) as client:
+        result = client.predict(payloads, top_k=args.top_k, version=args.version)
+    for path, name, ranked in zip(args.files, result.names, result.top_k or [()] * len(payloads),
+                                  strict=True):
+        others = ", ".join(f"{label} {p:.3f}" for label, p in ranked)
+        print(f"{path}: {name}  ({others})")
+    print(f"model version {result.version}")
+    return EXIT_OK
+
+
+def add_promote_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("version", type=int, metavar="N")
+    parser.add_argument("--reason", required=True)
+    add_address(parser)
+
+
+def promote(args: argparse.Namespace) -> int:
+    from service.client import Client
+
+    with Client(args.address, timeout=args.timeout) as client:
+        info = client.promote(args.version, args.reason)
+    print(f"promoted version {info.version} ({info.dataset}, val accuracy "
+          f"{info.val_accuracy:.4f}): {args.reason}")
+    return EXIT_OK

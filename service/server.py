@@ -1,0 +1,157 @@
+"""Builds and runs one replica: gRPC services, health, reflection, the model manager and the job
+runner, all on one asyncio loop. Tests call `start(config)` with port 0 and talk to the real
+server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service import codec
+from service.config import ServerConfig
+from service.jobs import JobRunner, RunnerConfig, TrainParams
+from service.loader import SessionSettings
+from service.manager import ModelManager
+from service.pb.convserve.v1 import convserve_pb2 as pb
+from service.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
+from service.servicers import InferenceServicer, ModelsServicer, TrainingServicer
+from service.store import ModelStore
+from training.gate import GateBounds, GatePolicy
+
+log = logging.getLogger("convserve.server")
+
+SERVICE_NAMES = tuple(pb.DESCRIPTOR.services_by_name[name].full_name
+                      for name in ("Inference", "Training", "Models"))
+HEALTH_CHECK_INTERVAL_S = 0.1
+
+
+@dataclass
+class Replica:
+    """A started server and what runs beside it."""
+
+    config: ServerConfig
+    server: grpc.aio.Server
+    port: int
+    store: ModelStore
+    manager: ModelManager
+    runner: JobRunner
+    health: health.aio.HealthServicer
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+
+def session_settings(config: ServerConfig) -> SessionSettings:
+    if config.providers == "auto":
+        providers: tuple[str, ...] = ("auto",)
+    elif config.providers == "cpu":
+        providers = ("CPUExecutionProvider",)
+    elif config.providers == "cuda":
+        providers = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    else:
+        providers = tuple(p.strip() for p in config.providers.split(",") if p.strip())
+    return SessionSettings(providers=providers, intra_op_threads=config.intra_op_threads,
+                           # Training children share this host's cores: spinning threads would
+                           # steal them while idle.
+                           allow_spinning=False)
+
+
+def runner_config(config: ServerConfig) -> RunnerConfig:
+    extra = {"python": config.training_python} if config.training_python else {}
+    return RunnerConfig(
+        datasets_root=config.datasets_root, max_queue=config.max_queued_jobs,
+        max_epochs=config.max_epochs,
+        gate_defaults=GatePolicy(min_accuracy=config.min_accuracy,
+                                 min_improvement=config.min_improvement),
+        gate_bounds=GateBounds(min_accuracy_floor=config.min_accuracy_floor,
+                               allow_class_change=config.allow_class_change_requests),
+        heartbeat_s=config.job_heartbeat_s, stale_after_s=config.stale_job_after_s, **extra)
+
+
+async def start(config: ServerConfig) -> Replica:
+    store = ModelStore(config.store)
+    manager = ModelManager(store, session_settings(config), poll_interval_s=config.poll_interval_s,
+                           cache_size=config.model_cache_size)
+    runner = JobRunner(store, runner_config(config))
+    recovered = await asyncio.to_thread(runner.recover)
+    if recovered:
+        log.warning("marked %d interrupted jobs FAILED: %s", len(recovered), ", ".join(recovered))
+    await asyncio.to_thread(manager.refresh)  # serve the promoted model from the first call
+
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+    ])
+    limits = codec.Limits(max_images=config.max_images_per_request)
+    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(manager, store, limits), server)
+    pb_grpc.add_TrainingServicer_to_server(TrainingServicer(runner, TrainParams()), server)
+    pb_grpc.add_ModelsServicer_to_server(ModelsServicer(store, manager), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    await server.start()
+
+    replica = Replica(config, server, port, store, manager, runner, health_servicer)
+    await _set_health(replica, manager.live_version is not None)
+    replica.tasks = [asyncio.create_task(manager.run(replica.stopping), name="model-manager"),
+                     asyncio.create_task(runner.run(replica.stopping), name="job-runner"),
+                     asyncio.create_task(_follow_health(replica), name="health")]
+    log.info("serving on %s (model version %s)", replica.address, manager.live_version)
+    return replica
+
+
+async def stop(replica: Replica, grace_s: float | None = None) -> None:
+    """Drain: NOT_SERVING at once, refuse new calls, let calls in flight finish within grace."""
+    await replica.health.enter_graceful_shutdown()
+    replica.stopping.set()
+    await replica.server.stop(replica.config.grace_period_s if grace_s is None else grace_s)
+    for task in replica.tasks:
+        task.cancel()
+    for task in replica.tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM or SIGINT, then drain and return."""
+    replica = await start(config)
+    signalled = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, signalled.set)
+    print(f"convserve listening on {replica.address}", flush=True)
+    await signalled.wait()
+    log.info("signal received: draining (grace %.1f s)", config.grace_period_s)
+    await stop(replica)
+
+
+async def _follow_health(replica: Replica) -> None:
+    """SERVING exactly while a model is live (set from the loop, not the manager's thread)."""
+    serving = replica.manager.live_version is not None
+    while not replica.stopping.is_set():
+        live = replica.manager.live_version is not None
+        if live != serving:
+            serving = live
+            await _set_health(replica, live)
+        await asyncio.sleep(HEALTH_CHECK_INTERVAL_S)
+
+
+async def _set_health(replica: Replica, serving: bool) -> None:
+    status = (health_pb2.HealthCheckResponse.SERVING if serving
+              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    for name in ("", *SERVICE_NAMES):
+        await replica.health.set(name, status)

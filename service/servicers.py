@@ -1,0 +1,162 @@
+"""The RPC methods: decode, one call into the service, encode. Nothing else lives here.
+
+Every method is wrapped by `rpc`/`rpc_stream`, the single place where an exception becomes a
+status code (through `service.errors.status_of`); an unexpected one is logged with its traceback
+and answered INTERNAL, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from service import codec, messages
+from service.errors import InvalidInput, status_of
+from service.jobs import JobRunner, JobState, TrainParams
+from service.manager import ModelManager
+from service.pb.convserve.v1 import convserve_pb2 as pb
+from service.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
+from service.store import ModelStore
+
+log = logging.getLogger("convserve.rpc")
+Reply = TypeVar("Reply")
+
+
+def rpc(method: Callable[..., Awaitable[Reply]]) -> Callable[..., Awaitable[Reply]]:
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Reply:
+        try:
+            return await method(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as error:  # the one place errors become status codes
+            await _abort(context, method.__name__, error)
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+def rpc_stream(method: Callable[..., AsyncIterator[Reply]]) -> Callable[..., AsyncIterator[Reply]]:
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext
+                      ) -> AsyncIterator[Reply]:
+        try:
+            async for reply in method(self, request, context):
+                yield reply
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as error:
+            await _abort(context, method.__name__, error)
+
+    return wrapper
+
+
+async def _abort(context: grpc.aio.ServicerContext, name: str, error: BaseException) -> None:
+    code, message = status_of(error)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("%s failed", name, exc_info=error)
+    await context.abort(code, message)
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self, manager: ModelManager, store: ModelStore, limits: codec.Limits) -> None:
+        self._manager = manager
+        self._store = store
+        self._limits = limits
+
+    @rpc
+    async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
+                      ) -> pb.PredictResponse:
+        pixels = codec.decode_images(request, self._limits)  # bad input stops here
+        model = self._manager.get(request.version)            # held for this request only
+        # ONNX Runtime releases the GIL: running it in a thread keeps the event loop serving.
+        probabilities = await asyncio.to_thread(model.predict, pixels)
+        return codec.predict_response(model.version, model.classes, probabilities, request.top_k)
+
+    @rpc
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
+                       ) -> pb.ModelInfo:
+        version = request.version or self._manager.current().version
+        return _model_info(self._store, version)
+
+    @rpc
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.ListModelsResponse:
+        promoted = self._store.promoted_version() or 0
+        infos = [_model_info(self._store, v) for v in self._store.versions()]
+        return pb.ListModelsResponse(models=infos, promoted_version=promoted)
+
+
+class TrainingServicer(pb_grpc.TrainingServicer):
+    def __init__(self, runner: JobRunner, defaults: TrainParams) -> None:
+        self._runner = runner
+        self._defaults = defaults
+
+    @rpc
+    async def Train(self, request: pb.TrainRequest, context: grpc.aio.ServicerContext) -> pb.Job:
+        params = messages.train_params(request, self._defaults)
+        record = await asyncio.to_thread(self._runner.submit, params, request.idempotency_key)
+        return messages.job(record, self._runner.queue_position(record.id))
+
+    @rpc
+    async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
+        record = self._runner.get(_job_id(request.id))
+        return messages.job(record, self._runner.queue_position(record.id))
+
+    @rpc
+    async def ListJobs(self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext
+                       ) -> pb.ListJobsResponse:
+        return pb.ListJobsResponse(jobs=[messages.job(r, self._runner.queue_position(r.id))
+                                         for r in self._runner.list()])
+
+    @rpc_stream
+    async def WatchJob(self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[pb.JobEvent]:
+        state = JobState.QUEUED
+        async for sequence, event in self._runner.watch(_job_id(request.id)):
+            state = messages.state_after(event, state)
+            if sequence > request.after_sequence:
+                yield messages.job_event(sequence, event, state)
+
+    @rpc
+    async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext
+                        ) -> pb.Job:
+        record = await asyncio.to_thread(self._runner.cancel, _job_id(request.id))
+        return messages.job(record)
+
+
+class ModelsServicer(pb_grpc.ModelsServicer):
+    def __init__(self, store: ModelStore, manager: ModelManager) -> None:
+        self._store = store
+        self._manager = manager
+
+    @rpc
+    async def Promote(self, request: pb.PromoteRequest, context: grpc.aio.ServicerContext
+                      ) -> pb.ModelInfo:
+        if not request.version:
+            raise InvalidInput("Promote needs a version (>= 1)")
+        if not request.reason.strip():
+            raise InvalidInput("Promote needs a reason (it is recorded in the promotion history)")
+        await asyncio.to_thread(self._store.promote, request.version, reason=request.reason,
+                                actor="operator:grpc")
+        # Load it here too at once, so this replica answers with it as soon as Promote returns.
+        await asyncio.to_thread(self._manager.refresh)
+        return _model_info(self._store, request.version)
+
+
+def _model_info(store: ModelStore, version: int) -> pb.ModelInfo:
+    card = store.card(version)  # VersionNotFound -> NOT_FOUND
+    promoted = store.promoted_version() == version
+    promoted_at = next((e.time for e in reversed(store.history()) if e.version == version), "")
+    return messages.model_info(version, card, promoted=promoted, promoted_at=promoted_at)
+
+
+def _job_id(job_id: str) -> str:
+    if not job_id:
+        raise InvalidInput("a job id is required")
+    return job_id

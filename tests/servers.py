@@ -1,0 +1,83 @@
+"""Real server replicas for integration tests: `convserve serve` in a child process on
+127.0.0.1 with a free port, stopped with SIGTERM (the production drain path)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from service.store import ModelStore
+from tests.conftest import REPO_ROOT, python_env
+
+START_TIMEOUT_S = 90
+
+
+class ServerProcess:
+    def __init__(self, store: Path, datasets: Path, *extra: str) -> None:
+        args = [sys.executable, "-m", "service.cli", "serve", "--store", str(store),
+                "--datasets-root", str(datasets), "--port", "0", "--poll-interval-s", "0.2",
+                "--job-heartbeat-s", "0.5", "--grace-period-s", "5", *extra]
+        self.process = subprocess.Popen(args, cwd=REPO_ROOT, env=python_env(),
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.address = self._wait_for_address()
+        self.stderr_lines: list[str] = []
+        # Drain stderr so a chatty server never blocks on a full pipe.
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _wait_for_address(self) -> str:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if line.startswith("convserve listening on "):
+                return line.split()[-1]
+            if not line and self.process.poll() is not None:
+                raise RuntimeError(f"server exited {self.process.returncode}: "
+                                   f"{self.process.stderr.read()[-3000:]}")
+        raise RuntimeError("server did not start within 90 s")
+
+    def _drain(self) -> None:
+        for line in self.process.stderr:
+            self.stderr_lines.append(line)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+@contextlib.contextmanager
+def running_server(store: Path, datasets: Path, *extra: str) -> Iterator[ServerProcess]:
+    server = ServerProcess(store, datasets, *extra)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def publish(store: ModelStore, model: Path, accuracy: float = 0.5) -> int:
+    """Put a model into the store as a job would (always promoted: the gate is tested elsewhere)."""
+    card = json.loads((model.parent / "card.json").read_text()) \
+        if (model.parent / "card.json").exists() else {}
+    card.setdefault("metrics", {})["onnx_val_accuracy"] = accuracy
+    result = store.publish(model, card, lambda _champion: {"promoted": True, "reason": "test"},
+                           actor="test")
+    assert result.version is not None
+    return result.version
+
+
+def images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)

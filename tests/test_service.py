@@ -1,0 +1,324 @@
+"""The gRPC service end to end: real server processes on 127.0.0.1, the real SDK, real jobs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from service.client import Client, ClientError
+from service.pb.convserve.v1 import convserve_pb2 as pb
+from service.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
+from service.store import ModelStore
+from tests.conftest import REPO_ROOT, python_env
+from tests.servers import images, publish, running_server
+from training.onnx_eval import OnnxClassifier
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def datasets(tmp_path: Path) -> Path:
+    (tmp_path / "datasets").mkdir()
+    return tmp_path / "datasets"
+
+
+def _wait_until(condition, timeout: float, interval: float = 0.05) -> float:
+    """Seconds until `condition()` held; fails the test after `timeout`."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, f"not within {timeout} s"
+        time.sleep(interval)
+    return time.monotonic() - started
+
+
+def _health(address: str, service: str = "") -> int:
+    with grpc.insecure_channel(address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=5)
+    return reply.status
+
+
+# --- train → watch → predict -------------------------------------------------------------------
+
+def test_train_watch_promote_then_predict_from_the_new_version(store_dir, datasets) -> None:
+    with running_server(store_dir, datasets) as server, Client(server.address) as client:
+        assert _health(server.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(ClientError) as no_model:
+            client.predict(images(1))
+        assert no_model.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "no model is promoted" in no_model.value.details
+
+        job = client.train("digits", epochs=3, seed=0)
+        assert job.state in ("QUEUED", "RUNNING")
+        events = list(client.watch(job.id, timeout=300))
+        types = Counter(e.type for e in events)
+        assert types["epoch"] == 3 and types["gate"] == 1
+        assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+        assert events[-1].state == pb.PROMOTED
+        epoch_events = [e for e in events if e.type == "epoch"]
+        assert set(epoch_events[-1].metrics) >= {"val_accuracy", "train_loss"}
+
+        final = client.job(job.id)
+        assert final.state == "PROMOTED" and final.model_version == 1
+        assert final.message.gate.promoted and final.message.gate.candidate_accuracy >= 0.5
+        _wait_until(lambda: _health(server.address) == health_pb2.HealthCheckResponse.SERVING, 5)
+
+        batch = images(5)
+        prediction = client.predict(batch, top_k=3)
+        assert prediction.version == 1 and prediction.classes == tuple(map(str, range(10)))
+        np.testing.assert_allclose(prediction.probabilities.sum(axis=1), 1.0, atol=1e-5)
+        model_file = ModelStore(store_dir).model_path(1)
+        expected = OnnxClassifier(model_file).probabilities(batch)
+        np.testing.assert_allclose(prediction.probabilities, expected, rtol=0, atol=1e-6)
+        assert list(prediction.predicted) == list(expected.argmax(axis=1))
+        assert [k[0][0] for k in prediction.top_k] == list(prediction.names)
+
+        info = client.model()
+        assert info.version == 1 and info.promoted and info.gate.promoted
+        assert info.input.layout == "NHWC" and list(info.input.shape) == [-1, 32, 32, 3]
+
+
+def test_a_rejected_candidate_never_changes_what_is_served(store_dir, datasets,
+                                                           onnx_models) -> None:
+    publish(ModelStore(store_dir), onnx_models["good"])
+    with running_server(store_dir, datasets) as server, Client(server.address) as client:
+        batch = images(4, seed=1)
+        before = client.predict(batch)
+        job = client.train("synthetic:200", epochs=1, min_improvement=1.0)
+        final = client.wait(job.id, timeout=300)
+        assert final.state == "REJECTED" and final.model_version == 0
+        assert "min_improvement" in final.gate_reason
+        time.sleep(0.5)  # two poll intervals: a wrong swap would have happened by now
+        after = client.predict(batch)
+        assert after.version == before.version == 1
+        np.testing.assert_array_equal(after.probabilities, before.probabilities)
+        assert ModelStore(store_dir).versions() == [1]
+
+
+# --- zero-downtime swaps -----------------------------------------------------------------------
+
+def test_predict_under_load_across_a_promotion_loses_nothing(store_dir, datasets,
+                                                             onnx_models) -> None:
+    store = ModelStore(store_dir)
+    publish(store, onnx_models["bad"], accuracy=0.1)
+    with running_server(store_dir, datasets) as server:
+        results: list[tuple[float, int]] = []
+        failures: list[BaseException] = []
+        stop = threading.Event()
+
+        def caller(seed: int) -> None:
+            with Client(server.address, timeout=10) as client:
+                batch = images(1, seed)
+                while not stop.is_set():
+                    try:
+                        reply = client.predict(batch)
+                        np.testing.assert_allclose(reply.probabilities.sum(), 1.0, atol=1e-5)
+                        results.append((time.monotonic(), reply.version))
+                    except BaseException as error:  # any failure at all is the finding
+                        failures.append(error)
+
+        threads = [threading.Thread(target=caller, args=(i,)) for i in range(16)]
+        for thread in threads:
+            thread.start()
+        _wait_until(lambda: len(results) > 50, 30)
+        publish(store, onnx_models["good"], accuracy=0.9)
+        promoted_at = time.monotonic()
+        _wait_until(lambda: any(v == 2 for _, v in results), 5)
+        time.sleep(2.5)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=15)
+
+    assert failures == []
+    assert {v for _, v in results} == {1, 2}
+    assert all(v == 2 for t, v in results if t > promoted_at + 2.0)
+
+
+def test_two_replicas_share_jobs_and_promotions(store_dir, datasets, onnx_models) -> None:
+    store = ModelStore(store_dir)
+    publish(store, onnx_models["bad"], accuracy=0.1)
+    with running_server(store_dir, datasets) as first, running_server(store_dir, datasets) as second, \
+            Client(first.address) as a, Client(second.address) as b:
+        assert a.predict(images(1)).version == b.predict(images(1)).version == 1
+        job = a.train("synthetic:200", epochs=1, min_accuracy=0.0)
+        seen_on_b = b.job(job.id)
+        assert seen_on_b.id == job.id
+        events = list(b.watch(job.id, timeout=300))  # watched on the replica not running it
+        assert events[-1].state == pb.PROMOTED
+        promoted = time.monotonic()
+        assert b.job(job.id).model_version == 2
+        # Both replicas serve the new version within 2 s of the promotion.
+        for client in (a, b):
+            _wait_until(lambda c=client: c.predict(images(1)).version == 2,
+                        2.0 - (time.monotonic() - promoted) + 0.5)
+        assert [j.id for j in a.jobs()] == [j.id for j in b.jobs()]
+
+
+# --- operator calls ----------------------------------------------------------------------------
+
+def test_promote_rolls_back_and_pinned_versions_are_served(store_dir, datasets,
+                                                           onnx_models) -> None:
+    store = ModelStore(store_dir)
+    publish(store, onnx_models["bad"])
+    publish(store, onnx_models["good"])
+    with running_server(store_dir, datasets) as server, Client(server.address) as client:
+        assert client.predict(images(1)).version == 2
+        assert client.predict(images(1), version=1).version == 1  # pinned, loaded on demand
+        with pytest.raises(ClientError) as missing:
+            client.predict(images(1), version=9)
+        assert missing.value.code == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(ClientError) as no_reason:
+            client.promote(1, "  ")
+        assert no_reason.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        info = client.promote(1, "rollback: v2 is wrong at night")
+        assert info.promoted and info.version == 1
+        assert client.predict(images(1)).version == 1  # this replica swapped before answering
+        assert store.history()[-1].reason == "rollback: v2 is wrong at night"
+        listed = client.models()
+        assert [m.version for m in listed.models] == [1, 2] and listed.promoted_version == 1
+
+
+def test_jobs_cancel_idempotency_queue_and_crash(store_dir, datasets) -> None:
+    with running_server(store_dir, datasets, "--max-queued-jobs", "1") as server, \
+            Client(server.address) as client:
+        long_job = client.train("synthetic:5000", epochs=50, idempotency_key="long")
+        again = client.train("digits", epochs=1, idempotency_key="long")  # a retry
+        assert again.id == long_job.id
+        _wait_until(lambda: client.job(long_job.id).state == "RUNNING", 30)
+        queued = client.train("digits", epochs=1)
+        assert queued.state == "QUEUED" and queued.message.queue_position == 1
+        with pytest.raises(ClientError) as full:
+            client.train("digits", epochs=1)
+        assert full.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(ClientError) as deadline:
+            list(client.watch(long_job.id, timeout=0.5))
+        assert deadline.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+        assert client.cancel(queued.id).state == "CANCELLED"
+        client.cancel(long_job.id)
+        cancelled = client.wait(long_job.id, timeout=60)
+        assert cancelled.state == "CANCELLED"
+        with pytest.raises(ClientError) as finished:
+            client.cancel(long_job.id)
+        assert finished.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+        crashed = client.wait(client.train("folder:missing", epochs=1).id, timeout=120)
+        assert crashed.state == "FAILED" and "missing" in crashed.error
+
+        with pytest.raises(ClientError) as unknown:
+            client.job("nosuchjob")
+        assert unknown.value.code == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(ClientError) as bad_dataset:
+            client.train("../etc", epochs=1)
+        assert bad_dataset.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+def _raw(data: bytes, shape: list[int], dtype=pb.UINT8, layout=pb.NHWC) -> pb.PredictRequest:
+    return pb.PredictRequest(raw=pb.RawImages(data=data, shape=shape, dtype=dtype, layout=layout))
+
+
+BAD_REQUESTS = {
+    "wrong shape": (_raw(bytes(3072), [1, 32, 32]), grpc.StatusCode.INVALID_ARGUMENT, "shape"),
+    "wrong size": (_raw(bytes(3000), [1, 32, 32, 3]), grpc.StatusCode.INVALID_ARGUMENT, "3072"),
+    "no dtype": (_raw(bytes(3072), [1, 32, 32, 3], dtype=pb.DTYPE_UNSPECIFIED),
+                 grpc.StatusCode.INVALID_ARGUMENT, "dtype"),
+    "layout mismatch": (_raw(bytes(3072), [1, 32, 32, 3], layout=pb.NCHW),
+                        grpc.StatusCode.INVALID_ARGUMENT, "NCHW"),
+    "float out of range": (_raw(np.full((1, 32, 32, 3), 7.0, np.float32).tobytes(),
+                                [1, 32, 32, 3], dtype=pb.FLOAT32),
+                           grpc.StatusCode.INVALID_ARGUMENT, "[0, 1]"),
+    "undecodable image": (pb.PredictRequest(encoded=pb.EncodedImages(images=[b"not a png"])),
+                          grpc.StatusCode.INVALID_ARGUMENT, "decode"),
+    "no images": (pb.PredictRequest(), grpc.StatusCode.INVALID_ARGUMENT, "image"),
+    "too many images": (_raw(bytes(3072 * 9), [9, 32, 32, 3]),
+                        grpc.StatusCode.RESOURCE_EXHAUSTED, "8"),
+    "message too large": (_raw(bytes(3 << 20), [1024, 32, 32, 3]),
+                          grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+}
+
+
+def test_each_bad_input_gets_its_code_and_the_server_keeps_serving(store_dir, datasets,
+                                                                   onnx_models) -> None:
+    publish(ModelStore(store_dir), onnx_models["good"])
+    with running_server(store_dir, datasets, "--max-images-per-request", "8",
+                        "--max-message-bytes", str(2 << 20)) as server, \
+            grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        for name, (request, code, fragment) in BAD_REQUESTS.items():
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Predict(request, timeout=10)
+            assert error.value.code() == code, name
+            assert fragment in error.value.details(), (name, error.value.details())
+        good = stub.Predict(_raw(images(2).tobytes(), [2, 32, 32, 3]), timeout=10)
+        assert good.model_version == 1 and list(good.shape) == [2, 10]
+    assert not any("Traceback" in line for line in server.stderr_lines)
+
+
+def test_health_and_reflection_list_every_service(store_dir, datasets, onnx_models) -> None:
+    publish(ModelStore(store_dir), onnx_models["good"])
+    with running_server(store_dir, datasets) as server, \
+            grpc.insecure_channel(server.address) as channel:
+        assert _health(server.address) == health_pb2.HealthCheckResponse.SERVING
+        assert _health(server.address, "convserve.v1.Inference") == \
+            health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = stub.ServerReflectionInfo(iter([
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="convserve.v1.Training"),
+        ]), timeout=10)
+        listed, described = list(replies)
+        names = {s.name for s in listed.list_services_response.service}
+        assert {"convserve.v1.Inference", "convserve.v1.Training", "convserve.v1.Models",
+                "grpc.health.v1.Health"} <= names
+        assert described.file_descriptor_response.file_descriptor_proto  # callable by tools
+
+
+def test_the_serving_path_never_imports_torch(store_dir, onnx_models) -> None:
+    """A fresh interpreter starts a replica, serves a Predict and reports what it imported."""
+    publish(ModelStore(store_dir), onnx_models["good"])
+    script = f"""
+import asyncio, sys
+from service import config, server
+from service.client import Client
+
+async def main():
+    replica = await server.start(config.ServerConfig(store={str(store_dir)!r}, port=0))
+    reply = await asyncio.to_thread(
+        lambda: Client(replica.address).predict(__import__("numpy").zeros((1, 32, 32, 3), "uint8")))
+    await server.stop(replica, 1)
+    return reply.version
+
+version = asyncio.run(main())
+heavy = sorted(m for m in ("torch", "torchvision", "onnx", "training.train", "training.export")
+               if m in sys.modules)
+print(version, heavy)
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=python_env(),
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "1 []"
+
+
+def test_sigterm_drains_and_exits_zero(store_dir, datasets, onnx_models) -> None:
+    publish(ModelStore(store_dir), onnx_models["good"])
+    with running_server(store_dir, datasets) as server:
+        with Client(server.address) as client:
+            assert client.predict(images(1)).version == 1
+        assert server.stop() == 0
