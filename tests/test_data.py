@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
+import socket
 from collections import Counter
 from pathlib import Path
 
@@ -586,3 +588,37 @@ def test_numpy_scalar_arguments_are_accepted() -> None:
     ds = load_dataset("synthetic:20", "/unused", seed=np.int64(3), val_fraction=np.float32(0.3))
     assert np.array_equal(ds.train_images,
                           load_dataset("synthetic:20", "/unused", seed=3).train_images)
+
+
+# --- network isolation, model-card summary, array invariants --------------------------------
+
+
+def test_cifar10_without_download_never_opens_a_connection(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("network access attempted")
+
+    for target, attr in ((socket.socket, "connect"), (socket, "create_connection"),
+                         (socket, "getaddrinfo")):
+        monkeypatch.setattr(target, attr, refuse)
+    # Missing folder: refused up front with the flag to pass, no fetch attempted.
+    expect_error("cifar10", tmp_path, str(tmp_path / "cifar-10-batches-py"), "--download")
+    write_cifar_fixture(tmp_path)  # fixture md5s differ from the official ones
+    assert len(load_dataset("cifar10", tmp_path).train_labels) == 10
+
+
+def test_describe_is_json_serialisable(synthetic300: Dataset) -> None:
+    card = json.loads(json.dumps(synthetic300.describe()))
+    assert card["name"] == "synthetic:300"
+    assert card["classes"] == [f"class{i}" for i in range(10)]
+    assert card["train_size"] == 300 and card["val_size"] == 60
+
+
+def test_dataset_rejects_malformed_arrays() -> None:
+    good, labels = np.zeros((2, 32, 32, 3), np.uint8), np.zeros(2, np.int64)
+    with pytest.raises(DatasetError, match="uint8"):
+        Dataset("x", ("a",), good.astype(np.float32), labels, good, labels)
+    with pytest.raises(DatasetError, match="C-contiguous"):
+        Dataset("x", ("a",), good[:, :, ::-1], labels, good, labels)
+    with pytest.raises(DatasetError, match="labels"):
+        Dataset("x", ("a",), good, labels + 1, good, labels)

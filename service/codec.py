@@ -1,0 +1,218 @@
+"""Proto <-> numpy for Predict, shared by the server and the client SDK.
+
+The server decodes and validates a whole request here before it reaches any queue (one bad input
+never fails its neighbours in a batch); the client encodes with the same rules, so a wrong array is
+refused before it is sent. Raw images are decoded without copying (uint8 NHWC, the model's native
+input) or with one vectorised conversion; only encoded images (PNG/JPEG) go through PIL, one by one.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from service.errors import InvalidInput, LimitExceeded
+from service.pb.convserve.v1 import convserve_pb2 as pb
+
+IMAGE_SHAPE = (32, 32, 3)                  # H, W, C: the model's input, NHWC
+NCHW_SHAPE = (3, 32, 32)
+MAX_TOP_K = 1000
+ENCODED_FORMATS = ("PNG", "JPEG")
+_LITTLE_ENDIAN = {pb.UINT8: np.dtype("u1"), pb.FLOAT32: np.dtype("<f4")}
+_ITEM_SHAPES = {pb.NHWC: IMAGE_SHAPE, pb.NCHW: NCHW_SHAPE}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_images: int = 1024                   # per request; beyond: LimitExceeded
+    max_encoded_image_bytes: int = 4 << 20   # per encoded image; beyond: LimitExceeded
+    max_decoded_pixels: int = 4096 * 4096    # width*height before decoding: decompression-bomb guard
+
+
+# ------------------------------------------------------------------------------------ server side
+
+def decode_images(request: pb.PredictRequest, limits: Limits) -> np.ndarray:
+    """The request's images as uint8 [N, 32, 32, 3] NHWC RGB, C-contiguous (possibly read-only).
+
+    Also validates `top_k`, so every refusable request is refused before any inference runs.
+    """
+    check_top_k(request.top_k)
+    which = request.WhichOneof("images")
+    if which == "raw":
+        return _decode_raw(request.raw, limits)
+    if which == "encoded":
+        return _decode_encoded(request.encoded.images, limits)
+    raise InvalidInput("PredictRequest has no images: expected `raw` or `encoded` to be set")
+
+
+def check_top_k(top_k: int) -> None:
+    if top_k > MAX_TOP_K:
+        raise InvalidInput(f"top_k: expected at most {MAX_TOP_K}, got {top_k}")
+
+
+def _decode_raw(raw: pb.RawImages, limits: Limits) -> np.ndarray:
+    dtype = _raw_dtype(raw.dtype)
+    layout = raw.layout or pb.NHWC  # LAYOUT_UNSPECIFIED reads as NHWC
+    shape = _checked_shape(list(raw.shape), layout, limits)
+    data = raw.data  # protobuf hands out a bytes object; everything below views it, no copy
+    expected = math.prod(shape) * dtype.itemsize
+    if len(data) != expected:
+        raise InvalidInput(f"raw images: expected {expected} bytes for shape {list(shape)} "
+                           f"{dtype.name}, got {len(data)}")
+    array = np.frombuffer(data, dtype=dtype).reshape(shape)
+    if dtype == np.float32:
+        array = _unit_floats_to_uint8(array)
+    if layout == pb.NCHW:
+        # The graph takes NHWC; one transposing copy (of uint8, the cheapest point to do it).
+        array = np.ascontiguousarray(array.transpose(0, 2, 3, 1))
+    return array
+
+
+def _raw_dtype(dtype: int) -> np.dtype:
+    if dtype not in _LITTLE_ENDIAN:
+        name = pb.DType.Name(dtype) if dtype in pb.DType.values() else str(dtype)
+        raise InvalidInput(f"raw images: expected dtype UINT8 or FLOAT32, got {name}")
+    return _LITTLE_ENDIAN[dtype]
+
+
+def _checked_shape(shape: list[int], layout: int, limits: Limits) -> tuple[int, ...]:
+    if layout not in _ITEM_SHAPES:
+        raise InvalidInput(f"raw images: expected layout NHWC or NCHW, got {layout}")
+    item = _ITEM_SHAPES[layout]
+    name = pb.Layout.Name(layout)
+    if len(shape) != 4 or tuple(shape[1:]) != item:
+        expected = ", ".join(["N", *map(str, item)])
+        raise InvalidInput(f"raw images: expected shape [{expected}] for {name}, got {shape}")
+    _check_count(shape[0], limits, what="raw images")
+    return tuple(shape)
+
+
+def _check_count(count: int, limits: Limits, *, what: str) -> None:
+    if count < 1:
+        raise InvalidInput(f"{what}: expected at least 1 image, got {count}")
+    if count > limits.max_images:
+        raise LimitExceeded(f"{what}: at most {limits.max_images} images per request, got {count}")
+
+
+def _unit_floats_to_uint8(values: np.ndarray) -> np.ndarray:
+    # Checking min/max (not each value) keeps this two vectorised passes; NaN fails isfinite.
+    if not np.isfinite(values).all():
+        bad = int(np.count_nonzero(~np.isfinite(values)))
+        raise InvalidInput(f"raw float32 images: expected finite values in [0, 1], got {bad} "
+                           "NaN or infinite values")
+    low, high = float(values.min()), float(values.max())
+    if low < 0.0 or high > 1.0:
+        raise InvalidInput(f"raw float32 images: expected values in [0, 1] (ToTensor convention), "
+                           f"got min {low:g}, max {high:g}")
+    # Exact for images that came from 8-bit pixels: k/255*255 rounds back to k.
+    return np.rint(values * np.float32(255)).astype(np.uint8)
+
+
+def _decode_encoded(images: Sequence[bytes], limits: Limits) -> np.ndarray:
+    _check_count(len(images), limits, what="encoded images")
+    out = np.empty((len(images), *IMAGE_SHAPE), dtype=np.uint8)
+    for index, data in enumerate(images):
+        out[index] = _decode_one(data, f"encoded image {index + 1} of {len(images)}", limits)
+    return out
+
+
+def _decode_one(data: bytes, where: str, limits: Limits) -> np.ndarray:
+    if len(data) > limits.max_encoded_image_bytes:
+        raise LimitExceeded(f"{where}: at most {limits.max_encoded_image_bytes} bytes, "
+                            f"got {len(data)}")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            _check_header(image, where, limits)
+            # JPEG only: let libjpeg decode at a reduced scale (still >= 32x32) instead of in full.
+            image.draft("RGB", (IMAGE_SHAPE[1], IMAGE_SHAPE[0]))
+            rgb = image.convert("RGB")
+    except InvalidInput:
+        raise
+    except Image.DecompressionBombError as error:  # PIL's own, larger guard fires inside open()
+        raise InvalidInput(f"{where}: expected at most {limits.max_decoded_pixels} pixels, "
+                           f"got more ({error})") from None
+    except Exception as error:  # PIL raises many types for bad data; all mean "cannot decode"
+        raise InvalidInput(f"{where}: cannot decode ({type(error).__name__}: {error})") from None
+    if rgb.size != (IMAGE_SHAPE[1], IMAGE_SHAPE[0]):
+        rgb = rgb.resize((IMAGE_SHAPE[1], IMAGE_SHAPE[0]), Image.Resampling.BILINEAR)
+    return np.asarray(rgb)
+
+
+def _check_header(image: Image.Image, where: str, limits: Limits) -> None:
+    """Format and size from the header alone, before any pixel is decoded."""
+    if image.format not in ENCODED_FORMATS:
+        raise InvalidInput(f"{where}: expected PNG or JPEG, got {image.format}")
+    width, height = image.size
+    if width * height > limits.max_decoded_pixels:
+        raise InvalidInput(f"{where}: expected at most {limits.max_decoded_pixels} pixels, got "
+                           f"{width}x{height} = {width * height}")
+
+
+def predict_response(version: int, classes: Sequence[str], probabilities: np.ndarray,
+                     top_k: int) -> pb.PredictResponse:
+    """The reply for float32 probabilities [N, C]: bytes + shape, argmax, and top_k if asked."""
+    check_top_k(top_k)
+    probs = np.ascontiguousarray(probabilities, dtype="<f4")
+    if probs.ndim != 2 or probs.shape[1] != len(classes):
+        raise ValueError(f"expected probabilities [N, {len(classes)}], got {list(probs.shape)}")
+    predicted = probs.argmax(axis=1)
+    response = pb.PredictResponse(
+        model_version=version,
+        class_names=list(classes),
+        probabilities=probs.tobytes(),
+        shape=list(probs.shape),
+        predicted_class=predicted.tolist(),
+        predicted_name=np.array(list(classes), dtype=object)[predicted].tolist(),
+    )
+    if top_k > 0:
+        response.top_k.extend(_top_k(probs, min(top_k, probs.shape[1])))
+    return response
+
+
+def _top_k(probs: np.ndarray, k: int) -> list[pb.TopK]:
+    # Stable sort of the negated rows: ties keep the lower class index first, deterministically.
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    values = np.take_along_axis(probs, order, axis=1)
+    return [pb.TopK(class_index=i, probability=p)
+            for i, p in zip(order.tolist(), values.tolist(), strict=True)]
+
+
+# ------------------------------------------------------------------------------------ client side
+
+def encode_raw(images: np.ndarray) -> pb.RawImages:
+    """uint8 or float32 images, [32,32,3] / [3,32,32] (one) or [N,32,32,3] / [N,3,32,32]."""
+    array = np.asarray(images)
+    native = array.dtype.newbyteorder("=")
+    if native not in (np.uint8, np.float32):
+        raise InvalidInput(f"images: expected dtype uint8 or float32, got {array.dtype}")
+    if array.ndim == 3:
+        array = array[np.newaxis]
+    if array.ndim != 4 or array.shape[1:] not in (IMAGE_SHAPE, NCHW_SHAPE):
+        raise InvalidInput("images: expected shape [32, 32, 3], [3, 32, 32], [N, 32, 32, 3] or "
+                           f"[N, 3, 32, 32], got {list(np.shape(images))}")
+    if array.shape[0] < 1:
+        raise InvalidInput(f"images: expected at least 1 image, got shape {list(array.shape)}")
+    # 32 != 3, so where the 3 sits tells the layout unambiguously.
+    layout = pb.NHWC if array.shape[-1] == 3 else pb.NCHW
+    wire = np.ascontiguousarray(array, dtype=native.newbyteorder("<"))
+    return pb.RawImages(
+        data=wire.tobytes(),
+        dtype=pb.UINT8 if native == np.uint8 else pb.FLOAT32,
+        layout=layout,
+        shape=list(wire.shape),
+    )
+
+
+def probabilities_of(response: pb.PredictResponse) -> np.ndarray:
+    """float32 [N, C] viewing the response's bytes (read-only; copy it to modify)."""
+    shape = list(response.shape)
+    data = response.probabilities
+    if len(shape) != 2 or min(shape) < 0 or math.prod(shape) * 4 != len(data):
+        raise ValueError(f"malformed PredictResponse: expected {len(data)} bytes of float32 to "
+                         f"match a 2-d shape, got shape {shape}")
+    return np.frombuffer(data, dtype="<f4").reshape(shape)

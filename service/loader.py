@@ -1,0 +1,233 @@
+"""One ONNX Runtime session for one store version: verified, signature-checked and warmed up.
+
+The loader knows nothing about which version is live (that is `service.manager`); it turns a
+version number into a `LoadedModel` or a clear error. Providers are chosen CUDA -> CPU: "auto"
+asks for CUDA only when this onnxruntime build has it *and* the driver reports a device, so a
+CPU host with the GPU wheel does not even try (and does not print CUDA library errors).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+
+from service.codec import IMAGE_SHAPE
+from service.errors import ConvserveError
+from service.store import ModelStore
+from training.onnx_eval import read_metadata  # numpy + onnxruntime only: safe without torch
+
+log = logging.getLogger("convserve.loader")
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+_GPU_PROVIDERS = frozenset({CUDA, "TensorrtExecutionProvider"})
+_ALIASES = {"cpu": CPU, "cuda": CUDA}
+_OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+_SUM_TOLERANCE = 1e-3
+
+
+class ModelLoadError(ConvserveError):
+    """A version exists and is intact but cannot be served (not ONNX, wrong inputs/outputs...)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    providers: tuple[str, ...] = ("auto",)   # "auto", "cpu", "cuda" or ORT provider names
+    intra_op_threads: int = 0                # 0: ONNX Runtime's default (one per core)
+    inter_op_threads: int = 0
+    graph_optimization: str = "all"          # disable | basic | extended | all
+    allow_spinning: bool = True              # turn off when training shares the host's cores
+    warmup_batch_sizes: tuple[int, ...] = (1, 8)
+
+    def __post_init__(self) -> None:
+        if self.graph_optimization not in _OPTIMIZATION_LEVELS:
+            raise ValueError(f"graph_optimization: expected one of {list(_OPTIMIZATION_LEVELS)}, "
+                             f"got {self.graph_optimization!r}")
+        if not self.providers:
+            raise ValueError("providers: expected at least one name (or 'auto'), got none")
+        if min(self.intra_op_threads, self.inter_op_threads) < 0:
+            raise ValueError(f"threads: expected >= 0, got intra {self.intra_op_threads}, "
+                             f"inter {self.inter_op_threads}")
+        if any(size < 1 for size in self.warmup_batch_sizes):
+            raise ValueError(f"warmup_batch_sizes: expected sizes >= 1, got {self.warmup_batch_sizes}")
+
+
+@dataclass
+class LoadedModel:
+    version: int
+    classes: tuple[str, ...]
+    card: dict
+    path: Path
+    providers: list[str]          # what the session actually uses
+    session: ort.InferenceSession
+    input_name: str = field(init=False)
+    output_name: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+
+    def predict(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 [N, 32, 32, 3] -> float32 [N, C]. Thread-safe: ORT's run is, and nothing here mutates."""
+        return self.session.run([self.output_name], {self.input_name: pixels})[0]
+
+
+def load_version(store: ModelStore, version: int, settings: SessionSettings) -> LoadedModel:
+    """Verify version's sha256, open it in ONNX Runtime, check its signature, warm it up.
+
+    IntegrityError / VersionNotFound come from the store unchanged; anything that makes an intact
+    file unservable is a ModelLoadError.
+    """
+    path = store.verify(version)
+    card = store.card(version)
+    requested = choose_providers(settings.providers, available_providers())
+    session = _open_session(path, version, settings, requested)
+    classes = _classes(session, card, version)
+    _check_signature(session, len(classes), version)
+    model = LoadedModel(version, classes, card, path, session.get_providers(), session)
+    _warm_up(model, settings.warmup_batch_sizes)
+    _log_providers(model, settings, requested)
+    return model
+
+
+# ------------------------------------------------------------------------------------ providers
+
+def choose_providers(requested: Sequence[str], available: Sequence[str]) -> list[str]:
+    """The providers to ask ONNX Runtime for, in priority order, always ending with CPU.
+
+    "auto" means CUDA when available; "cpu"/"cuda" are short names; a name that is not available
+    is dropped (so a GPU request on a CPU host still serves, on CPU).
+    """
+    chosen: list[str] = []
+    for name in requested:
+        if name == "auto":
+            candidates = [CUDA]
+        else:
+            candidates = [_ALIASES.get(name.lower(), name)]
+        chosen += [c for c in candidates if c in available and c not in chosen]
+    if CPU not in chosen:
+        chosen.append(CPU)
+    return chosen
+
+
+def available_providers() -> list[str]:
+    """This build's providers, minus the GPU ones when the driver reports no CUDA device."""
+    providers = ort.get_available_providers()
+    if cuda_device_count() == 0:
+        providers = [p for p in providers if p not in _GPU_PROVIDERS]
+    return providers
+
+
+@functools.cache
+def cuda_device_count() -> int:
+    """CUDA devices the driver sees (0 without a driver), asked through libcuda, not torch."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+        count = ctypes.c_int(0)
+        if libcuda.cuInit(0) != 0 or libcuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return count.value
+    except OSError:
+        return 0
+
+
+def _log_providers(model: LoadedModel, settings: SessionSettings, requested: list[str]) -> None:
+    explicit = [_ALIASES.get(n.lower(), n) for n in settings.providers if n != "auto"]
+    missing = [n for n in dict.fromkeys(explicit + requested) if n not in model.providers]
+    if missing:
+        # Unavailable names are dropped, and ORT itself falls back silently when the CUDA
+        # libraries (cuDNN, cuBLAS) cannot be loaded: say so once per load.
+        log.warning("version %d: providers %s requested but not usable here; serving on %s",
+                    model.version, missing, model.providers)
+    log.info("loaded version %d (%d classes) from %s on %s", model.version, len(model.classes),
+             model.path, model.providers)
+
+
+# ------------------------------------------------------------------------------------ session
+
+def session_options(settings: SessionSettings) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.intra_op_threads
+    options.inter_op_num_threads = settings.inter_op_threads
+    options.graph_optimization_level = _OPTIMIZATION_LEVELS[settings.graph_optimization]
+    options.log_severity_level = 3  # errors only: per-node placement warnings are noise
+    if not settings.allow_spinning:
+        # Idle worker threads spin for a while by default, burning cores a training job needs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return options
+
+
+def _open_session(path: Path, version: int, settings: SessionSettings,
+                  providers: list[str]) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), session_options(settings), providers=providers)
+    except Exception as error:  # ORT raises its own pybind types (Fail, InvalidGraph, ...)
+        raise ModelLoadError(f"version {version}: ONNX Runtime cannot load {path}: "
+                             f"{type(error).__name__}: {error}") from None
+
+
+def _classes(session: ort.InferenceSession, card: dict, version: int) -> tuple[str, ...]:
+    """Class names from the model's own metadata; the card's are a fallback for older files."""
+    try:
+        metadata = read_metadata(session.get_modelmeta().custom_metadata_map)
+    except ValueError as error:  # a convserve.* entry that is not JSON
+        raise ModelLoadError(f"version {version}: unreadable convserve metadata: {error}") from None
+    classes = metadata.get("classes") or card.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise ModelLoadError(f"version {version}: expected a non-empty list of class names in the "
+                             f"model metadata or card, got {classes!r}")
+    return tuple(classes)
+
+
+def _check_signature(session: ort.InferenceSession, num_classes: int, version: int) -> None:
+    """One uint8 [?, 32, 32, 3] input and one float [?, C] output, C = number of classes."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    got = (f"got inputs {[(i.name, i.type, i.shape) for i in inputs]}, "
+           f"outputs {[(o.name, o.type, o.shape) for o in outputs]}")
+    input_ok = (len(inputs) == 1 and inputs[0].type == "tensor(uint8)"
+                and _dims_match(inputs[0].shape, IMAGE_SHAPE))
+    output_ok = (len(outputs) == 1 and outputs[0].type == "tensor(float)"
+                 and _dims_match(outputs[0].shape, (num_classes,)))
+    if not (input_ok and output_ok):
+        raise ModelLoadError(f"version {version}: expected one input uint8 [N, 32, 32, 3] and one "
+                             f"output float [N, {num_classes}]; {got}")
+
+
+def _dims_match(shape: Sequence[int | str | None], expected: tuple[int, ...]) -> bool:
+    """Batch dim free; a symbolic dim passes here and is checked by the warm-up run."""
+    return len(shape) == 1 + len(expected) and all(
+        dim == want or not isinstance(dim, int) for dim, want in zip(shape[1:], expected, strict=True))
+
+
+def _warm_up(model: LoadedModel, batch_sizes: Sequence[int]) -> None:
+    """Run each batch size once, so the first request does not pay for allocation and kernel
+    selection, and check that what comes out is one probability row per image."""
+    for size in batch_sizes:
+        try:
+            out = model.predict(np.zeros((size, *IMAGE_SHAPE), dtype=np.uint8))
+        except Exception as error:
+            raise ModelLoadError(f"version {model.version}: warm-up with batch {size} failed: "
+                                 f"{type(error).__name__}: {error}") from None
+        if out.shape != (size, len(model.classes)):
+            raise ModelLoadError(f"version {model.version}: expected output [{size}, "
+                                 f"{len(model.classes)}] in warm-up, got {list(out.shape)}")
+        sums = out.sum(axis=1)
+        if not np.all(np.abs(sums - 1) <= _SUM_TOLERANCE):
+            raise ModelLoadError(f"version {model.version}: expected softmax rows summing to 1 "
+                                 f"in warm-up, got sums {sums[:4].tolist()}")
