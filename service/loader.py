@@ -115,11 +115,9 @@ def choose_providers(requested: Sequence[str], available: Sequence[str]) -> list
     """
     chosen: list[str] = []
     for name in requested:
-        if name == "auto":
-            candidates = [CUDA]
-        else:
-            candidates = [_ALIASES.get(name.lower(), name)]
-        chosen += [c for c in candidates if c in available and c not in chosen]
+        provider = CUDA if name == "auto" else _ALIASES.get(name.lower(), name)
+        if provider in available and provider not in chosen:
+            chosen.append(provider)
     if CPU not in chosen:
         chosen.append(CPU)
     return chosen

@@ -73,7 +73,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
                       ) -> pb.PredictResponse:
         pixels = codec.decode_images(request, self._limits)  # bad input stops here
-        model = self._manager.get(request.version)            # held for this request only
+        # Held for this request only. A pinned version may need loading: off the event loop.
+        model = (self._manager.current() if not request.version
+                 else await asyncio.to_thread(self._manager.get, request.version))
         # ONNX Runtime releases the GIL: running it in a thread keeps the event loop serving.
         probabilities = await asyncio.to_thread(model.predict, pixels)
         return codec.predict_response(model.version, model.classes, probabilities, request.top_k)

@@ -287,6 +287,10 @@ def test_pinned_versions_while_another_is_live(store: ModelStore, first: Path, s
     with pytest.raises(NotFound, match=r"model version 99 not found; versions: \[1, 2\]"):
         manager.get(99)
 
+    store.promote(1, reason="rollback", actor="test")
+    assert manager.refresh() is True
+    assert manager.current() is pinned  # already loaded and warm: the rollback reuses it
+
 
 def test_pinned_cache_is_a_bounded_lru(store: ModelStore, first: Path,
                                        caplog: pytest.LogCaptureFixture) -> None:
