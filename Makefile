@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PIP_INSTALL) --constraint requirements.lock --editable '.[dev]'
 	touch $(STAMP)
 
-## demo: train on the built-in digits dataset, export to ONNX, check parity, print the result
+## demo: start a server on a local store, train on digits through it, predict with the result
 demo: venv
-	$(BIN)/python -m training --dataset digits --epochs 10 --out runs/demo
+	$(BIN)/convserve demo --store runs/demo/store
 
 ## test: lint, then the whole test suite (what CI runs)
 test: venv lint

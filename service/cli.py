@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from service import remote_cli
+from service import demo, remote_cli
 from service.store import HistoryEntry, IntegrityError, ModelStore, StoreError, format_versions_table
 
 PROG = "convserve"
@@ -232,6 +232,8 @@ COMMANDS: tuple[Command, ...] = (
             "promote an existing version (rollback or pin), recorded in the history",
             _add_promote_arguments),
     Command(("models", "history"), models_history, "print the promotion history", _add_store),
+    Command(("demo",), demo.run, "start a server, train on digits, predict: the quick start",
+            demo.add_arguments),
     Command(("serve",), remote_cli.serve, "run a server replica (flags or CONVSERVE_* variables)",
             remote_cli.add_serve_arguments),
     Command(("train",), remote_cli.train, "start a training job on a server",

@@ -146,4 +146,12 @@ def _event_message(event: Mapping[str, Any]) -> str:
     if kind == "gate":
         verdict = "promoted" if event.get("promoted") else "rejected"
         return f"gate: {verdict}: {event.get('reason', '')}"
+    if kind == "exported":
+        parity = event.get("parity", {})
+        return (f"exported to ONNX; parity max |diff| {float(parity.get('max_abs_diff', 0)):.2g}, "
+                f"ONNX Runtime val accuracy {float(event.get('onnx_val_accuracy', 0)):.4f}")
+    if kind == "compiled":
+        return f"torch.compile took {event.get('seconds')} s"
+    if kind == "resumed":
+        return f"resumed from the checkpoint after epoch {event.get('epoch')}"
     return str(kind)

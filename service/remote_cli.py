@@ -77,7 +77,7 @@ def train(args: argparse.Namespace) -> int:
                            allow_class_change=args.allow_class_change,
                            idempotency_key=args.idempotency_key)
         print(f"job {job.id}: {job.state}")
-        return _follow(client, job.id) if args.watch else EXIT_OK
+        return follow(client, job.id) if args.watch else EXIT_OK
 
 
 def add_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +89,7 @@ def watch(args: argparse.Namespace) -> int:
     from service.client import Client
 
     with Client(args.address, timeout=args.timeout) as client:
-        return _follow(client, args.job_id)
+        return follow(client, args.job_id)
 
 
 def jobs(args: argparse.Namespace) -> int:
@@ -117,7 +117,7 @@ def cancel(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _follow(client, job_id: str) -> int:
+def follow(client, job_id: str) -> int:
     """Stream a job's events; a progress bar with ETA on a terminal, event lines otherwise."""
     from training.progress import render_bar
 
