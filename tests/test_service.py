@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -322,3 +323,44 @@ def test_sigterm_drains_and_exits_zero(store_dir, datasets, onnx_models) -> None
         with Client(server.address) as client:
             assert client.predict(images(1)).version == 1
         assert server.stop() == 0
+
+
+def test_cli_commands_against_a_server(store_dir, datasets, onnx_models, tmp_path) -> None:
+    from PIL import Image
+
+    publish(ModelStore(store_dir), onnx_models["good"])
+    files = []
+    for index, pixels in enumerate(images(2, seed=5)):
+        files.append(tmp_path / f"image{index}.png")
+        Image.fromarray(pixels).resize((48, 40)).save(files[-1])
+
+    def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO_ROOT,
+                              env=python_env(), capture_output=True, text=True, timeout=timeout,
+                              check=False)
+
+    with running_server(store_dir, datasets) as server:
+        address = ["--address", server.address]
+        predicted = cli("predict", *map(str, files), "--top-k", "2", *address)
+        assert predicted.returncode == 0, predicted.stderr
+        lines = predicted.stdout.splitlines()
+        assert lines[0].startswith(f"{files[0]}: class") and lines[-1] == "model version 1"
+
+        trained = cli("train", "--dataset", "synthetic:200", "--epochs", "1",
+                      "--min-accuracy", "0", "--watch", *address, timeout=300)
+        assert trained.returncode == 0, trained.stderr
+        assert "epoch 1/1 val accuracy" in trained.stdout
+        # Either verdict is a finished job (exit 0); which one depends on the 1-epoch candidate.
+        final = trained.stdout.splitlines()[-1]
+        assert re.fullmatch(r"job k\w+: (PROMOTED \(promoted as version 2\)|REJECTED \(rejected "
+                            r"by the gate: .+\))", final), final
+        assert final.split()[2] in cli("jobs", *address).stdout
+
+        rolled_back = cli("promote", "1", "--reason", "rollback", *address)
+        assert rolled_back.returncode == 0 and "promoted version 1" in rolled_back.stdout
+        missing = cli("cancel", "nosuchjob", *address)
+        assert missing.returncode == 1
+        assert missing.stderr.strip() == "convserve: error: CancelJob: NOT_FOUND: job 'nosuchjob' not found"
+    unreachable = cli("jobs", "--address", "127.0.0.1:9", "--timeout", "2")
+    assert unreachable.returncode == 1 and "UNAVAILABLE" in unreachable.stderr
+    assert "Traceback" not in unreachable.stderr
