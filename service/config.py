@@ -32,6 +32,11 @@ class ServerConfig:
     model_cache_size: int = 4          # pinned versions kept loaded
     max_images_per_request: int = 1024
     max_message_bytes: int = 64 << 20
+    max_batch_size: int = 256          # images per ONNX Runtime call (dynamic batching)
+    batch_timeout_s: float = 0.0       # wait for more requests once a batch has one (0: none)
+    max_enqueued: int = 4096           # images waiting for a batch before RESOURCE_EXHAUSTED
+    allow_spinning: bool = False       # ORT spin-waiting: off when training shares the host
+    graph_optimization: str = "all"    # disable | basic | extended | all
     max_queued_jobs: int = 8
     max_epochs: int = 200
     min_accuracy: float = 0.5          # gate default; a request may raise it, never lower it
@@ -54,6 +59,12 @@ class ServerConfig:
                self.max_images_per_request, "1..65536")
         _check(1 << 20 <= self.max_message_bytes <= 1 << 30, "max_message_bytes",
                self.max_message_bytes, "1 MiB..1 GiB")
+        _check(1 <= self.max_batch_size <= 65536, "max_batch_size", self.max_batch_size,
+               "1..65536")
+        _check(0.0 <= self.batch_timeout_s <= 1.0, "batch_timeout_s", self.batch_timeout_s, "0..1")
+        _check(self.max_enqueued >= 1, "max_enqueued", self.max_enqueued, ">= 1")
+        _check(self.graph_optimization in ("disable", "basic", "extended", "all"),
+               "graph_optimization", self.graph_optimization, "disable, basic, extended or all")
         _check(self.max_queued_jobs >= 1, "max_queued_jobs", self.max_queued_jobs, ">= 1")
         _check(self.max_epochs >= 1, "max_epochs", self.max_epochs, ">= 1")
         for name in ("min_accuracy", "min_accuracy_floor"):

@@ -1,16 +1,22 @@
 """Training jobs: records in the store, a per-replica FIFO queue, and a child process per job.
 
 A job is a directory `jobs/<id>/` of the shared store:
-    job.json       the record (state, parameters, owner replica, pid, heartbeat); replaced atomically
-    events.jsonl   what happened, one JSON object per line: the runner's state changes and the
-                   training process's own events (progress, epochs, gate)
+    job.json          the record (state, parameters, owner replica, pid, heartbeat); replaced
+                      atomically (write a temp file, fsync, os.replace)
+    events.jsonl      what happened, one JSON object per line: the runner's state changes and the
+                      training process's own events (progress, epochs, gate); every writer appends
+                      one whole line with one write(2) in O_APPEND mode
+    cancel.requested  marker: some replica was asked to cancel the job; its owner acts on it
     stdout.log, stderr.log, card.json, model.onnx, tensorboard/, checkpoints/   from the child
-Any replica sharing the store can answer GetJob/WatchJob for any job by reading these files.
+Any replica sharing the store can answer GetJob/WatchJob/ListJobs for any job by reading these
+files. A final state is appended to events.jsonl *before* the record turns final, so a watcher
+that sees a final record and then reads the file to its end has seen every event.
 
 Each replica runs one job at a time (`python -m training`, in its own process group so a cancel
-ends everything it started), FIFO over the jobs it accepted. A job whose replica died is noticed
-by its stale heartbeat and marked FAILED (not resumed: its checkpoints stay in the job directory,
-and a new Train starts cleanly; resuming across replicas would need a lease protocol).
+ends everything it started), FIFO over the jobs it accepted; the queue itself lives in memory and
+the owner heartbeats its queued and running records. A job whose replica died is noticed by its
+stale heartbeat (or, on the same host, by the replica's pid being gone) and marked FAILED by
+`recover` at start-up.
 
 torch-free: the serving process imports this; only the child imports torch.
 """
@@ -24,11 +30,13 @@ import enum
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -37,8 +45,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from service.errors import Conflict, InvalidInput, LimitExceeded, NotFound
-from service.store import InvalidJobId, ModelStore
+from service.errors import Conflict, InvalidInput, LimitExceeded, NotFound, Unavailable
+from service.store import IntegrityError, InvalidJobId, ModelStore
 from training.gate import GateBounds, GateConfigError, GatePolicy
 
 log = logging.getLogger("convserve.jobs")
@@ -46,12 +54,20 @@ log = logging.getLogger("convserve.jobs")
 RECORD_FILE = "job.json"
 EVENTS_FILE = "events.jsonl"
 CANCEL_MARKER = "cancel.requested"
+CARD_FILE = "card.json"
+STDOUT_FILE = "stdout.log"
+STDERR_FILE = "stderr.log"
 ERROR_TAIL_LINES = 15
-QUEUE_POLL_S = 0.1
+ERROR_MAX_CHARS = 4000
+MAX_IDEMPOTENCY_KEY = 256
+MAX_BATCH_SIZE = 4096
+MAX_SEED = 2**32 - 1  # the child derives per-epoch seeds as seed * 1_000_003 + epoch (< 2**64)
 DATASET_RE = re.compile(r"digits|cifar10|synthetic(:[0-9]{1,9})?|folder:[A-Za-z0-9._/-]{1,200}")
+DATASET_FORMS = "digits, cifar10, synthetic, synthetic:<n>, folder:<relative path>"
+_GATE_NUMBERS = ("min_accuracy", "min_improvement", "max_class_recall_drop")
 
 
-class JobState(enum.StrEnum):
+class JobState(enum.StrEnum):  # a str: values are the names, as in the proto's JobState
     QUEUED = "QUEUED"
     RUNNING = "RUNNING"
     PROMOTED = "PROMOTED"
@@ -61,15 +77,19 @@ class JobState(enum.StrEnum):
 
     @property
     def final(self) -> bool:
-        return self in FINAL_STATES
+        return self in FINAL
 
 
-FINAL_STATES = frozenset({JobState.PROMOTED, JobState.REJECTED, JobState.FAILED,
-                          JobState.CANCELLED})
+FINAL = frozenset({JobState.PROMOTED, JobState.REJECTED, JobState.FAILED, JobState.CANCELLED})
+
+
+# --- records ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class TrainParams:
+    """A Train request's parameters (the servicer maps the proto's zeros to defaults)."""
+
     dataset: str = "digits"
     epochs: int = 10
     batch_size: int = 64
@@ -78,8 +98,39 @@ class TrainParams:
     val_fraction: float = 0.2
     gate: dict[str, Any] = field(default_factory=dict)  # overrides of the server's gate defaults
 
+    def validate(self, max_epochs: int = 200, gate_defaults: GatePolicy | None = None,
+                 gate_bounds: GateBounds | None = None) -> GatePolicy:
+        """Refuse what the child would refuse (or should never see); returns the gate policy."""
+        if (not isinstance(self.dataset, str) or not DATASET_RE.fullmatch(self.dataset)
+                or ".." in self.dataset.split("/") or self.dataset.startswith("folder:/")):
+            raise InvalidInput(f"unknown dataset {self.dataset!r}: expected one of {DATASET_FORMS}")
+        _check_int("epochs", self.epochs, 1, max_epochs)
+        _check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        _check_int("seed", self.seed, 0, MAX_SEED)
+        _check_number("lr", self.lr, 0 < _num(self.lr) <= 1, "a number in (0, 1]")
+        _check_number("val_fraction", self.val_fraction, 0 < _num(self.val_fraction) < 1,
+                      "a number in (0, 1)")
+        if not isinstance(self.gate, dict):
+            raise InvalidInput(f"gate overrides must be a mapping, got {type(self.gate).__name__}")
+        for name in _GATE_NUMBERS:
+            value = self.gate.get(name)
+            optional = name == "max_class_recall_drop" and value is None  # None: not checked
+            if name in self.gate and not optional and not _is_number(value):
+                raise InvalidInput(f"gate override {name}={value!r}: expected a number")
+        if not isinstance(self.gate.get("allow_class_change", False), bool):
+            raise InvalidInput(f"gate override allow_class_change="
+                               f"{self.gate['allow_class_change']!r}: expected true or false")
+        try:
+            return (gate_bounds or GateBounds()).apply(gate_defaults or GatePolicy(), self.gate)
+        except GateConfigError as error:
+            raise InvalidInput(f"gate overrides: {error}") from None
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainParams:
+        return cls(**_known(cls, values))
 
 
 @dataclass
@@ -106,8 +157,9 @@ class JobRecord:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> JobRecord:
-        return cls(**{**values, "state": JobState(values["state"]),
-                      "params": TrainParams(**values["params"])})
+        """Unknown keys are ignored, so a replica can read records a newer one wrote."""
+        return cls(**{**_known(cls, values), "state": JobState(values["state"]),
+                      "params": TrainParams.from_dict(values["params"])})
 
 
 @dataclass(frozen=True)
@@ -121,235 +173,386 @@ class RunnerConfig:
     replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     heartbeat_s: float = 2.0
     stale_after_s: float = 20.0
-    child_env: dict[str, str] | None = None
-    cancel_grace_s: float = 5.0
+    child_env: dict[str, str] | None = None   # extra environment for the child
+    cancel_grace_s: float = 5.0               # SIGTERM, then SIGKILL after this long
+    compile: str = "auto"                     # the child's --compile
+
+
+# --- the runner -----------------------------------------------------------------------------------
 
 
 class JobRunner:
+    """Submit/get/list/cancel/watch from any thread or coroutine; `run` is the worker.
+
+    `submit` and `cancel` may block briefly (file I/O; `cancel` of a running job waits for the
+    child to end): call them from a worker thread in async code, as the servicers do.
+    """
+
     def __init__(self, store: ModelStore, config: RunnerConfig) -> None:
         self._store = store
         self._config = config
-        # This replica's QUEUED jobs, FIFO. Touched from the loop and from RPC worker threads:
-        # only single list operations, which the GIL keeps whole.
-        self._queue: list[str] = []
-        self._running: asyncio.subprocess.Process | None = None
-        self._running_id: str | None = None
+        # Guards the in-memory queue, the running job's id, and this process's record writes
+        # (RPC threads cancel/submit while the loop heartbeats and finishes jobs).
+        self._lock = threading.RLock()
+        self._queue: list[str] = []          # this replica's QUEUED jobs, FIFO
+        self._current: str | None = None     # taken from the queue by the worker, not yet final
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._wake: asyncio.Event | None = None
+        self._last_queued_beat = 0.0
 
-    # --- requests ------------------------------------------------------------------------------
-
-    def submit(self, params: TrainParams, idempotency_key: str = "") -> JobRecord:
-        policy = self.validate(params)
-        job_id = ("k" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:20]
-                  if idempotency_key else uuid.uuid4().hex[:20])
-        if idempotency_key and self._store.job_dir(job_id).exists():
-            return self._existing(job_id)
-        if len(self._queue) >= self._config.max_queue:
-            raise LimitExceeded(f"training queue is full ({len(self._queue)} jobs waiting on this "
-                                "replica); retry later")
-        try:
-            self._store.jobs_dir.mkdir(parents=True, exist_ok=True)
-            # mkdir is atomic across replicas sharing the store: one of two racing retries wins.
-            os.mkdir(self._store.job_dir(job_id))
-        except FileExistsError:
-            return self._existing(job_id)
-        record = JobRecord(id=job_id, state=JobState.QUEUED, params=params, created_at=_now(),
-                           replica=self._config.replica_id, idempotency_key=idempotency_key)
-        self._write(record)
-        self._event(job_id, "state", state="QUEUED", gate_policy=policy.to_dict())
-        self._queue.append(job_id)
-        return record
+    # --- requests ---------------------------------------------------------------------------
 
     def validate(self, params: TrainParams) -> GatePolicy:
-        """Refuse a bad request before anything is written; returns the job's gate policy."""
-        if not DATASET_RE.fullmatch(params.dataset) or ".." in params.dataset.split("/"):
-            raise InvalidInput(f"unknown dataset {params.dataset!r}; expected one of: digits, "
-                               "cifar10, folder:<name>, synthetic[:<n>]")
-        _check(1 <= params.epochs <= self._config.max_epochs, "epochs", params.epochs,
-               f"1..{self._config.max_epochs}")
-        _check(1 <= params.batch_size <= 4096, "batch_size", params.batch_size, "1..4096")
-        _check(0 < params.lr <= 1, "lr", params.lr, "(0, 1]")
-        _check(0 < params.val_fraction < 1, "val_fraction", params.val_fraction, "(0, 1)")
-        _check(params.seed >= 0, "seed", params.seed, ">= 0")
-        try:
-            return self._config.gate_bounds.apply(self._config.gate_defaults, params.gate)
-        except (GateConfigError, TypeError) as error:
-            raise InvalidInput(f"gate overrides: {error}") from None
+        c = self._config
+        return params.validate(c.max_epochs, c.gate_defaults, c.gate_bounds)
+
+    def submit(self, params: TrainParams, idempotency_key: str = "") -> JobRecord:
+        """Validate and queue a job on this replica; returns at once. With an idempotency key a
+        retry (here or on another replica) returns the job the first call created."""
+        policy = self.validate(params)
+        if not isinstance(idempotency_key, str) or len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
+            raise InvalidInput(f"idempotency_key must be a string of at most "
+                               f"{MAX_IDEMPOTENCY_KEY} characters")
+        if idempotency_key:
+            digest = hashlib.sha256(idempotency_key.encode("utf-8", "surrogatepass"))
+            job_id = "k" + digest.hexdigest()[:20]
+        else:
+            job_id = uuid.uuid4().hex[:20]
+        job_dir = self._store.job_dir(job_id)
+        with self._lock:
+            if not (idempotency_key and job_dir.exists()):
+                if len(self._queue) >= self._config.max_queue:
+                    raise LimitExceeded(f"training queue is full ({len(self._queue)} jobs "
+                                        "waiting); retry later")
+                try:
+                    # mkdir is atomic across replicas sharing the store: of two racing retries
+                    # with the same key exactly one creates the job.
+                    os.mkdir(job_dir)
+                except FileExistsError:
+                    if not idempotency_key:
+                        raise Unavailable(f"job id {job_id} collided; retry") from None
+                else:
+                    record = JobRecord(id=job_id, state=JobState.QUEUED, params=params,
+                                       created_at=_now(), replica=self._config.replica_id,
+                                       heartbeat_at=_now(), idempotency_key=idempotency_key)
+                    self._append_event(job_id, "state", state=JobState.QUEUED.value,
+                                       replica=self._config.replica_id,
+                                       gate_policy=policy.to_dict())
+                    self._write(record)
+                    self._queue.append(job_id)
+                    self._wake_worker()
+                    return record
+        return self._existing(job_id)
 
     def get(self, job_id: str) -> JobRecord:
+        """Any replica's job, read from the store."""
         try:
             path = self._store.job_dir(job_id) / RECORD_FILE
         except InvalidJobId as error:
             raise InvalidInput(str(error)) from None
         try:
-            return JobRecord.from_dict(json.loads(path.read_text(encoding="utf-8")))
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise NotFound(f"job {job_id!r} not found") from None
+        try:
+            return JobRecord.from_dict(json.loads(text))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise IntegrityError(f"job {job_id}: unreadable record {path}: {error}") from None
 
     def list(self) -> list[JobRecord]:
+        """Every job in the store, newest first (unreadable records are logged and skipped)."""
         records = []
         for job_id in self._store.job_ids():
-            with contextlib.suppress(NotFound, ValueError, KeyError, TypeError):
+            try:
                 records.append(self.get(job_id))
-        return sorted(records, key=lambda r: r.created_at, reverse=True)
+            except NotFound:
+                continue  # a directory whose record is still being written
+            except IntegrityError as error:
+                log.warning("%s", error)
+        return sorted(records, key=lambda r: (r.created_at, r.id), reverse=True)
 
     def queue_position(self, job_id: str) -> int:
-        return self._queue.index(job_id) + 1 if job_id in self._queue else 0
+        """1 = next among this replica's queued jobs; 0 when not queued here."""
+        with self._lock:
+            return self._queue.index(job_id) + 1 if job_id in self._queue else 0
 
     def cancel(self, job_id: str) -> JobRecord:
+        """Cancel a queued or running job. The owner acts: here at once (a running child gets
+        SIGTERM, then SIGKILL after `cancel_grace_s`); another replica within its heartbeat,
+        and the record is returned as it stands."""
         record = self.get(job_id)
         if record.state.final:
             raise Conflict(f"job {job_id} already finished: {record.state.value}")
-        (self._store.job_dir(job_id) / CANCEL_MARKER).touch()
-        if job_id in self._queue:
-            self._queue.remove(job_id)
-            return self._finish(record, JobState.CANCELLED, error="cancelled while queued")
-        if job_id == self._running_id and self._running is not None:
-            _signal_group(self._running.pid, signal.SIGTERM)
-        return self.get(job_id)  # the owner (this replica or another) records CANCELLED
+        _touch(self._store.job_dir(job_id) / CANCEL_MARKER)
+        with self._lock:
+            if job_id in self._queue:
+                self._queue.remove(job_id)
+                return self._finish(self.get(job_id), JobState.CANCELLED,
+                                    error="cancelled while queued")
+            running_here = job_id == self._current
+        if running_here:
+            self._wake_worker()
+            if threading.get_ident() != self._loop_thread:  # never block the worker's own loop
+                deadline = (time.monotonic() + self._config.cancel_grace_s
+                            + self._config.heartbeat_s + 5.0)
+                while not record.state.final and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    record = self.get(job_id)
+        return self.get(job_id)
 
     async def watch(self, job_id: str, after_sequence: int = 0,
                     poll_s: float = 0.2) -> AsyncIterator[tuple[int, dict[str, Any]]]:
-        """Each complete line of the job's events, then the ones still to come, until the job
-        is final and every line has been read."""
-        self.get(job_id)  # NotFound before the first yield
-        path = self._store.job_dir(job_id) / EVENTS_FILE
-        sequence, offset, partial = 0, 0, b""
+        """(sequence, event) for each complete line of the job's events.jsonl after
+        `after_sequence` (sequence = 1-based line number), following the file as it grows, until
+        the record is final and every line has been read. NotFound before the first yield."""
+        self.get(job_id)
+        tail = _EventTail(self._store.job_dir(job_id) / EVENTS_FILE)
         while True:
-            final = self.get(job_id).state.final  # read before the file: no event is missed
-            with contextlib.suppress(FileNotFoundError), path.open("rb") as handle:
-                handle.seek(offset)
-                chunk = handle.read()
-                offset += len(chunk)
-                lines = (partial + chunk).split(b"\n")
-                partial = lines.pop()  # an unfinished line waits for its newline
-                for line in lines:
-                    sequence += 1
-                    if sequence > after_sequence and line.strip():
-                        yield sequence, json.loads(line)
+            # The record first: a final state's event is appended before the record turns final.
+            final = self.get(job_id).state.final
+            for sequence, event in tail.read():
+                if sequence > after_sequence and event is not None:
+                    yield sequence, event
             if final:
                 return
             await asyncio.sleep(poll_s)
 
-    # --- the worker ----------------------------------------------------------------------------
+    # --- the worker -------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Run this replica's queued jobs one at a time until `stop` is set."""
+        """Run this replica's queued jobs one at a time, FIFO, until `stop` is set. A bad job is
+        recorded FAILED and the loop goes on."""
+        self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
+        self._wake = asyncio.Event()
         while not stop.is_set():
-            if not self._queue:
-                await asyncio.sleep(QUEUE_POLL_S)
+            self._wake.clear()
+            with self._lock:
+                job_id = self._queue.pop(0) if self._queue else None
+                self._current = job_id
+            if job_id is None:
+                self._heartbeat_queued()
+                await _first_of(self._config.heartbeat_s, stop.wait(), self._wake.wait())
                 continue
-            job_id = self._queue.pop(0)
             try:
                 await self._run_job(job_id, stop)
-            except Exception as error:  # one bad job must not stop the runner
+            except Exception as error:
                 log.exception("job %s failed in the runner", job_id)
                 with contextlib.suppress(Exception):
                     self._finish(self.get(job_id), JobState.FAILED,
                                  error=f"runner error: {type(error).__name__}: {error}")
+            finally:
+                with self._lock:
+                    self._current = None
 
     async def _run_job(self, job_id: str, stop: asyncio.Event) -> None:
         record = self.get(job_id)
         job_dir = self._store.job_dir(job_id)
-        if record.state.final or (job_dir / CANCEL_MARKER).exists():
-            if not record.state.final:
-                self._finish(record, JobState.CANCELLED, error="cancelled while queued")
+        if record.state.final:
             return
-        with (job_dir / "stdout.log").open("wb") as out, (job_dir / "stderr.log").open("wb") as err:
+        if (job_dir / CANCEL_MARKER).exists():
+            self._finish(record, JobState.CANCELLED, error="cancelled while queued")
+            return
+        command = self.command(record)
+        self._append_event(job_id, "state", state=JobState.RUNNING.value,
+                           replica=self._config.replica_id)
+        with (job_dir / STDOUT_FILE).open("ab") as out, (job_dir / STDERR_FILE).open("ab") as err:
             process = await asyncio.create_subprocess_exec(
-                *self.command(record), stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=err,
+                *command, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=err,
                 start_new_session=True, env={**os.environ, **(self._config.child_env or {})})
-        self._running, self._running_id = process, job_id
-        record.state, record.started_at, record.pid = JobState.RUNNING, _now(), process.pid
-        record.heartbeat_at = record.started_at
-        self._write(record)
-        self._event(job_id, "state", state="RUNNING", pid=process.pid,
-                    replica=self._config.replica_id)
+        record.state, record.pid = JobState.RUNNING, process.pid
+        record.started_at = record.heartbeat_at = _now()
+        with self._lock:
+            self._write(record)
+        log.info("job %s: started pid %d", job_id, process.pid)
+        tail = _EventTail(job_dir / EVENTS_FILE)
         try:
-            cancelled = await self._supervise(process, record, stop)
-        finally:
-            self._running, self._running_id = None, None
-        self._conclude(self.get(job_id), process.returncode, cancelled, stop.is_set())
+            outcome = await self._supervise(process, record, stop, tail)
+        except asyncio.CancelledError:  # the server cancelled the worker task: leave no orphan
+            _signal_group(process.pid, signal.SIGKILL)
+            self._finish(record, JobState.FAILED, error=_stopped_message(job_id))
+            raise
+        self._conclude(record, process.returncode, outcome, tail)
 
     async def _supervise(self, process: asyncio.subprocess.Process, record: JobRecord,
-                         stop: asyncio.Event) -> bool:
-        """Heartbeat while the child runs; end it on cancel or server stop. True if cancelled."""
+                         stop: asyncio.Event, tail: _EventTail) -> str:
+        """Heartbeat while the child runs. Returns "exited", "cancelled" or "stopped"."""
+        assert self._wake is not None
         marker = self._store.job_dir(record.id) / CANCEL_MARKER
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(process.wait(), timeout=self._config.heartbeat_s)
-                return marker.exists()
-            if marker.exists() or stop.is_set():
-                await self._terminate(process)
-                return marker.exists()
-            self._heartbeat(record)
-
-    async def _terminate(self, process: asyncio.subprocess.Process) -> None:
-        _signal_group(process.pid, signal.SIGTERM)
+        exited = asyncio.ensure_future(process.wait())
         try:
-            await asyncio.wait_for(process.wait(), timeout=self._config.cancel_grace_s)
+            while True:
+                for reason, asked in (("cancelled", marker.exists()), ("stopped", stop.is_set())):
+                    if asked:
+                        await self._terminate(process.pid, exited)
+                        return reason
+                self._wake.clear()
+                await _first_of(self._config.heartbeat_s, asyncio.shield(exited), stop.wait(),
+                                self._wake.wait())
+                if exited.done():
+                    _signal_group(process.pid, signal.SIGKILL)  # stragglers of its group only
+                    return "exited"
+                self._beat(record, tail)
+                self._heartbeat_queued()
+        finally:
+            if not exited.done():
+                exited.cancel()
+
+    async def _terminate(self, pid: int, exited: asyncio.Future[int]) -> None:
+        _signal_group(pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(exited), timeout=self._config.cancel_grace_s)
         except TimeoutError:
-            _signal_group(process.pid, signal.SIGKILL)
-            await process.wait()
+            log.warning("training process %d ignored SIGTERM for %.1f s: SIGKILL", pid,
+                        self._config.cancel_grace_s)
+        # The leader is reaped (or about to be): a pid is never reused while it names a live
+        # process group, so this reaches only what the child left behind.
+        _signal_group(pid, signal.SIGKILL)
+        await exited
 
-    def _heartbeat(self, record: JobRecord) -> None:
+    def _beat(self, record: JobRecord, tail: _EventTail) -> None:
         record.heartbeat_at = _now()
-        epochs = [e for e in self._events(record.id) if e.get("type") == "epoch"]
-        if epochs:
-            record.epoch = int(epochs[-1]["epoch"])
-            record.val_accuracy = float(epochs[-1]["val_accuracy"])
-        self._write(record)
+        self._absorb(record, tail)
+        with self._lock:
+            self._write(record)
 
-    def _conclude(self, record: JobRecord, code: int | None, cancelled: bool,
-                  stopping: bool) -> None:
-        self._heartbeat(record)
-        if cancelled:
+    @staticmethod
+    def _absorb(record: JobRecord, tail: _EventTail) -> None:
+        """Take epoch and val_accuracy from the "epoch" events written since the last call."""
+        for _, event in tail.read():
+            if event is not None and event.get("type") == "epoch":
+                with contextlib.suppress(KeyError, TypeError, ValueError):
+                    record.epoch = int(event["epoch"])
+                    record.val_accuracy = float(event["val_accuracy"])
+
+    def _heartbeat_queued(self) -> None:
+        """Keep this replica's queued records fresh (so no other replica's `recover` takes them
+        for orphans) and act on cancel markers other replicas left on them."""
+        now = time.monotonic()
+        if now - self._last_queued_beat < self._config.heartbeat_s:
+            return
+        self._last_queued_beat = now
+        with self._lock:
+            for job_id in list(self._queue):
+                try:
+                    record = self.get(job_id)
+                    if (self._store.job_dir(job_id) / CANCEL_MARKER).exists():
+                        self._queue.remove(job_id)
+                        self._finish(record, JobState.CANCELLED, error="cancelled while queued")
+                    else:
+                        record.heartbeat_at = _now()
+                        self._write(record)
+                except Exception:
+                    log.exception("job %s: queued heartbeat failed", job_id)
+
+    def _conclude(self, record: JobRecord, code: int | None, outcome: str,
+                  tail: _EventTail) -> None:
+        record.heartbeat_at = _now()
+        self._absorb(record, tail)  # the last epoch's numbers
+        last_state = _last_state(self._store.job_dir(record.id) / EVENTS_FILE)
+        if outcome == "cancelled":
             self._finish(record, JobState.CANCELLED, error="cancelled")
-            return
-        if stopping and code != 0:
-            self._finish(record, JobState.FAILED, error="interrupted: the server stopped; "
-                         f"checkpoints are in jobs/{record.id}/checkpoints")
-            return
-        if code == 0:
-            states = [e.get("state") for e in self._events(record.id) if e.get("type") == "state"]
+        elif outcome == "stopped":
+            self._finish(record, JobState.FAILED, error=_stopped_message(record.id))
+        elif code == 0 and last_state in (JobState.PROMOTED, JobState.REJECTED):
             card = self._card(record.id)
-            record.gate, record.model_version = card.get("gate"), card.get("version")
-            final = JobState.PROMOTED if states and states[-1] == "PROMOTED" else JobState.REJECTED
-            self._finish(record, final, event=False)  # the child wrote its final state event
-            return
-        self._finish(record, JobState.FAILED, error=self._failure(record.id, code))
+            record.gate = card.get("gate") if isinstance(card.get("gate"), dict) else None
+            version = card.get("version")
+            record.model_version = version if isinstance(version, int) else None
+            # The child wrote its final state event itself.
+            self._finish(record, JobState(last_state), event=False)
+        elif code == 0:
+            self._finish(record, JobState.FAILED, error="training process exited with code 0 "
+                         f"but its last state was {last_state!r}, not PROMOTED or REJECTED")
+        else:
+            # The child writes a FAILED state itself when it fails cleanly (exit 1 or 2); a
+            # signal (crash, OOM kill) leaves that to us.
+            self._finish(record, JobState.FAILED, error=self._failure(record.id, code),
+                         event=last_state != JobState.FAILED)
+        log.info("job %s: %s", record.id, record.state.value)
 
     def _failure(self, job_id: str, code: int | None) -> str:
-        """The child's last error lines, or what killed it when it printed nothing."""
-        stderr = (self._store.job_dir(job_id) / "stderr.log").read_text(errors="replace")
-        lines = [line for line in stderr.splitlines() if line.strip()][-ERROR_TAIL_LINES:]
+        """The child's last error lines, plus what killed it when a signal did."""
+        try:
+            stderr = (self._store.job_dir(job_id) / STDERR_FILE).read_text(errors="replace")
+        except FileNotFoundError:
+            stderr = ""
+        lines = [line.rstrip() for line in stderr.splitlines() if line.strip()]
+        lines = lines[-ERROR_TAIL_LINES:]
         if code is not None and code < 0:
-            name = signal.Signals(-code).name
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
             lines.append(f"training process exited with code {code} (killed by {name})")
         elif not lines:
             lines.append(f"training process exited with code {code}")
-        return "\n".join(lines)
+        return "\n".join(lines)[-ERROR_MAX_CHARS:]
+
+    def command(self, record: JobRecord) -> list[str]:
+        """The child's command line for this job."""
+        p, c = record.params, self._config
+        policy = c.gate_bounds.apply(c.gate_defaults, p.gate)
+        args = [c.python, "-m", "training", "--dataset", p.dataset,
+                "--datasets-root", str(c.datasets_root), "--epochs", str(p.epochs),
+                "--batch-size", str(p.batch_size), "--lr", repr(float(p.lr)),
+                "--seed", str(p.seed), "--val-fraction", repr(float(p.val_fraction)),
+                "--out", str(self._store.job_dir(record.id)), "--store", str(self._store.root),
+                "--job-id", record.id, "--compile", c.compile,
+                "--min-accuracy", repr(float(policy.min_accuracy)),
+                "--min-improvement", repr(float(policy.min_improvement))]
+        if policy.max_class_recall_drop is not None:
+            args += ["--max-class-recall-drop", repr(float(policy.max_class_recall_drop))]
+        if policy.allow_class_change:
+            args.append("--allow-class-change")
+        return args
+
+    # --- recovery -----------------------------------------------------------------------------
 
     def recover(self) -> list[str]:
-        """Mark jobs whose replica is gone FAILED (start-up, and safe to call any time)."""
+        """At start-up: mark FAILED every unfinished job whose replica is gone; returns the ids.
+
+        Gone means: its heartbeat (or, never heartbeaten, its creation) is older than
+        `stale_after_s`, or its replica ran on this host and that process no longer exists (or
+        carried this replica's own id, as a restarted container with the same hostname and pid
+        does). We mark such jobs FAILED rather than resume them: resuming needs the checkpoint, a
+        lease that no other replica also resumes it, and the caller's consent to a run that
+        mixes two processes; a new Train (jobs/<id>/checkpoints kept for a deliberate retry) is
+        simpler and honest. A training process the dead replica left running on this host is
+        killed, so it cannot publish a model after its job was declared FAILED.
+        """
         recovered = []
         now = datetime.now(UTC)
-        for record in self.list():
-            if record.state.final or record.id in self._queue or record.id == self._running_id:
+        for job_id in self._store.job_ids():
+            with self._lock:
+                if job_id in self._queue or job_id == self._current:
+                    continue
+            try:
+                record = self.get(job_id)
+            except (NotFound, IntegrityError):
+                continue
+            if record.state.final:
                 continue
             last = record.heartbeat_at or record.created_at
-            stale = (now - datetime.fromisoformat(last)).total_seconds() > self._config.stale_after_s
-            if stale or self._dead_here(record):
-                self._finish(record, JobState.FAILED, error=(
-                    f"interrupted: the replica running it stopped (last heartbeat {last}); start "
-                    f"a new Train to retry (checkpoints in jobs/{record.id}/checkpoints)"))
-                recovered.append(record.id)
+            age = _age_s(last, now)
+            gone = self._replica_gone(record)
+            if not gone and age <= self._config.stale_after_s:
+                continue
+            if gone:
+                self._kill_orphan(record)
+            who = "running" if record.state == JobState.RUNNING else "queuing"
+            self._finish(record, JobState.FAILED, error=(
+                f"interrupted: the replica {who} it ({record.replica}) stopped (last heartbeat "
+                f"{last}); start a new Train to retry — checkpoints in jobs/{job_id}/checkpoints"))
+            recovered.append(job_id)
         return recovered
 
-    def _dead_here(self, record: JobRecord) -> bool:
-        """A job of this host whose owner process is gone (a restart on the same host)."""
+    def _replica_gone(self, record: JobRecord) -> bool:
         host, _, pid = record.replica.rpartition(":")
-        if host != socket.gethostname() or record.replica == self._config.replica_id:
-            return False
+        if host != socket.gethostname():
+            return False  # another host: only its heartbeat can tell
+        if record.replica == self._config.replica_id:
+            return True  # our id, yet not a job we hold: an earlier process with the same id
         try:
             os.kill(int(pid), 0)
         except (ProcessLookupError, ValueError):
@@ -358,66 +561,129 @@ class JobRunner:
             return False
         return False
 
-    def command(self, record: JobRecord) -> list[str]:
-        p = record.params
-        policy = self._config.gate_bounds.apply(self._config.gate_defaults, p.gate)
-        args = [self._config.python, "-m", "training", "--dataset", p.dataset,
-                "--datasets-root", str(self._config.datasets_root), "--epochs", str(p.epochs),
-                "--batch-size", str(p.batch_size), "--lr", repr(p.lr), "--seed", str(p.seed),
-                "--val-fraction", repr(p.val_fraction),
-                "--out", str(self._store.job_dir(record.id)), "--store", str(self._store.root),
-                "--job-id", record.id, "--min-accuracy", repr(policy.min_accuracy),
-                "--min-improvement", repr(policy.min_improvement)]
-        if policy.max_class_recall_drop is not None:
-            args += ["--max-class-recall-drop", repr(policy.max_class_recall_drop)]
-        if policy.allow_class_change:
-            args.append("--allow-class-change")
-        return args
+    @staticmethod
+    def _kill_orphan(record: JobRecord) -> None:
+        """SIGKILL the job's training process group if it still runs on this host (checked by
+        its command line, so a reused pid is left alone)."""
+        if not record.pid:
+            return
+        try:
+            argv = Path(f"/proc/{record.pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return
+        if b"training" in argv and record.id.encode() in argv:
+            log.warning("job %s: killing its orphaned training process %d", record.id, record.pid)
+            _signal_group(record.pid, signal.SIGKILL)
 
-    # --- files ---------------------------------------------------------------------------------
+    # --- files ------------------------------------------------------------------------------
 
     def _existing(self, job_id: str) -> JobRecord:
         # The winner of a racing submit may not have written its record yet: wait briefly.
-        for _ in range(50):
-            with contextlib.suppress(NotFound, ValueError):
+        for _ in range(100):
+            with contextlib.suppress(NotFound):
                 return self.get(job_id)
             time.sleep(0.02)
-        return self.get(job_id)
+        raise Unavailable(f"job {job_id} (this idempotency key) is being created by another "
+                          "replica, or its creation was interrupted; retry later")
 
     def _finish(self, record: JobRecord, state: JobState, *, error: str = "",
                 event: bool = True) -> JobRecord:
-        record.state, record.finished_at = state, _now()
-        record.error = error if state in (JobState.FAILED, JobState.CANCELLED) else ""
-        self._write(record)
-        if event:
-            self._event(record.id, "state", state=state.value, **({"error": error} if error else {}))
+        """Make `record` final: the state event first, then the record (see the module doc)."""
+        with self._lock:
+            if event:
+                self._append_event(record.id, "state", state=state.value,
+                                   **({"error": error} if error else {}))
+            record.state, record.finished_at, record.error = state, _now(), error
+            self._write(record)
         return record
 
     def _write(self, record: JobRecord) -> None:
         path = self._store.job_dir(record.id) / RECORD_FILE
-        partial = path.with_name(f".{RECORD_FILE}.{os.getpid()}.tmp")
-        partial.write_text(json.dumps(record.to_dict(), indent=2) + "\n", encoding="utf-8")
-        os.replace(partial, path)
-
-    def _event(self, job_id: str, kind: str, **fields: Any) -> None:
-        line = json.dumps({"time": _now(), "type": kind, **fields}) + "\n"
-        # One write of one whole line in append mode: readers never see half of it.
-        with (self._store.job_dir(job_id) / EVENTS_FILE).open("a", encoding="utf-8") as handle:
-            handle.write(line)
-
-    def _events(self, job_id: str) -> list[dict[str, Any]]:
-        path = self._store.job_dir(job_id) / EVENTS_FILE
+        partial = path.with_name(f".{RECORD_FILE}.{uuid.uuid4().hex}.tmp")
         try:
-            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        except FileNotFoundError:
-            return []
-        return [json.loads(line) for line in lines if line.endswith("\n") and line.strip()]
+            with partial.open("w", encoding="utf-8") as handle:
+                handle.write(json.dumps(record.to_dict(), indent=2) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(partial, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                partial.unlink()
+
+    def _append_event(self, job_id: str, kind: str, **fields: Any) -> None:
+        line = json.dumps({"time": _now(), "type": kind, **fields}).encode() + b"\n"
+        fd = os.open(self._store.job_dir(job_id) / EVENTS_FILE,
+                     os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line  # a child killed mid-line: keep our line whole
+            os.write(fd, line)  # one write in O_APPEND mode: never interleaved with the child's
+        finally:
+            os.close(fd)
 
     def _card(self, job_id: str) -> dict[str, Any]:
         try:
-            return json.loads((self._store.job_dir(job_id) / "card.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            card = json.loads((self._store.job_dir(job_id) / CARD_FILE).read_text("utf-8"))
+        except (OSError, ValueError):
             return {}
+        return card if isinstance(card, dict) else {}
+
+    def _wake_worker(self) -> None:
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(wake.set)
+
+
+class _EventTail:
+    """Follows an events.jsonl file: complete lines only, numbered from 1 (None: unreadable)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self._sequence = 0
+        self._partial = b""
+
+    def read(self) -> list[tuple[int, dict[str, Any] | None]]:
+        try:
+            with self.path.open("rb") as handle:
+                handle.seek(self._offset)
+                chunk = handle.read()
+        except FileNotFoundError:
+            return []
+        self._offset += len(chunk)
+        lines = (self._partial + chunk).split(b"\n")
+        self._partial = lines.pop()  # an unfinished line waits for its newline
+        found = []
+        for line in lines:
+            self._sequence += 1
+            found.append((self._sequence, _parse_event(line)))
+        return found
+
+
+def _parse_event(line: bytes) -> dict[str, Any] | None:
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) else None
+
+
+def _last_state(path: Path) -> str | None:
+    states = [e.get("state") for _, e in _EventTail(path).read()
+              if e is not None and e.get("type") == "state"]
+    return str(states[-1]) if states else None
+
+
+async def _first_of(timeout: float, *awaitables: Any) -> None:
+    """Wait until one of `awaitables` finishes or `timeout` passes; cancel the rest."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
@@ -425,9 +691,47 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         os.killpg(pid, sig)
 
 
-def _check(ok: bool, name: str, value: object, expected: str) -> None:
+def _stopped_message(job_id: str) -> str:
+    return (f"interrupted: the server stopped; start a new Train to retry — checkpoints in "
+            f"jobs/{job_id}/checkpoints")
+
+
+def _touch(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
+
+
+def _known(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in values.items() if k in names}
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _num(value: object) -> float:
+    return float(value) if _is_number(value) else math.nan  # type: ignore[arg-type]
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidInput(f"{name}={value!r} is out of range: expected an integer in "
+                           f"{low}..{high}")
+
+
+def _check_number(name: str, value: object, ok: bool, expected: str) -> None:
     if not ok:
         raise InvalidInput(f"{name}={value!r} is out of range: expected {expected}")
+
+
+def _age_s(iso_time: str, now: datetime) -> float:
+    try:
+        then = datetime.fromisoformat(iso_time)
+    except (TypeError, ValueError):
+        return math.inf  # unreadable: as good as no heartbeat at all
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=UTC)
+    return (now - then).total_seconds()
 
 
 def _now() -> str:

@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service import codec
+from service.batcher import BatchingConfig, DynamicBatcher
 from service.config import ServerConfig
 from service.jobs import JobRunner, RunnerConfig, TrainParams
 from service.loader import SessionSettings
@@ -44,6 +45,7 @@ class Replica:
     manager: ModelManager
     runner: JobRunner
     health: health.aio.HealthServicer
+    batcher: DynamicBatcher
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task] = field(default_factory=list)
 
@@ -53,18 +55,17 @@ class Replica:
 
 
 def session_settings(config: ServerConfig) -> SessionSettings:
-    if config.providers == "auto":
-        providers: tuple[str, ...] = ("auto",)
-    elif config.providers == "cpu":
-        providers = ("CPUExecutionProvider",)
-    elif config.providers == "cuda":
-        providers = ("CUDAExecutionProvider", "CPUExecutionProvider")
-    else:
-        providers = tuple(p.strip() for p in config.providers.split(",") if p.strip())
-    return SessionSettings(providers=providers, intra_op_threads=config.intra_op_threads,
-                           # Training children share this host's cores: spinning threads would
-                           # steal them while idle.
-                           allow_spinning=False)
+    """ONNX Runtime settings; the loader resolves "auto"/"cpu"/"cuda" to provider names."""
+    providers = tuple(p.strip() for p in config.providers.split(",") if p.strip())
+    return SessionSettings(
+        providers=providers, intra_op_threads=config.intra_op_threads,
+        graph_optimization=config.graph_optimization,
+        # Spin-waiting threads burn cores while idle: off by default because training children
+        # share this host's cores.
+        allow_spinning=config.allow_spinning,
+        # Warm the sizes the batcher forms, so the first real batches do not pay allocation.
+        warmup_batch_sizes=tuple(sorted({1, min(8, config.max_batch_size),
+                                         config.max_batch_size})))
 
 
 def runner_config(config: ServerConfig) -> RunnerConfig:
@@ -94,7 +95,11 @@ async def start(config: ServerConfig) -> Replica:
         ("grpc.max_send_message_length", config.max_message_bytes),
     ])
     limits = codec.Limits(max_images=config.max_images_per_request)
-    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(manager, store, limits), server)
+    batcher = DynamicBatcher(manager.current, BatchingConfig(
+        max_batch_size=config.max_batch_size, batch_timeout_s=config.batch_timeout_s,
+        max_enqueued=config.max_enqueued))
+    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(manager, store, limits, batcher),
+                                            server)
     pb_grpc.add_TrainingServicer_to_server(TrainingServicer(runner, TrainParams()), server)
     pb_grpc.add_ModelsServicer_to_server(ModelsServicer(store, manager), server)
     health_servicer = health.aio.HealthServicer()
@@ -105,9 +110,10 @@ async def start(config: ServerConfig) -> Replica:
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
 
-    replica = Replica(config, server, port, store, manager, runner, health_servicer)
+    replica = Replica(config, server, port, store, manager, runner, health_servicer, batcher)
     await _set_health(replica, manager.live_version is not None)
-    replica.tasks = [asyncio.create_task(manager.run(replica.stopping), name="model-manager"),
+    replica.tasks = [asyncio.create_task(batcher.run(replica.stopping), name="batcher"),
+                     asyncio.create_task(manager.run(replica.stopping), name="model-manager"),
                      asyncio.create_task(runner.run(replica.stopping), name="job-runner"),
                      asyncio.create_task(_follow_health(replica), name="health")]
     log.info("serving on %s (model version %s)", replica.address, manager.live_version)
@@ -117,8 +123,9 @@ async def start(config: ServerConfig) -> Replica:
 async def stop(replica: Replica, grace_s: float | None = None) -> None:
     """Drain: NOT_SERVING at once, refuse new calls, let calls in flight finish within grace."""
     await replica.health.enter_graceful_shutdown()
-    replica.stopping.set()
+    # The batcher and manager keep running until the calls in flight have finished.
     await replica.server.stop(replica.config.grace_period_s if grace_s is None else grace_s)
+    replica.stopping.set()
     for task in replica.tasks:
         task.cancel()
     for task in replica.tasks:

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import grpc
 
 from service import codec, messages
+from service.batcher import DynamicBatcher
 from service.errors import InvalidInput, status_of
 from service.jobs import JobRunner, JobState, TrainParams
 from service.manager import ModelManager
@@ -64,20 +65,23 @@ async def _abort(context: grpc.aio.ServicerContext, name: str, error: BaseExcept
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, manager: ModelManager, store: ModelStore, limits: codec.Limits) -> None:
+    def __init__(self, manager: ModelManager, store: ModelStore, limits: codec.Limits,
+                 batcher: DynamicBatcher) -> None:
         self._manager = manager
         self._store = store
         self._limits = limits
+        self._batcher = batcher
 
     @rpc
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
                       ) -> pb.PredictResponse:
-        pixels = codec.decode_images(request, self._limits)  # bad input stops here
-        # Held for this request only. A pinned version may need loading: off the event loop.
-        model = (self._manager.current() if not request.version
-                 else await asyncio.to_thread(self._manager.get, request.version))
-        # ONNX Runtime releases the GIL: running it in a thread keeps the event loop serving.
-        probabilities = await asyncio.to_thread(model.predict, pixels)
+        pixels = codec.decode_images(request, self._limits)  # bad input stops here, unqueued
+        if request.version:
+            # A pinned version is rare and may need loading: its own call, off the event loop.
+            model = await asyncio.to_thread(self._manager.get, request.version)
+            probabilities = await asyncio.to_thread(model.predict, pixels)
+        else:
+            model, probabilities = await self._batcher.predict(pixels)
         return codec.predict_response(model.version, model.classes, probabilities, request.top_k)
 
     @rpc

@@ -1,0 +1,131 @@
+"""Dynamic batching for Predict: many requests, one ONNX Runtime call.
+
+Requests are validated and decoded *before* they are queued (`codec.decode_images`), so a batch
+only ever holds well-formed pixels and one bad request can never fail its neighbours. The loop
+takes the first waiting request, adds whatever else is queued (waiting at most `batch_timeout_s`
+for more) up to `max_batch_size` images, runs the live model once, and resolves each request's
+future with its own rows. While ONNX Runtime runs (in a worker thread: it releases the GIL), new
+requests queue up and form the next batch by themselves, so under load batches grow without any
+waiting, and a lone caller pays no batching delay with the default timeout of 0.
+
+Knobs are named as in TF Serving: `max_batch_size`, `batch_timeout_s`, `max_enqueued` (images
+waiting; beyond it Predict answers RESOURCE_EXHAUSTED).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import LimitExceeded
+from service.loader import LoadedModel
+from service.metrics import Histogram
+
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = 256     # images per ONNX Runtime call (a larger request runs alone)
+    batch_timeout_s: float = 0.0  # how long a batch waits for more requests once it has one
+    max_enqueued: int = 4096      # images waiting before new requests are refused
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_enqueued < 1 or not 0 <= self.batch_timeout_s <= 1:
+            raise ValueError(f"invalid batching config {self}: need max_batch_size >= 1, "
+                             "max_enqueued >= 1, 0 <= batch_timeout_s <= 1")
+
+
+@dataclass
+class _Request:
+    pixels: np.ndarray
+    future: asyncio.Future[tuple[LoadedModel, np.ndarray]]
+
+
+class DynamicBatcher:
+    def __init__(self, current_model: Callable[[], LoadedModel], config: BatchingConfig,
+                 batch_sizes: Histogram | None = None) -> None:
+        self._current_model = current_model
+        self._config = config
+        self._waiting: deque[_Request] = deque()
+        self._waiting_images = 0
+        self._arrived = asyncio.Event()
+        self.batch_sizes = batch_sizes or Histogram(
+            "convserve_batch_size", "Images per ONNX Runtime call", BATCH_SIZE_BUCKETS)
+
+    @property
+    def queued_images(self) -> int:
+        return self._waiting_images
+
+    async def predict(self, pixels: np.ndarray) -> tuple[LoadedModel, np.ndarray]:
+        """Probabilities for `pixels` (uint8 [N, 32, 32, 3]) and the model that computed them."""
+        if self._waiting_images + len(pixels) > self._config.max_enqueued:
+            raise LimitExceeded(f"prediction queue is full ({self._waiting_images} images "
+                                f"waiting, limit {self._config.max_enqueued}); retry later")
+        self._current_model()  # no model: answer now (NoModel), not from inside a batch
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Request(pixels, future))
+        self._waiting_images += len(pixels)
+        self._arrived.set()
+        return await future
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """The batch loop: runs until `stop` is set; fails what is still queued when it stops."""
+        try:
+            while not stop.is_set():
+                if not self._waiting:
+                    self._arrived.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._arrived.wait(), timeout=0.1)
+                    continue
+                batch = await self._take_batch()
+                if batch:
+                    await self._run_batch(batch)
+        finally:
+            for request in self._waiting:
+                if not request.future.done():
+                    request.future.set_exception(LimitExceeded("server is shutting down"))
+
+    async def _take_batch(self) -> list[_Request]:
+        batch: list[_Request] = []
+        images = 0
+        deadline = asyncio.get_running_loop().time() + self._config.batch_timeout_s
+        while True:
+            while self._waiting and (not batch or images + len(self._waiting[0].pixels)
+                                     <= self._config.max_batch_size):
+                request = self._waiting.popleft()
+                self._waiting_images -= len(request.pixels)
+                if request.future.done():  # cancelled by its caller (deadline): skip it
+                    continue
+                batch.append(request)
+                images += len(request.pixels)
+            remaining = deadline - asyncio.get_running_loop().time()
+            if self._waiting or images >= self._config.max_batch_size or remaining <= 0:
+                return batch
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), timeout=remaining)
+
+    async def _run_batch(self, batch: list[_Request]) -> None:
+        try:
+            model = self._current_model()  # one model per batch: every row from one version
+            pixels = (batch[0].pixels if len(batch) == 1
+                      else np.concatenate([r.pixels for r in batch]))
+            self.batch_sizes.observe(len(pixels))
+            probabilities = await asyncio.to_thread(model.predict, pixels)
+        except Exception as error:  # e.g. no model any more: every request of the batch learns why
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(error)
+            return
+        start = 0
+        for request in batch:
+            end = start + len(request.pixels)
+            if not request.future.done():
+                request.future.set_result((model, probabilities[start:end]))
+            start = end
