@@ -43,6 +43,8 @@ def test_a_line_still_being_written_is_not_read(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     path.write_text('{"type": "state"}\n{"type": "prog')
     assert read_events(path) == [{"type": "state"}]
+    path.write_text('{"type": "state"}\n{"type": "pro\n{"type": "epoch"}\n')  # a torn line
+    assert read_events(path) == [{"type": "state"}, {"type": "epoch"}]
 
 
 def test_progress_bar() -> None:

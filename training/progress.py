@@ -7,6 +7,7 @@ terminal. Neither asks the device for anything, so reporting never forces a host
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -105,12 +106,14 @@ def render_bar(step: int, steps: int, epoch: int, epochs: int, images_per_s: flo
 
 
 def read_events(events_path: Path) -> list[dict[str, Any]]:
-    """All complete events in a file (a line still being written is skipped)."""
+    """All complete events in a file. A line still being written is skipped, and so is a line
+    torn by a process killed mid-write (the next writer starts on a fresh line)."""
     events = []
     with events_path.open(encoding="utf-8") as handle:
         for line in handle:
             if line.endswith("\n"):
-                events.append(json.loads(line))
+                with contextlib.suppress(json.JSONDecodeError):
+                    events.append(json.loads(line))
     return events
 
 
