@@ -115,7 +115,8 @@ async def start(config: ServerConfig) -> Replica:
     replica.tasks = [asyncio.create_task(batcher.run(replica.stopping), name="batcher"),
                      asyncio.create_task(manager.run(replica.stopping), name="model-manager"),
                      asyncio.create_task(runner.run(replica.stopping), name="job-runner"),
-                     asyncio.create_task(_follow_health(replica), name="health")]
+                     asyncio.create_task(_follow_health(replica), name="health"),
+                     asyncio.create_task(_recover_jobs(replica), name="job-recovery")]
     log.info("serving on %s (model version %s)", replica.address, manager.live_version)
     return replica
 
@@ -144,6 +145,22 @@ async def serve(config: ServerConfig) -> None:
     await signalled.wait()
     log.info("signal received: draining (grace %.1f s)", config.grace_period_s)
     await stop(replica)
+
+
+async def _recover_jobs(replica: Replica) -> None:
+    """Every replica keeps looking for jobs whose replica died (stale heartbeat), not only at
+    start-up: otherwise a watcher of such a job would wait until some replica restarts."""
+    interval = max(1.0, replica.config.stale_job_after_s / 2)
+    while not replica.stopping.is_set():
+        await asyncio.sleep(interval)
+        try:
+            recovered = await asyncio.to_thread(replica.runner.recover)
+        except Exception:  # a broken job file must not stop the loop
+            log.exception("job recovery failed")
+            continue
+        if recovered:
+            log.warning("marked %d interrupted jobs FAILED: %s", len(recovered),
+                        ", ".join(recovered))
 
 
 async def _follow_health(replica: Replica) -> None:

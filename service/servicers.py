@@ -111,14 +111,15 @@ class TrainingServicer(pb_grpc.TrainingServicer):
 
     @rpc
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
-        record = self._runner.get(_job_id(request.id))
+        record = await asyncio.to_thread(self._runner.get, _job_id(request.id))  # file reads
         return messages.job(record, self._runner.queue_position(record.id))
 
     @rpc
     async def ListJobs(self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext
                        ) -> pb.ListJobsResponse:
+        records = await asyncio.to_thread(self._runner.list)  # reads every job.json
         return pb.ListJobsResponse(jobs=[messages.job(r, self._runner.queue_position(r.id))
-                                         for r in self._runner.list()])
+                                         for r in records])
 
     @rpc_stream
     async def WatchJob(self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext
