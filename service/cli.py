@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from service import demo, remote_cli
+from service.errors import ClientError
 from service.store import HistoryEntry, IntegrityError, ModelStore, StoreError, format_versions_table
 
 PROG = "convserve"
@@ -284,12 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(EXIT_USAGE, f"{error} (see --help)")
     except (StoreError, OSError) as error:
         return _fail(EXIT_FAILED, str(error))
-    except Exception as error:
-        # The SDK's ClientError (imported lazily with grpc) carries the server's status and
-        # message: one line for the operator, not a traceback.
-        if type(error).__name__ == "ClientError":
-            return _fail(EXIT_FAILED, str(error))
-        raise
+    except ClientError as error:  # the server's status and message: one line, no traceback
+        return _fail(EXIT_FAILED, str(error))
     except KeyboardInterrupt:
         return _fail(EXIT_INTERRUPTED, "interrupted")
 

@@ -23,21 +23,12 @@ import grpc
 import numpy as np
 
 from service import codec
-from service.errors import ConvserveError
+from service.errors import ClientError, ConvserveError
 from service.pb.convserve.v1 import convserve_pb2 as pb
 from service.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 FINAL_STATES = frozenset({"PROMOTED", "REJECTED", "FAILED", "CANCELLED"})
-
-
-class ClientError(Exception):
-    """A call that failed; `code` is the gRPC status code, `details` the server's message."""
-
-    def __init__(self, code: grpc.StatusCode, details: str, method: str = "") -> None:
-        super().__init__(f"{method}: {code.name}: {details}" if method else f"{code.name}: {details}")
-        self.code = code
-        self.details = details
 
 
 @dataclass(frozen=True)

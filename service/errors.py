@@ -66,6 +66,17 @@ class PermissionDenied(ConvserveError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class ClientError(Exception):
+    """What the SDK raises for a failed call: `code` is the gRPC status code, `details` the
+    server's message. Defined here (grpc only) so the CLI can catch it without importing the SDK."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, method: str = "") -> None:
+        prefix = f"{method}: " if method else ""
+        super().__init__(f"{prefix}{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a caller receives for `error`."""
     if isinstance(error, ConvserveError):
