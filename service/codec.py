@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from service.errors import InvalidInput, LimitExceeded
+from service.images import to_model_pixels
 from service.pb.convserve.v1 import convserve_pb2 as pb
 
 IMAGE_SHAPE = (32, 32, 3)                  # H, W, C: the model's input, NHWC
@@ -128,9 +129,7 @@ def _decode_one(data: bytes, where: str, limits: Limits) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as image:
             _check_header(image, where, limits)
-            # JPEG only: let libjpeg decode at a reduced scale (still >= 32x32) instead of in full.
-            image.draft("RGB", (IMAGE_SHAPE[1], IMAGE_SHAPE[0]))
-            rgb = image.convert("RGB")
+            return to_model_pixels(image)  # the same decoding as training's image folders
     except InvalidInput:
         raise
     except Image.DecompressionBombError as error:  # PIL's own, larger guard fires inside open()
@@ -138,9 +137,6 @@ def _decode_one(data: bytes, where: str, limits: Limits) -> np.ndarray:
                            f"got more ({error})") from None
     except Exception as error:  # PIL raises many types for bad data; all mean "cannot decode"
         raise InvalidInput(f"{where}: cannot decode ({type(error).__name__}: {error})") from None
-    if rgb.size != (IMAGE_SHAPE[1], IMAGE_SHAPE[0]):
-        rgb = rgb.resize((IMAGE_SHAPE[1], IMAGE_SHAPE[0]), Image.Resampling.BILINEAR)
-    return np.asarray(rgb)
 
 
 def _check_header(image: Image.Image, where: str, limits: Limits) -> None:

@@ -271,3 +271,27 @@ def test_probabilities_of_refuses_a_malformed_response() -> None:
     response = pb.PredictResponse(probabilities=bytes(8), shape=[1, 3])
     with pytest.raises(ValueError, match=r"expected 8 bytes .* got shape \[1, 3\]"):
         codec.probabilities_of(response)
+
+
+def test_encoded_images_decode_exactly_as_training_reads_them(tmp_path) -> None:
+    """No training/serving skew: a folder dataset and Predict give the same pixels for one file."""
+    from training.data import load_dataset
+
+    rng = np.random.default_rng(7)
+    files = {
+        "a": ("wide.png", Image.fromarray(rng.integers(0, 65535, (40, 50), dtype=np.uint16))),
+        "b": ("photo.jpg", Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8))),
+    }
+    payloads = []
+    for split in ("train", "val"):
+        for label, (name, image) in files.items():
+            (tmp_path / "set" / split / label).mkdir(parents=True, exist_ok=True)
+            image.save(tmp_path / "set" / split / label / name)
+    for label, (name, _) in files.items():
+        payloads.append((tmp_path / "set" / "val" / label / name).read_bytes())
+
+    trained_on = load_dataset("folder:set", tmp_path).val_images
+    served = codec.decode_images(pb.PredictRequest(encoded=pb.EncodedImages(images=payloads)),
+                                 codec.Limits())
+    np.testing.assert_array_equal(served, trained_on)
+    assert served[0].max() > 200 and served[0].min() < 50  # 16-bit scaled, not clipped white

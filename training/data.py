@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from service.images import to_model_pixels
+
 __all__ = ["DATASET_NAMES_HELP", "Dataset", "DatasetError", "load_dataset"]
 
 DATASET_NAMES_HELP = "digits, cifar10, folder:<name>, synthetic[:<n>]"
@@ -431,23 +433,9 @@ def _read_tree(class_dirs: dict[str, Path], root_resolved: Path,
 def _read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
-            rgb = _to_8bit(img).convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE),
-                                                      Image.Resampling.BILINEAR)
-            return np.asarray(rgb, dtype=np.uint8)
+            return to_model_pixels(img)  # exactly what Predict does with an encoded image
     except _DECODE_ERRORS as exc:
         raise DatasetError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
-
-
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """Rescale 16-bit grayscale ("I;16*", or "I" as older Pillow opens such PNGs) to "L".
-
-    Pillow's convert("RGB") clips these modes at 255 instead of scaling, which turns an
-    ordinary 16-bit grayscale PNG or TIFF almost entirely white.
-    """
-    if img.mode != "I" and not img.mode.startswith("I;16"):
-        return img
-    wide = np.asarray(img).astype(np.float64)
-    return Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8))
 
 
 # --- synthetic ------------------------------------------------------------------------------
