@@ -144,12 +144,14 @@ def make_store(root: Path) -> Path:
 
 
 def start_server(store: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    from service.config import LISTENING_PREFIX
+
     server = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--store", str(store), "--port", "0",
          "--log-level", "WARNING", *extra],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = server.stdout.readline()
-    if not line.startswith("convserve listening on "):
+    if not line.startswith(LISTENING_PREFIX):
         raise SystemExit(f"server did not start: {line!r}")
     return server, line.split()[-1]
 

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "CONVSERVE_"
+# The one stdout line a replica prints once it accepts calls; launchers read the address from it.
+LISTENING_PREFIX = "convserve listening on "
 
 
 class ConfigError(ValueError):

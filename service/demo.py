@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from service.config import LISTENING_PREFIX
+
 START_TIMEOUT_S = 120
 
 
@@ -71,7 +73,7 @@ def start_server(store: Path, port: int) -> tuple[subprocess.Popen, str]:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         line = server.stdout.readline()
-        if line.startswith("convserve listening on "):
+        if line.startswith(LISTENING_PREFIX):
             return server, line.split()[-1]
         if not line and server.poll() is not None:
             raise SystemExit(f"convserve demo: the server exited with code {server.returncode}; "

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service import codec
 from service.batcher import BatchingConfig, DynamicBatcher
-from service.config import ServerConfig
+from service.config import LISTENING_PREFIX, ServerConfig
 from service.jobs import JobRunner, RunnerConfig, TrainParams
 from service.loader import SessionSettings
 from service.manager import ModelManager
@@ -141,7 +141,7 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, signalled.set)
-    print(f"convserve listening on {replica.address}", flush=True)
+    print(f"{LISTENING_PREFIX}{replica.address}", flush=True)
     await signalled.wait()
     log.info("signal received: draining (grace %.1f s)", config.grace_period_s)
     await stop(replica)

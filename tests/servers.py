@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from service.config import LISTENING_PREFIX
 from service.store import ModelStore
 from tests.conftest import REPO_ROOT, python_env
 
@@ -37,7 +38,7 @@ class ServerProcess:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             line = self.process.stdout.readline()
-            if line.startswith("convserve listening on "):
+            if line.startswith(LISTENING_PREFIX):
                 return line.split()[-1]
             if not line and self.process.poll() is not None:
                 raise RuntimeError(f"server exited {self.process.returncode}: "
