@@ -10,6 +10,11 @@
    duration; every reply is checked (shape, rows summing to 1, the served version).
 4. Measures the ceiling again, and reports images/s, latency percentiles, errors, the ratio of
    throughput to the ceiling at the request's batch size, and the server's RSS.
+5. Runs the same load against a *transport floor*: a gRPC server in the same stack (grpc.aio)
+   whose Predict returns a canned reply without decoding or inference. It shows what Python gRPC
+   alone costs on this machine. For every run, the CPU seconds the server and the clients spent
+   per request are reported too: on a machine where they share the cores, those bound what any
+   server in this stack can reach.
 """
 
 from __future__ import annotations
@@ -39,6 +44,11 @@ class Scenario:
     callers: int
     batch: int
     dtype: str  # "float32" (NCHW 3x32x32, values in [0, 1]) or "uint8" (NHWC)
+    ceiling_batch: int = 0  # the ceiling's batch size to compare with (0: the request's batch)
+
+    @property
+    def compared_batch(self) -> int:
+        return self.ceiling_batch or self.batch
 
 
 SCENARIOS = (
@@ -49,6 +59,9 @@ SCENARIOS = (
     Scenario("C=64, uint8", 64, 1, "uint8"),
     Scenario("C=4 x 32 images, float32", 4, 32, "float32"),
 )
+# With --gpu: many callers, so the batcher forms full batches; compared with in-process ORT on
+# the GPU at the largest batch the server forms (the default max_batch_size, 256).
+GPU_SCENARIOS = (Scenario("C=256, uint8", 256, 1, "uint8", ceiling_batch=256),)
 
 
 # --- the load generator (runs in client processes) -------------------------------------------
@@ -77,6 +90,7 @@ async def drive(address: str, callers: int, batch: int, dtype: str, warmup_s: fl
     request = payload(batch, dtype)
     latencies: list[float] = []
     errors: list[str] = []
+    completed = 0  # warm-up included: the CPU accounting covers the whole run
     async with grpc.aio.insecure_channel(address) as channel:
         # Pre-serialised request, raw bytes reply: the client's own cost stays small.
         call = channel.unary_unary("/convserve.v1.Inference/Predict")
@@ -84,6 +98,7 @@ async def drive(address: str, callers: int, batch: int, dtype: str, warmup_s: fl
         measure_from, measure_to = start + warmup_s, start + warmup_s + duration_s
 
         async def caller() -> None:
+            nonlocal completed
             while (now := time.perf_counter()) < measure_to:
                 try:
                     reply = pb.PredictResponse.FromString(await call(request, timeout=10))
@@ -93,43 +108,87 @@ async def drive(address: str, callers: int, batch: int, dtype: str, warmup_s: fl
                 except grpc.aio.AioRpcError as error:
                     errors.append(error.code().name)
                 done = time.perf_counter()
+                completed += 1
                 if measure_from <= now and done <= measure_to:
                     latencies.append(done - now)
 
         await asyncio.gather(*(caller() for _ in range(callers)))
-    return {"latencies": latencies, "errors": errors}
+    return {"latencies": latencies, "errors": errors, "completed": completed}
 
 
 def worker_main(args: argparse.Namespace) -> None:
     result = asyncio.run(drive(args.address, args.callers, args.batch, args.dtype, args.warmup,
                                args.duration))
     np.save(args.result, np.asarray(result["latencies"], dtype=np.float64))
-    print(json.dumps({"errors": len(result["errors"]), "kinds": sorted(set(result["errors"]))}))
+    print(json.dumps({"errors": len(result["errors"]), "kinds": sorted(set(result["errors"])),
+                      "completed": result["completed"], "cpu_s": time.process_time()}))
+
+
+# --- the transport floor: the same gRPC stack, no decoding, no inference -----------------------
+
+def canned_replies() -> dict[int, bytes]:
+    """Request size in bytes -> a valid serialised reply for that request's batch."""
+    from service.codec import predict_response
+
+    replies = {}
+    for batch in {s.batch for s in SCENARIOS + GPU_SCENARIOS}:
+        reply = predict_response(1, [str(i) for i in range(10)],
+                                 np.full((batch, 10), 0.1, dtype=np.float32), 0).SerializeToString()
+        for dtype in ("float32", "uint8"):
+            replies[len(payload(batch, dtype))] = reply
+    return replies
+
+
+async def floor_server() -> None:
+    import grpc
+
+    from service.config import LISTENING_PREFIX
+
+    replies = canned_replies()
+
+    async def predict(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        if len(request) not in replies:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not a benchmark payload")
+        return replies[len(request)]
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "convserve.v1.Inference", {"Predict": grpc.unary_unary_rpc_method_handler(predict)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"{LISTENING_PREFIX}127.0.0.1:{port}", flush=True)
+    await server.wait_for_termination()
 
 
 # --- the ceiling: ONNX Runtime in this process ------------------------------------------------
 
-def ceiling(model_path: Path, batch: int, seconds: float = 2.0) -> float:
-    """Images/s of back-to-back session.run calls at `batch`, the server's session settings."""
-    import onnxruntime as ort
+def ceilings(store: Path, server_args: list[str], batches: list[int], seconds: float = 2.0
+             ) -> tuple[dict[int, float], str]:
+    """Images/s of back-to-back calls at each batch size, in this process, loaded exactly as the
+    server loads it (same flags: providers, threads, spinning, I/O binding or CUDA graphs)."""
+    from service import config
+    from service.loader import load_version
+    from service.server import session_settings
+    from service.store import ModelStore
 
-    from service.loader import SessionSettings, session_options
-
-    options = session_options(SessionSettings(providers=("cpu",), allow_spinning=False))
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    pixels = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
-    for _ in range(20):
-        session.run(None, {"pixels": pixels})
-    runs, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        session.run(None, {"pixels": pixels})
-        runs += 1
-    return runs * batch / (time.perf_counter() - started)
+    model = load_version(ModelStore(store), 1, session_settings(config.parse(server_args)))
+    results = {}
+    for batch in batches:
+        pixels = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+        for _ in range(20):
+            model.predict(pixels)
+        runs, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            model.predict(pixels)
+            runs += 1
+        results[batch] = runs * batch / (time.perf_counter() - started)
+    return results, f"{', '.join(model.providers)} via {type(model.runner).__name__}"
 
 
 # --- orchestration -----------------------------------------------------------------------------
 
 def make_store(root: Path) -> Path:
+    """A store under `root` with the (untrained) ConvNet published and promoted as version 1."""
     from service.store import ModelStore
     from training.export import export_onnx, serving_model
     from training.model import ConvNet, Preprocess
@@ -140,27 +199,33 @@ def make_store(root: Path) -> Path:
     store = ModelStore(root / "store")
     store.publish(model, {"classes": [str(i) for i in range(10)]},
                   lambda _: {"promoted": True, "reason": "benchmark"}, actor="benchmark")
-    return store.model_path(1)
+    return store.root
 
 
-def start_server(store: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(command: list[str]) -> tuple[subprocess.Popen, str]:
+    """Start `command`, wait for its ready line, return it and the address it listens on."""
     from service.config import LISTENING_PREFIX
 
-    server = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--store", str(store), "--port", "0",
-         "--log-level", "WARNING", *extra],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    server = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
     line = server.stdout.readline()
     if not line.startswith(LISTENING_PREFIX):
         raise SystemExit(f"server did not start: {line!r}")
     return server, line.split()[-1]
 
 
-def run_scenario(address: str, scenario: Scenario, warmup: float, duration: float,
-                 tmp: Path) -> dict:
-    processes = 1 if scenario.callers == 1 else 2  # 2 cores: more client processes only contend
+def convserve_command(store: Path, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "service.cli", "serve", "--store", str(store), "--port", "0",
+            "--log-level", "WARNING", *extra]
+
+
+def run_scenario(server_pid: int, address: str, scenario: Scenario, warmup: float,
+                 duration: float, tmp: Path) -> dict:
+    # One client process per two cores (2 on the 2-core machine, where more would only contend).
+    processes = 1 if scenario.callers == 1 else max(2, min(8, (os.cpu_count() or 2) // 2))
     per_process = [scenario.callers // processes + (i < scenario.callers % processes)
                    for i in range(processes)]
+    server_cpu_before = cpu_seconds(server_pid)
     workers = []
     for index, callers in enumerate(per_process):
         result = tmp / f"latencies-{index}.npy"
@@ -169,16 +234,31 @@ def run_scenario(address: str, scenario: Scenario, warmup: float, duration: floa
              "--batch", str(scenario.batch), "--dtype", scenario.dtype, "--warmup", str(warmup),
              "--duration", str(duration), "--result", str(result)],
             stdout=subprocess.PIPE, text=True)))
-    errors = 0
+    errors = completed = 0
+    client_cpu = 0.0
     latencies = []
     for result, worker in workers:
         out, _ = worker.communicate(timeout=warmup + duration + 120)
-        errors += json.loads(out.strip().splitlines()[-1])["errors"]
+        summary = json.loads(out.strip().splitlines()[-1])
+        errors += summary["errors"]
+        completed += summary["completed"]
+        client_cpu += summary["cpu_s"]
         latencies.append(np.load(result))
+    server_cpu = cpu_seconds(server_pid) - server_cpu_before
     merged = np.concatenate(latencies) * 1000
     return {"requests": len(merged), "images_per_s": len(merged) * scenario.batch / duration,
             "p50": np.percentile(merged, 50), "p90": np.percentile(merged, 90),
-            "p99": np.percentile(merged, 99), "errors": errors}
+            "p99": np.percentile(merged, 99), "errors": errors,
+            # CPU per request over the whole run (warm-up included, as are the clients' start-up
+            # costs: a small overestimate for the clients).
+            "server_cpu_ms": 1000 * server_cpu / max(completed, 1),
+            "client_cpu_ms": 1000 * client_cpu / max(completed, 1)}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:
@@ -202,7 +282,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     parser.add_argument("--server-arg", action="append", default=[],
                         help="extra `convserve serve` flag (repeat), e.g. --server-arg=--max-batch-size=64")
+    parser.add_argument("--scenario", action="append", default=[],
+                        help="run only scenarios whose name starts with this (repeat), e.g. 'C=8'")
+    parser.add_argument("--gpu", action="store_true",
+                        help=f"also run {[s.name for s in GPU_SCENARIOS]} (for a GPU host)")
+    parser.add_argument("--no-floor", action="store_true",
+                        help="skip the transport-floor runs (halves the time)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--floor-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--address"), parser.add_argument("--callers", type=int)
     parser.add_argument("--batch", type=int), parser.add_argument("--dtype")
     parser.add_argument("--result", type=Path)
@@ -210,48 +297,79 @@ def main() -> None:
     if args.worker:
         worker_main(args)
         return
+    if args.floor_server:
+        asyncio.run(floor_server())
+        return
 
+    offered = SCENARIOS + (GPU_SCENARIOS if args.gpu else ())
+    scenarios = [s for s in offered
+                 if not args.scenario or any(s.name.startswith(p) for p in args.scenario)]
+    if not scenarios:
+        parser.error(f"--scenario {args.scenario}: no scenario matches; "
+                     f"names: {[s.name for s in offered]}")
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        model = make_store(tmp)
-        batches = sorted({s.batch for s in SCENARIOS})
-        before = {b: ceiling(model, b) for b in batches}
-        server, address = start_server(tmp / "store", args.server_arg)
-        try:
-            rows = [(s, run_scenario(address, s, args.warmup, args.duration, tmp))
-                    for s in SCENARIOS]
-            rss = rss_mb(server.pid)
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
-        after = {b: ceiling(model, b) for b in batches}
+        store = make_store(tmp)
+        batches = sorted({s.compared_batch for s in scenarios})
+        before, providers = ceilings(store, args.server_arg, batches)
+        rows, rss = run_all(convserve_command(store, args.server_arg), scenarios, args, tmp)
+        after, _ = ceilings(store, args.server_arg, batches)
+        floor = ([] if args.no_floor else
+                 run_all([sys.executable, __file__, "--floor-server"], scenarios, args, tmp)[0])
 
-    table = report(rows, before, after, rss, args)
+    table = report(rows, floor, before, after, providers, rss, args)
     print(table)
     if args.out:
         args.out.write_text(table)
 
 
-def report(rows, before, after, rss, args) -> str:
-    ceilings = {b: (before[b] + after[b]) / 2 for b in before}
+def run_all(command: list[str], scenarios: list[Scenario], args: argparse.Namespace,
+            tmp: Path) -> tuple[list[tuple[Scenario, dict]], float]:
+    """Every scenario against one server process; also returns the server's RSS afterwards."""
+    server, address = start_server(command)
+    try:
+        rows = [(s, run_scenario(server.pid, address, s, args.warmup, args.duration, tmp))
+                for s in scenarios]
+        return rows, rss_mb(server.pid)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def report(rows, floor, before, after, providers, rss, args) -> str:
+    ceiling = {b: (before[b] + after[b]) / 2 for b in before}
     lines = [
         f"date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: {os.cpu_count()} cores, "
         f"{platform.processor() or platform.machine()}; {versions()}",
         f"command: .venv/bin/python benchmarks/serve.py --duration {args.duration:g} "
-        f"--warmup {args.warmup:g}" + "".join(f" --server-arg={a}" for a in args.server_arg),
+        f"--warmup {args.warmup:g}" + " --gpu" * args.gpu
+        + "".join(f" --scenario='{name}'" for name in args.scenario)
+        + "".join(f" --server-arg={a}" for a in args.server_arg),
         "",
-        "ceiling (in-process ONNX Runtime, images/s, before / after): " + "; ".join(
+        f"ceiling (in-process ONNX Runtime on {providers}, images/s, before / after): "
+        + "; ".join(
             f"batch {b}: {before[b]:,.0f} / {after[b]:,.0f}" for b in sorted(before)),
         "",
-        "| scenario | requests | images/s | p50 ms | p90 ms | p99 ms | errors | ratio to ceiling |",
-        "|---|---|---|---|---|---|---|---|",
+        "| scenario | requests | images/s | p50 ms | p90 ms | p99 ms | errors | ratio to ceiling "
+        "| CPU ms/request: server / clients |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for scenario, r in rows:
-        ratio = r["images_per_s"] / ceilings[scenario.batch]
+        ratio = r["images_per_s"] / ceiling[scenario.compared_batch]
         lines.append(f"| {scenario.name} | {r['requests']:,} | {r['images_per_s']:,.0f} | "
                      f"{r['p50']:.3f} | {r['p90']:.3f} | {r['p99']:.3f} | {r['errors']} | "
-                     f"{ratio:.2f} (batch {scenario.batch}) |")
+                     f"{ratio:.2f} (batch {scenario.compared_batch}) | "
+                     f"{r['server_cpu_ms']:.3f} / {r['client_cpu_ms']:.3f} |")
     lines += ["", f"server RSS after the run: {rss:.0f} MB"]
+    if floor:
+        lines += [
+            "", "transport floor (same load, a grpc.aio server answering a canned reply):", "",
+            "| scenario | images/s | p50 ms | p99 ms | errors | CPU ms/request: server / clients |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [f"| {s.name} | {r['images_per_s']:,.0f} | {r['p50']:.3f} | {r['p99']:.3f} | "
+                  f"{r['errors']} | {r['server_cpu_ms']:.3f} / {r['client_cpu_ms']:.3f} |"
+                  for s, r in floor]
     return "\n".join(lines) + "\n"
 
 

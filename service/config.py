@@ -45,8 +45,11 @@ class ServerConfig:
     min_accuracy_floor: float = 0.0
     min_improvement: float = 0.0
     allow_class_change_requests: bool = True
-    providers: str = "auto"            # auto | cpu | cuda | comma-separated ORT provider names
+    providers: str = "auto"            # auto | cpu | cuda | tensorrt, comma-separated, in order
     intra_op_threads: int = 0
+    cuda_graphs: bool = False          # CUDA provider: replay one CUDA graph per batch bucket
+    tensorrt_fp16: bool = False        # TensorRT provider: fp16 kernels
+    tensorrt_cache_dir: str = ""       # TensorRT provider: engine cache ("" = rebuild at load)
     training_python: str = ""          # interpreter for training jobs ("" = this one)
     job_heartbeat_s: float = 2.0
     stale_job_after_s: float = 20.0

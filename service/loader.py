@@ -4,6 +4,7 @@ The loader knows nothing about which version is live (that is `service.manager`)
 version number into a `LoadedModel` or a clear error. Providers are chosen CUDA -> CPU: "auto"
 asks for CUDA only when this onnxruntime build has it *and* the driver reports a device, so a
 CPU host with the GPU wheel does not even try (and does not print CUDA library errors).
+How a session runs a batch (plain run, I/O binding, CUDA graphs) is `service.runners`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -21,6 +23,7 @@ import onnxruntime as ort
 
 from service.codec import IMAGE_SHAPE
 from service.errors import ConvserveError
+from service.runners import BoundRunner, GraphRunner, PlainRunner, Runner
 from service.store import ModelStore
 from training.onnx_eval import read_metadata  # numpy + onnxruntime only: safe without torch
 
@@ -28,8 +31,9 @@ log = logging.getLogger("convserve.loader")
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-_GPU_PROVIDERS = frozenset({CUDA, "TensorrtExecutionProvider"})
-_ALIASES = {"cpu": CPU, "cuda": CUDA}
+TENSORRT = "TensorrtExecutionProvider"
+_GPU_PROVIDERS = frozenset({CUDA, TENSORRT})
+_ALIASES = {"cpu": CPU, "cuda": CUDA, "tensorrt": TENSORRT}
 _OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -53,6 +57,12 @@ class SessionSettings:
     graph_optimization: str = "all"          # disable | basic | extended | all
     allow_spinning: bool = True              # turn off when training shares the host's cores
     warmup_batch_sizes: tuple[int, ...] = (1, 8)
+    # GPU only (ignored on CPU): CUDA graphs replayed per fixed batch size (these buckets; the
+    # largest is the biggest batch one graph runs), and TensorRT's fp16 mode and engine cache.
+    cuda_graphs: bool = False
+    graph_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    tensorrt_fp16: bool = False
+    tensorrt_cache_dir: str = ""             # "" = no engine cache (TensorRT rebuilds at load)
 
     def __post_init__(self) -> None:
         if self.graph_optimization not in _OPTIMIZATION_LEVELS:
@@ -65,6 +75,9 @@ class SessionSettings:
                              f"inter {self.inter_op_threads}")
         if any(size < 1 for size in self.warmup_batch_sizes):
             raise ValueError(f"warmup_batch_sizes: expected sizes >= 1, got {self.warmup_batch_sizes}")
+        buckets = self.graph_buckets
+        if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
+            raise ValueError(f"graph_buckets: expected increasing sizes >= 1, got {list(buckets)}")
 
 
 @dataclass
@@ -75,16 +88,19 @@ class LoadedModel:
     path: Path
     providers: list[str]          # what the session actually uses
     session: ort.InferenceSession
+    runner: Runner | None = None  # None: a plain session.run
     input_name: str = field(init=False)
     output_name: str = field(init=False)
 
     def __post_init__(self) -> None:
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
+        if self.runner is None:
+            self.runner = PlainRunner(self.session, self.input_name, self.output_name)
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 [N, 32, 32, 3] -> float32 [N, C]. Thread-safe: ORT's run is, and nothing here mutates."""
-        return self.session.run([self.output_name], {self.input_name: pixels})[0]
+        """uint8 [N, 32, 32, 3] -> float32 [N, C]. Thread-safe (every runner is)."""
+        return self.runner(pixels)
 
 
 def load_version(store: ModelStore, version: int, settings: SessionSettings) -> LoadedModel:
@@ -96,13 +112,57 @@ def load_version(store: ModelStore, version: int, settings: SessionSettings) -> 
     path = store.verify(version)
     card = store.card(version)
     requested = choose_providers(settings.providers, available_providers())
-    session = _open_session(path, version, settings, requested)
+    input_name = str(card.get("input", {}).get("name", "pixels"))
+    session = _open_session(path, version, settings,
+                            provider_options(requested, settings, input_name))
     classes = _classes(session, card, version)
     _check_signature(session, len(classes), version)
     model = LoadedModel(version, classes, card, path, session.get_providers(), session)
-    _warm_up(model, settings.warmup_batch_sizes)
+    model.runner = choose_runner(model, settings)
+    # A graph is captured per bucket on its first runs: warm every bucket, not just a few sizes.
+    graphs = isinstance(model.runner, GraphRunner)
+    _warm_up(model, settings.graph_buckets if graphs else settings.warmup_batch_sizes,
+             repeats=3 if graphs else 1)
     _log_providers(model, settings, requested)
     return model
+
+
+def choose_runner(model: LoadedModel, settings: SessionSettings) -> Runner:
+    """CUDA graphs or I/O binding when the session really runs on a GPU provider, else plain."""
+    first = model.providers[0]
+    if first == CUDA and settings.cuda_graphs:
+        return GraphRunner(model.session, model.input_name, model.output_name,
+                           len(model.classes), settings.graph_buckets)
+    if first in _GPU_PROVIDERS:
+        return BoundRunner(model.session, model.input_name, model.output_name)
+    return PlainRunner(model.session, model.input_name, model.output_name)
+
+
+def provider_options(providers: Sequence[str], settings: SessionSettings, input_name: str
+                     ) -> list[tuple[str, dict[str, Any]]]:
+    """Each provider with its options: CUDA graphs on the CUDA provider; for TensorRT, fp16, the
+    engine cache, and one optimisation profile covering batch 1..the largest bucket (so a new
+    batch size never rebuilds the engine)."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    for name in providers:
+        options: dict[str, Any] = {}
+        if name == CUDA:
+            options = {"device_id": "0", "enable_cuda_graph": "1" if settings.cuda_graphs else "0"}
+        elif name == TENSORRT:
+            largest = settings.graph_buckets[-1]
+            options = {
+                "device_id": "0",
+                "trt_fp16_enable": "True" if settings.tensorrt_fp16 else "False",
+                "trt_profile_min_shapes": f"{input_name}:1x32x32x3",
+                "trt_profile_opt_shapes": f"{input_name}:{largest}x32x32x3",
+                "trt_profile_max_shapes": f"{input_name}:{largest}x32x32x3",
+            }
+            if settings.tensorrt_cache_dir:
+                options |= {"trt_engine_cache_enable": "True",
+                            "trt_engine_cache_path": settings.tensorrt_cache_dir,
+                            "trt_timing_cache_enable": "True"}
+        out.append((name, options))
+    return out
 
 
 # ------------------------------------------------------------------------------------ providers
@@ -172,7 +232,7 @@ def session_options(settings: SessionSettings) -> ort.SessionOptions:
 
 
 def _open_session(path: Path, version: int, settings: SessionSettings,
-                  providers: list[str]) -> ort.InferenceSession:
+                  providers: list[tuple[str, dict[str, Any]]]) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(str(path), session_options(settings), providers=providers)
     except Exception as error:  # ORT raises its own pybind types (Fail, InvalidGraph, ...)
@@ -213,12 +273,13 @@ def _dims_match(shape: Sequence[int | str | None], expected: tuple[int, ...]) ->
         dim == want or not isinstance(dim, int) for dim, want in zip(shape[1:], expected, strict=True))
 
 
-def _warm_up(model: LoadedModel, batch_sizes: Sequence[int]) -> None:
-    """Run each batch size once, so the first request does not pay for allocation and kernel
-    selection, and check that what comes out is one probability row per image."""
+def _warm_up(model: LoadedModel, batch_sizes: Sequence[int], repeats: int = 1) -> None:
+    """Run each batch size, so the first request does not pay for allocation, kernel selection
+    or graph capture, and check that what comes out is one probability row per image."""
     for size in batch_sizes:
         try:
-            out = model.predict(np.zeros((size, *IMAGE_SHAPE), dtype=np.uint8))
+            for _ in range(repeats):
+                out = model.predict(np.zeros((size, *IMAGE_SHAPE), dtype=np.uint8))
         except Exception as error:
             raise ModelLoadError(f"version {model.version}: warm-up with batch {size} failed: "
                                  f"{type(error).__name__}: {error}") from None

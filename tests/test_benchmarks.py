@@ -1,0 +1,37 @@
+"""The benchmark commands run end to end (tiny durations: this checks they work, not speed)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+def test_serve_benchmark_writes_its_table(repo_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "serve.md"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/serve.py", "--duration", "1", "--warmup", "0.3",
+         "--scenario", "C=1, uint8", "--scenario", "C=4", "--out", str(out)],
+        cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = out.read_text()
+    assert re.search(r"ceiling \(in-process ONNX Runtime on CPUExecutionProvider via PlainRunner",
+                     table)
+    rows = re.findall(r"^\| (C=[^|]+) \| ([\d,]+) \| ([\d,]+) \|.*\| (\d+) \| ([\d.]+) \(batch (\d+)\)",
+                      table, flags=re.MULTILINE)
+    assert [(name.strip(), int(batch)) for name, *_, batch in rows] == [
+        ("C=1, uint8", 1), ("C=4 x 32 images, float32", 32)]
+    for _name, requests, _images, errors, ratio, _batch in rows:
+        assert int(requests.replace(",", "")) > 0 and int(errors) == 0 and float(ratio) > 0
+    assert "transport floor" in table and "server RSS after the run" in table
+
+
+def test_serve_benchmark_refuses_an_unknown_scenario(repo_root: Path) -> None:
+    result = subprocess.run([sys.executable, "benchmarks/serve.py", "--scenario", "C=999"],
+                            cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "no scenario matches" in result.stderr
