@@ -165,24 +165,36 @@ async def floor_server() -> None:
 def ceilings(store: Path, server_args: list[str], batches: list[int], seconds: float = 2.0
              ) -> tuple[dict[int, float], str]:
     """Images/s of back-to-back calls at each batch size, in this process, loaded exactly as the
-    server loads it (same flags: providers, threads, spinning, I/O binding or CUDA graphs)."""
+    server loads it (same flags: providers, threads, spinning, I/O binding or CUDA graphs) and
+    with as many calling threads as the server runs batches at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from service import config
     from service.loader import load_version
     from service.server import session_settings
     from service.store import ModelStore
 
-    model = load_version(ModelStore(store), 1, session_settings(config.parse(server_args)))
-    results = {}
-    for batch in batches:
-        pixels = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
-        for _ in range(20):
-            model.predict(pixels)
-        runs, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
+    server_config = config.parse(server_args)
+    model = load_version(ModelStore(store), 1, session_settings(server_config))
+    threads = server_config.max_concurrent_batches
+
+    def loop(pixels: np.ndarray, until: float) -> int:
+        runs = 0
+        while time.perf_counter() < until:
             model.predict(pixels)
             runs += 1
-        results[batch] = runs * batch / (time.perf_counter() - started)
-    return results, f"{', '.join(model.providers)} via {type(model.runner).__name__}"
+        return runs
+
+    results = {}
+    with ThreadPoolExecutor(threads) as pool:
+        for batch in batches:
+            pixels = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+            loop(pixels, time.perf_counter() + 0.2)  # warm-up
+            started = time.perf_counter()
+            runs = sum(pool.map(loop, [pixels] * threads, [started + seconds] * threads))
+            results[batch] = runs * batch / (time.perf_counter() - started)
+    return results, (f"{', '.join(model.providers)} via {type(model.runner).__name__}, "
+                     f"{threads} calling thread{'s' * (threads > 1)}")
 
 
 # --- orchestration -----------------------------------------------------------------------------

@@ -34,11 +34,14 @@ class BatchingConfig:
     max_batch_size: int = 256     # images per ONNX Runtime call (a larger request runs alone)
     batch_timeout_s: float = 0.0  # how long a batch waits for more requests once it has one
     max_enqueued: int = 4096      # images waiting before new requests are refused
+    max_concurrent_batches: int = 1  # ORT calls in flight at once (Triton's instance count)
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_enqueued < 1 or not 0 <= self.batch_timeout_s <= 1:
+        if (self.max_batch_size < 1 or self.max_enqueued < 1 or self.max_concurrent_batches < 1
+                or not 0 <= self.batch_timeout_s <= 1):
             raise ValueError(f"invalid batching config {self}: need max_batch_size >= 1, "
-                             "max_enqueued >= 1, 0 <= batch_timeout_s <= 1")
+                             "max_enqueued >= 1, max_concurrent_batches >= 1, "
+                             "0 <= batch_timeout_s <= 1")
 
 
 @dataclass
@@ -75,7 +78,13 @@ class DynamicBatcher:
         return await future
 
     async def run(self, stop: asyncio.Event) -> None:
-        """The batch loop: runs until `stop` is set; fails what is still queued when it stops."""
+        """The batch loop: runs until `stop` is set; fails what is still queued when it stops.
+
+        Up to `max_concurrent_batches` batches run at once; the next batch is taken only when a
+        slot is free, so requests keep accumulating into it meanwhile.
+        """
+        slots = asyncio.Semaphore(self._config.max_concurrent_batches)
+        running: set[asyncio.Task] = set()
         try:
             while not stop.is_set():
                 if not self._waiting:
@@ -83,10 +92,17 @@ class DynamicBatcher:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._arrived.wait(), timeout=0.1)
                     continue
+                await slots.acquire()
                 batch = await self._take_batch()
-                if batch:
-                    await self._run_batch(batch)
+                if not batch:
+                    slots.release()
+                    continue
+                task = asyncio.create_task(self._run_batch(batch))
+                running.add(task)
+                task.add_done_callback(lambda done: (running.discard(done), slots.release()))
         finally:
+            if running:
+                await asyncio.wait(running)
             for request in self._waiting:
                 if not request.future.done():
                     request.future.set_exception(LimitExceeded("server is shutting down"))

@@ -37,6 +37,7 @@ class ServerConfig:
     max_batch_size: int = 256          # images per ONNX Runtime call (dynamic batching)
     batch_timeout_s: float = 0.0       # wait for more requests once a batch has one (0: none)
     max_enqueued: int = 4096           # images waiting for a batch before RESOURCE_EXHAUSTED
+    max_concurrent_batches: int = 1    # ORT calls in flight at once (Triton's instance count)
     allow_spinning: bool = False       # ORT spin-waiting: off when training shares the host
     graph_optimization: str = "all"    # disable | basic | extended | all
     max_queued_jobs: int = 8
@@ -68,6 +69,8 @@ class ServerConfig:
                "1..65536")
         _check(0.0 <= self.batch_timeout_s <= 1.0, "batch_timeout_s", self.batch_timeout_s, "0..1")
         _check(self.max_enqueued >= 1, "max_enqueued", self.max_enqueued, ">= 1")
+        _check(1 <= self.max_concurrent_batches <= 64, "max_concurrent_batches",
+               self.max_concurrent_batches, "1..64")
         _check(self.graph_optimization in ("disable", "basic", "extended", "all"),
                "graph_optimization", self.graph_optimization, "disable, basic, extended or all")
         _check(self.max_queued_jobs >= 1, "max_queued_jobs", self.max_queued_jobs, ">= 1")

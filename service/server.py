@@ -100,7 +100,7 @@ async def start(config: ServerConfig) -> Replica:
     limits = codec.Limits(max_images=config.max_images_per_request)
     batcher = DynamicBatcher(manager.current, BatchingConfig(
         max_batch_size=config.max_batch_size, batch_timeout_s=config.batch_timeout_s,
-        max_enqueued=config.max_enqueued))
+        max_enqueued=config.max_enqueued, max_concurrent_batches=config.max_concurrent_batches))
     pb_grpc.add_InferenceServicer_to_server(InferenceServicer(manager, store, limits, batcher),
                                             server)
     pb_grpc.add_TrainingServicer_to_server(TrainingServicer(runner, TrainParams()), server)

@@ -31,12 +31,19 @@ class RecordingModel:
         self.version, self.classes = model.version, model.classes
         self.calls: list[int] = []
         self.lock = threading.Lock()
+        self.in_flight = self.most_in_flight = 0
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         with self.lock:
             self.calls.append(len(pixels))
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
         time.sleep(self.delay_s)
-        return self.model.predict(pixels)
+        try:
+            return self.model.predict(pixels)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +99,27 @@ def test_max_batch_size_splits_batches_but_never_a_request(loaded) -> None:
     results, _ = _run(scenario, model, BatchingConfig(max_batch_size=6))
     assert model.calls == [1, 6, 3, 9]  # 3+3, then 3 (9 would exceed 6), then 9 alone
     assert [len(p) for _, p in results] == [1, 3, 3, 3, 9]
+
+
+@pytest.mark.parametrize("concurrent", [1, 2])
+def test_at_most_max_concurrent_batches_run_at_once(loaded, concurrent: int) -> None:
+    """Triton's instance count: with N slots, N batches overlap and never more; results still
+    reach the right callers."""
+    model = RecordingModel(loaded, delay_s=0.1)
+    requests = [images(1, seed=s) for s in range(6)]
+
+    async def scenario(batcher):
+        tasks = []
+        for pixels in requests:  # one at a time, so each can become its own batch
+            tasks.append(asyncio.create_task(batcher.predict(pixels)))
+            await asyncio.sleep(0.01)
+        return await asyncio.gather(*tasks)
+
+    results, _ = _run(scenario, model, BatchingConfig(max_concurrent_batches=concurrent))
+    assert model.most_in_flight == concurrent
+    assert sum(model.calls) == 6
+    for pixels, (_, probabilities) in zip(requests, results, strict=True):
+        np.testing.assert_array_equal(probabilities, loaded.predict(pixels))
 
 
 def test_batch_timeout_waits_for_stragglers_and_zero_timeout_does_not(loaded) -> None:

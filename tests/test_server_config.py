@@ -1,0 +1,33 @@
+"""The server's typed configuration: flags over CONVSERVE_* variables over defaults, checked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service import config
+
+
+def test_a_flag_wins_over_its_environment_variable_which_wins_over_the_default() -> None:
+    environ = {"CONVSERVE_MAX_BATCH_SIZE": "32", "CONVSERVE_PORT": "6000",
+               "CONVSERVE_CUDA_GRAPHS": "yes"}
+    parsed = config.parse(["--port", "7000"], environ)
+    assert parsed.port == 7000 and parsed.max_batch_size == 32 and parsed.cuda_graphs is True
+    assert parsed.store == Path("store") and parsed.max_concurrent_batches == 1
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--max-concurrent-batches", "0"], "max_concurrent_batches=0 is out of range: expected 1..64"),
+    (["--max-batch-size", "0"], "max_batch_size=0 is out of range"),
+    (["--batch-timeout-s", "2"], "batch_timeout_s=2.0 is out of range: expected 0..1"),
+    (["--port", "many"], "--port='many' is not a valid int"),
+])
+def test_an_invalid_value_is_one_clear_error(argv: list[str], message: str) -> None:
+    with pytest.raises(config.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config.parse(argv, {})
+
+
+def test_an_invalid_environment_value_names_the_variable() -> None:
+    with pytest.raises(config.ConfigError, match="CONVSERVE_CUDA_GRAPHS='maybe' is not a valid bool"):
+        config.parse([], {"CONVSERVE_CUDA_GRAPHS": "maybe"})
