@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING
 
 from service.cli import OneLineParser
 from service.store import ModelStore, StoreError
-from training.config import COMPILE_MODES, ConfigError, TrainConfig
+from training.config import (
+    AUGMENT_MODES,
+    COMPILE_MODES,
+    PRECISIONS,
+    SCHEDULES,
+    ConfigError,
+    TrainConfig,
+)
 from training.data import DATASET_NAMES_HELP, DatasetError
 from training.errors import ExportError, ResumeError
 from training.gate import GateConfigError, GatePolicy
@@ -45,6 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch.compile the model: auto = on CUDA only (default)")
     parser.add_argument("--compile-mode", choices=COMPILE_MODES, default=defaults.compile_mode)
     parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
+    tutorial = TrainConfig.tutorial()
+    recipe = parser.add_argument_group(
+        "recipe (the tutorial's: --augment none --schedule constant --label-smoothing 0 "
+        "--weight-decay 0)")
+    recipe.add_argument("--augment", choices=AUGMENT_MODES, default=defaults.augment,
+                        help="on-device augmentation (default: %(default)s; flip suits natural "
+                             f"images, not digits; tutorial: {tutorial.augment})")
+    recipe.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule,
+                        help="per-step learning-rate schedule, peak --lr (default: %(default)s)")
+    recipe.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing,
+                        help="(default: %(default)s)")
+    recipe.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
+                        help="decoupled (AdamW) when > 0 (default: %(default)s)")
+    recipe.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
+                        help="auto: bf16 autocast on CUDA, fp32 on CPU (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=None,
                         help="run directory (default: runs/<UTC time>)")
     parser.add_argument("--resume", action="store_true",
@@ -72,7 +94,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(dataset=args.dataset, datasets_root=args.datasets_root,
                        download=args.download, val_fraction=args.val_fraction, epochs=args.epochs,
                        batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                       compile=args.compile, compile_mode=args.compile_mode, device=args.device)
+                       compile=args.compile, compile_mode=args.compile_mode, device=args.device,
+                       augment=args.augment, schedule=args.schedule,
+                       label_smoothing=args.label_smoothing, weight_decay=args.weight_decay,
+                       precision=args.precision)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

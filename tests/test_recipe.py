@@ -1,0 +1,138 @@
+"""The training recipe: on-device augmentation, schedules, optimiser choice, and resume with them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import SMALL_SYNTHETIC
+from training import recipe
+from training.config import ConfigError, TrainConfig
+from training.data import load_dataset
+from training.progress import ProgressReporter
+from training.train import train
+
+
+def batch(count: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).integers(
+        1, 256, (count, 32, 32, 3), dtype=np.uint8))  # no zeros: padding is recognisable
+
+
+def test_crop_takes_each_image_from_its_own_window_of_the_padded_image() -> None:
+    images = batch()
+    cropped = recipe.augment(images, "crop", torch.Generator().manual_seed(7))
+    replay = torch.Generator().manual_seed(7)  # the same draws, in the same order
+    top = torch.randint(0, 9, (16, 1, 1), generator=replay).flatten().tolist()
+    left = torch.randint(0, 9, (16, 1, 1), generator=replay).flatten().tolist()
+    padded = np.pad(images.numpy(), ((0, 0), (4, 4), (4, 4), (0, 0)))
+    assert cropped.shape == images.shape and cropped.dtype == torch.uint8
+    for i in range(16):
+        np.testing.assert_array_equal(cropped[i].numpy(),
+                                      padded[i, top[i]:top[i] + 32, left[i]:left[i] + 32])
+    assert len(set(zip(top, left, strict=True))) > 1  # offsets differ between images
+
+
+def test_flip_mirrors_some_images_and_leaves_the_others() -> None:
+    images = batch(64)
+    flipped = recipe.augment(images, "flip", torch.Generator().manual_seed(1))
+    mirrored = [bool(torch.equal(f, i.flip(1))) for f, i in zip(flipped, images, strict=True)]
+    kept = [bool(torch.equal(f, i)) for f, i in zip(flipped, images, strict=True)]
+    assert all(m != k for m, k in zip(mirrored, kept, strict=True))
+    assert 10 < sum(mirrored) < 54
+
+
+def test_augmentation_is_repeatable_from_the_seed_and_none_is_the_identity() -> None:
+    images = batch()
+    first = recipe.augment(images, "crop+flip", torch.Generator().manual_seed(3))
+    again = recipe.augment(images, "crop+flip", torch.Generator().manual_seed(3))
+    other = recipe.augment(images, "crop+flip", torch.Generator().manual_seed(4))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert recipe.augment(images, "none", torch.Generator()) is images
+
+
+def _rates(schedule: str, steps: int = 100) -> list[float]:
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=0.5)
+    scheduler = recipe.make_schedule(optimizer, schedule, steps)
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_schedules_have_their_documented_shapes() -> None:
+    assert set(_rates("constant")) == {0.5}
+    cosine = _rates("cosine")
+    assert cosine[0] == pytest.approx(0.5) and cosine[-1] < 0.01
+    assert all(a >= b for a, b in zip(cosine, cosine[1:], strict=False))
+    cycle = _rates("onecycle")
+    peak = int(np.argmax(cycle))
+    assert cycle[0] == pytest.approx(0.05) and peak == 15 and cycle[peak] == pytest.approx(0.5)
+    assert cycle[-1] < 0.01
+    with pytest.raises(ValueError, match="schedule: expected one of"):
+        recipe.make_schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1), "step", 10)
+
+
+def test_weight_decay_selects_decoupled_adamw() -> None:
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert type(recipe.make_optimizer(params, 1e-3, 0.0, torch.device("cpu"))) is torch.optim.Adam
+    decayed = recipe.make_optimizer(params, 1e-3, 5e-4, torch.device("cpu"))
+    assert type(decayed) is torch.optim.AdamW and decayed.param_groups[0]["weight_decay"] == 5e-4
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("augment", "rotate", "augment='rotate' is out of range: expected none, crop, flip, crop+flip"),
+    ("schedule", "step", "schedule='step' is out of range"),
+    ("label_smoothing", 1.0, "label_smoothing=1.0 is out of range"),
+    ("weight_decay", -1.0, "weight_decay=-1.0 is out of range"),
+    ("precision", "fp16", "precision='fp16' is out of range: expected auto, fp32, bf16"),
+])
+def test_recipe_fields_are_validated(field: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("+", r"\+")):
+        TrainConfig(**{field: value})
+
+
+def test_the_tutorial_preset_turns_every_improvement_off() -> None:
+    tutorial = TrainConfig.tutorial(epochs=3)
+    assert (tutorial.augment, tutorial.schedule, tutorial.label_smoothing,
+            tutorial.weight_decay, tutorial.epochs) == ("none", "constant", 0.0, 0.0, 3)
+    assert TrainConfig().augment != "none" and TrainConfig().schedule != "constant"
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _StopAfterFirstEpoch(ProgressReporter):
+    """Raises right after the first epoch's checkpoint is written: a crash between epochs."""
+
+    def event(self, kind: str, **fields) -> None:
+        super().event(kind, **fields)
+        if kind == "epoch":
+            raise _Interrupted
+
+
+def test_an_interrupted_run_with_the_default_recipe_resumes_exactly(tmp_path: Path) -> None:
+    """Augmentation draws and the schedule's position are restored: the resumed run's losses
+    equal an uninterrupted run's, batch for batch."""
+    data = load_dataset(SMALL_SYNTHETIC, Path("unused"), seed=0)
+    config = TrainConfig(dataset=SMALL_SYNTHETIC, epochs=2, compile="off",
+                         augment="crop+flip", schedule="onecycle")
+    whole_reporter = ProgressReporter(tmp_path / "whole.jsonl")
+    whole = train(config, data, tmp_path / "whole", whole_reporter)
+    whole_reporter.close()
+
+    stopping = _StopAfterFirstEpoch(tmp_path / "split.jsonl")
+    with pytest.raises(_Interrupted):
+        train(config, data, tmp_path / "split", stopping)
+    stopping.close()
+    reporter = ProgressReporter(tmp_path / "split.jsonl")
+    resumed = train(config, data, tmp_path / "split", reporter, resume=True)
+    reporter.close()
+    assert resumed.log.training_loss_per_batch == whole.log.training_loss_per_batch
+    assert resumed.validation.accuracy == whole.validation.accuracy
