@@ -23,7 +23,14 @@ import onnxruntime as ort
 
 from service.codec import IMAGE_SHAPE
 from service.errors import ConvserveError
-from service.runners import BoundRunner, GraphRunner, PlainRunner, Runner
+from service.runners import (
+    BoundRunner,
+    GraphRunner,
+    PlainRunner,
+    Runner,
+    buckets_up_to,
+    check_buckets,
+)
 from service.store import ModelStore
 from training.onnx_eval import read_metadata  # numpy + onnxruntime only: safe without torch
 
@@ -60,7 +67,7 @@ class SessionSettings:
     # GPU only (ignored on CPU): CUDA graphs replayed per fixed batch size (these buckets; the
     # largest is the biggest batch one graph runs), and TensorRT's fp16 mode and engine cache.
     cuda_graphs: bool = False
-    graph_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    graph_buckets: tuple[int, ...] = buckets_up_to(256)
     tensorrt_fp16: bool = False
     tensorrt_cache_dir: str = ""             # "" = no engine cache (TensorRT rebuilds at load)
 
@@ -75,9 +82,7 @@ class SessionSettings:
                              f"inter {self.inter_op_threads}")
         if any(size < 1 for size in self.warmup_batch_sizes):
             raise ValueError(f"warmup_batch_sizes: expected sizes >= 1, got {self.warmup_batch_sizes}")
-        buckets = self.graph_buckets
-        if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
-            raise ValueError(f"graph_buckets: expected increasing sizes >= 1, got {list(buckets)}")
+        check_buckets(self.graph_buckets, "graph_buckets")
 
 
 @dataclass

@@ -51,13 +51,18 @@ class BoundRunner:
         return binding.copy_outputs_to_cpu()[0]
 
 
-def graph_buckets(max_batch_size: int) -> tuple[int, ...]:
+def buckets_up_to(max_batch_size: int) -> tuple[int, ...]:
     """Powers of two up to `max_batch_size`, and `max_batch_size` itself: at most ~2x padding."""
     buckets, size = [], 1
     while size < max_batch_size:
         buckets.append(size)
         size *= 2
     return (*buckets, max_batch_size)
+
+
+def check_buckets(buckets: Sequence[int], what: str = "buckets") -> None:
+    if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
+        raise ValueError(f"{what}: expected increasing sizes >= 1, got {list(buckets)}")
 
 
 def bucket_for(count: int, buckets: Sequence[int]) -> int | None:
@@ -91,8 +96,7 @@ class GraphRunner:
     def __init__(self, session: ort.InferenceSession, input_name: str, output_name: str,
                  num_classes: int, buckets: Sequence[int], device: str = "cuda",
                  device_id: int = 0) -> None:
-        if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
-            raise ValueError(f"buckets: expected increasing sizes >= 1, got {list(buckets)}")
+        check_buckets(buckets)
         self._session, self._input, self._output = session, input_name, output_name
         self._num_classes = num_classes
         self.buckets = tuple(buckets)

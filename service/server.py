@@ -23,7 +23,7 @@ from service.loader import SessionSettings
 from service.manager import ModelManager
 from service.pb.convserve.v1 import convserve_pb2 as pb
 from service.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
-from service.runners import graph_buckets
+from service.runners import buckets_up_to
 from service.servicers import InferenceServicer, ModelsServicer, TrainingServicer
 from service.store import ModelStore
 from training.gate import GateBounds, GatePolicy
@@ -67,7 +67,7 @@ def session_settings(config: ServerConfig) -> SessionSettings:
         # Warm the sizes the batcher forms, so the first real batches do not pay allocation.
         warmup_batch_sizes=tuple(sorted({1, min(8, config.max_batch_size),
                                          config.max_batch_size})),
-        cuda_graphs=config.cuda_graphs, graph_buckets=graph_buckets(config.max_batch_size),
+        cuda_graphs=config.cuda_graphs, graph_buckets=buckets_up_to(config.max_batch_size),
         tensorrt_fp16=config.tensorrt_fp16, tensorrt_cache_dir=config.tensorrt_cache_dir)
 
 

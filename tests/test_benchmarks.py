@@ -35,3 +35,20 @@ def test_serve_benchmark_refuses_an_unknown_scenario(repo_root: Path) -> None:
                             cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "no scenario matches" in result.stderr
+
+
+@pytest.mark.slow
+def test_train_benchmark_compares_both_loops(repo_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "train.md"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/train.py", "--train-images", "256", "--epochs", "2",
+         "--device", "cpu", "--out", str(out)],
+        cwd=repo_root, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = out.read_text()
+    rows = dict(re.findall(r"^\| (tutorial|convserve) \| 64 \| ([\d,]+) \|", table, re.MULTILINE))
+    assert set(rows) == {"tutorial", "convserve"}
+    assert all(int(v.replace(",", "")) > 0 for v in rows.values())
+    ratio = float(re.search(r"ratio convserve / tutorial: ([\d.]+)", table).group(1))
+    assert ratio == pytest.approx(int(rows["convserve"].replace(",", ""))
+                                  / int(rows["tutorial"].replace(",", "")), rel=0.01)

@@ -31,7 +31,7 @@ from service.runners import (
     GraphRunner,
     PlainRunner,
     bucket_for,
-    graph_buckets,
+    buckets_up_to,
     pad_batch,
 )
 from service.server import session_settings
@@ -50,10 +50,10 @@ def names(session: ort.InferenceSession) -> tuple[str, str]:
     return session.get_inputs()[0].name, session.get_outputs()[0].name
 
 
-def test_graph_buckets_are_powers_of_two_capped_by_the_largest_batch() -> None:
-    assert graph_buckets(256) == (1, 2, 4, 8, 16, 32, 64, 128, 256)
-    assert graph_buckets(100) == (1, 2, 4, 8, 16, 32, 64, 100)
-    assert graph_buckets(1) == (1,)
+def test_buckets_are_powers_of_two_capped_by_the_largest_batch() -> None:
+    assert buckets_up_to(256) == (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    assert buckets_up_to(100) == (1, 2, 4, 8, 16, 32, 64, 100)
+    assert buckets_up_to(1) == (1,)
 
 
 @pytest.mark.parametrize(("count", "bucket"), [(1, 1), (2, 2), (3, 4), (33, 64), (64, 64), (65, None)])
