@@ -52,6 +52,7 @@ class ServerConfig:
     tensorrt_fp16: bool = False        # TensorRT provider: fp16 kernels
     tensorrt_cache_dir: str = ""       # TensorRT provider: engine cache ("" = rebuild at load)
     training_python: str = ""          # interpreter for training jobs ("" = this one)
+    training_processes: int = 1       # > 1: jobs run data-parallel under torchrun (one per GPU)
     job_heartbeat_s: float = 2.0
     stale_job_after_s: float = 20.0
     grace_period_s: float = 10.0       # calls in flight may finish this long after SIGTERM
@@ -80,6 +81,8 @@ class ServerConfig:
         _check(self.min_accuracy >= self.min_accuracy_floor, "min_accuracy", self.min_accuracy,
                f">= min_accuracy_floor ({self.min_accuracy_floor})")
         _check(self.intra_op_threads >= 0, "intra_op_threads", self.intra_op_threads, ">= 0")
+        _check(1 <= self.training_processes <= 64, "training_processes", self.training_processes,
+               "1..64")
         _check(self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
                self.log_level, "DEBUG, INFO, WARNING or ERROR")
 

@@ -176,6 +176,7 @@ class RunnerConfig:
     child_env: dict[str, str] | None = None   # extra environment for the child
     cancel_grace_s: float = 5.0               # SIGTERM, then SIGKILL after this long
     compile: str = "auto"                     # the child's --compile
+    processes: int = 1                        # > 1: data-parallel under torchrun (one per GPU)
 
 
 # --- the runner -----------------------------------------------------------------------------------
@@ -205,7 +206,12 @@ class JobRunner:
 
     def validate(self, params: TrainParams) -> GatePolicy:
         c = self._config
-        return params.validate(c.max_epochs, c.gate_defaults, c.gate_bounds)
+        policy = params.validate(c.max_epochs, c.gate_defaults, c.gate_bounds)
+        if isinstance(params.batch_size, int) and params.batch_size % c.processes:
+            raise InvalidInput(f"batch_size={params.batch_size}: this server trains with "
+                               f"{c.processes} processes, so the (global) batch size must be a "
+                               f"multiple of {c.processes}")
+        return policy
 
     def submit(self, params: TrainParams, idempotency_key: str = "") -> JobRecord:
         """Validate and queue a job on this replica; returns at once. With an idempotency key a
@@ -493,7 +499,12 @@ class JobRunner:
         """The child's command line for this job."""
         p, c = record.params, self._config
         policy = c.gate_bounds.apply(c.gate_defaults, p.gate)
-        args = [c.python, "-m", "training", "--dataset", p.dataset,
+        launcher = [c.python, "-m", "training"]
+        if c.processes > 1:
+            # torchrun in the child's process group: a cancel's killpg reaches every rank.
+            launcher = [c.python, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc-per-node", str(c.processes), "-m", "training"]
+        args = [*launcher, "--dataset", p.dataset,
                 "--datasets-root", str(c.datasets_root), "--epochs", str(p.epochs),
                 "--batch-size", str(p.batch_size), "--lr", repr(float(p.lr)),
                 "--seed", str(p.seed), "--val-fraction", repr(float(p.val_fraction)),

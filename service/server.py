@@ -80,7 +80,8 @@ def runner_config(config: ServerConfig) -> RunnerConfig:
                                  min_improvement=config.min_improvement),
         gate_bounds=GateBounds(min_accuracy_floor=config.min_accuracy_floor,
                                allow_class_change=config.allow_class_change_requests),
-        heartbeat_s=config.job_heartbeat_s, stale_after_s=config.stale_job_after_s, **extra)
+        heartbeat_s=config.job_heartbeat_s, stale_after_s=config.stale_job_after_s,
+        processes=config.training_processes, **extra)
 
 
 async def start(config: ServerConfig) -> Replica:

@@ -115,22 +115,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--resume needs --out, the run directory to continue")
     run_dir = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     # Imported here so that `--help` and argument errors answer without loading torch.
+    from training import distributed
     from training.pipeline import Publication, run, summary
+    from training.train import resolve_device
+
+    try:
+        world = distributed.from_environment()
+    except ValueError as error:
+        parser.error(str(error))
 
     publication = None
     if args.store is not None:
         actor = f"job:{args.job_id}" if args.job_id else f"cli:{_user()}"
         publication = Publication(ModelStore(args.store), policy, actor=actor, job_id=args.job_id)
     run_dir.mkdir(parents=True, exist_ok=True)
-    reporter = ProgressReporter(run_dir / "events.jsonl")
+    # Under torchrun only rank 0 reports; the other ranks train their shard and exit.
+    reporter = ProgressReporter(run_dir / "events.jsonl" if world.is_main else None)
     try:
-        outcome = run(config, run_dir, reporter, resume=args.resume, publication=publication)
+        distributed.start(world, resolve_device(config.device))
+        outcome = run(config, run_dir, reporter, resume=args.resume, publication=publication,
+                      world=world)
     except (DatasetError, ConfigError, ResumeError) as error:
         return _fail(reporter, EXIT_BAD_INPUT, str(error))
     except (ExportError, StoreError) as error:
         return _fail(reporter, EXIT_FAILED, str(error))
     except KeyboardInterrupt:
         return _fail(reporter, 130, "interrupted; resume with --resume --out " + str(run_dir))
+    finally:
+        distributed.stop()
+    if outcome is None:  # not rank 0: rank 0 exports, gates and publishes
+        reporter.close()
+        return 0
     reporter.event("state", state=final_state(outcome), model=str(outcome.model_path),
                    version=outcome.published.version if outcome.published else None)
     reporter.close()

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from service.store import ModelStore, PublishResult
-from training import gate
+from training import distributed, gate
 from training.config import TrainConfig
 from training.data import Dataset, load_dataset
 from training.errors import ExportError
@@ -69,19 +69,25 @@ class RunOutcome:
 
 
 def run(config: TrainConfig, run_dir: Path, reporter: ProgressReporter, *,
-        resume: bool = False, publication: Publication | None = None) -> RunOutcome:
+        resume: bool = False, publication: Publication | None = None,
+        world: distributed.World | None = None) -> RunOutcome | None:
     """Train, export, check parity, score the exported file and, with a store, gate and publish.
 
     Raises ExportError on a parity mismatch, after writing the card (with the gate's rejection
-    when a store was given) so that the failed candidate can be inspected."""
+    when a store was given) so that the failed candidate can be inspected. Under torchrun, ranks
+    other than 0 only train, and return None."""
+    world = world or distributed.World()
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", config.to_dict())
+    if world.is_main:
+        write_json(run_dir / "config.json", config.to_dict())
     reporter.event("state", state="LOADING_DATA", dataset=config.dataset)
     data = load_dataset(config.dataset, config.datasets_path, download=config.download,
                         seed=config.seed, val_fraction=config.val_fraction)
     reporter.event("state", state="TRAINING", device=config.device, epochs=config.epochs,
                    train_images=len(data.train_labels), val_images=len(data.val_labels))
-    result = train(config, data, run_dir, reporter, resume=resume)
+    result = train(config, data, run_dir, reporter, resume=resume, world=world)
+    if not world.is_main:
+        return None
     write_json(run_dir / "log.json", result.log.to_dict())
 
     reporter.event("state", state="EXPORTING")

@@ -14,6 +14,7 @@ CUDA the step runs in bf16 autocast, channels_last, with fused Adam and cudnn au
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -27,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 
-from training import recipe
-from training.config import TrainConfig
+from training import distributed, recipe
+from training.config import ConfigError, TrainConfig
 from training.data import Dataset
 from training.errors import ResumeError
 from training.metrics import ValidationMetrics, validation_metrics
@@ -92,21 +93,33 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
 
 
 def train(config: TrainConfig, data: Dataset, run_dir: Path, reporter: ProgressReporter, *,
-          resume: bool = False) -> TrainResult:
+          resume: bool = False, world: distributed.World | None = None) -> TrainResult:
+    """Train on `data`. Under torchrun (`world` with several ranks) each rank trains on its shard
+    with DistributedDataParallel and only rank 0 writes checkpoints and TensorBoard; the caller
+    joins and leaves the process group (`distributed.start` / `stop`)."""
+    world = world or distributed.World()
     device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
+    if world.distributed and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    if config.batch_size % world.world_size:
+        raise ConfigError(f"batch_size={config.batch_size} is out of range: expected a multiple "
+                          f"of the {world.world_size} processes (it is the global batch)")
+    rank_batch = config.batch_size // world.world_size  # same steps and global batch as 1 process
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
     checkpoint = load_checkpoint(run_dir, config) if resume else None
 
     mean, std = (checkpoint["normalization"]["mean"], checkpoint["normalization"]["std"]) \
         if checkpoint else channel_stats(data.train_images)
     preprocess = Preprocess(mean, std).to(device)
     net = ConvNet(len(data.classes)).to(device)
-    if device.type == "cuda":
+    if device.type == "cuda" or world.distributed:
         # Preprocess turns NHWC uint8 into an NCHW view that is already channels_last in memory;
-        # keeping the weights channels_last too avoids a layout conversion per convolution.
+        # keeping the weights channels_last too avoids a layout conversion per convolution (and
+        # gives DDP's gradient buckets the layout the gradients arrive in).
         net = net.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: autotune each convolution once
-    steps = steps_per_epoch(len(data.train_images), config.batch_size)
+    steps = steps_per_epoch(len(data.train_images) // world.world_size, rank_batch)
     optimizer = recipe.make_optimizer(list(net.parameters()), config.lr, config.weight_decay,
                                       device)
     schedule = recipe.make_schedule(optimizer, config.schedule, config.epochs * steps)
@@ -120,7 +133,13 @@ def train(config: TrainConfig, data: Dataset, run_dir: Path, reporter: ProgressR
         reporter.event("resumed", epoch=start_epoch, checkpoint=str(checkpoint_path(run_dir)))
 
     compiled = should_compile(config, device)
-    forward = torch.compile(net, mode=config.compile_mode) if compiled else net
+    trained: torch.nn.Module = net
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(net, device_ids=[device.index] if device.index is not None
+                                          else None)
+    forward = torch.compile(trained, mode=config.compile_mode) if compiled else trained
 
     train_x, train_y = place(data.train_images, device), place(data.train_labels, device)
     val_x = torch.from_numpy(data.val_images).to(device)
@@ -129,11 +148,13 @@ def train(config: TrainConfig, data: Dataset, run_dir: Path, reporter: ProgressR
 
     validation: ValidationMetrics | None = None
     compile_seconds = 0.0
-    with SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_epoch) as writer:
+    writer = (SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_epoch)
+              if world.is_main else contextlib.nullcontext())
+    with writer:
         for epoch in range(start_epoch, config.epochs):
             started = time.perf_counter()
             batch_losses, train_accuracy, first_step_s = _train_epoch(
-                step, train_x, train_y, config, epoch, steps, reporter)
+                step, train_x, train_y, config, epoch, steps, reporter, world, rank_batch)
             if epoch == start_epoch and compiled:
                 compile_seconds = first_step_s
                 reporter.event("compiled", seconds=round(first_step_s, 3), mode=config.compile_mode)
@@ -144,10 +165,11 @@ def train(config: TrainConfig, data: Dataset, run_dir: Path, reporter: ProgressR
             log.training_accuracy_per_epoch.append(train_accuracy)
             log.validation_accuracy_per_epoch.append(validation.accuracy)
             log.epoch_seconds.append(time.perf_counter() - started)
-            _write_scalars(writer, epoch + 1, batch_losses, val_losses, train_accuracy,
-                           validation, optimizer)
-            save_checkpoint(run_dir, net, optimizer, schedule, config, epoch + 1, log, mean, std,
-                            data.classes)
+            if world.is_main:
+                _write_scalars(writer, epoch + 1, batch_losses, val_losses, train_accuracy,
+                               validation, optimizer)
+                save_checkpoint(run_dir, net, optimizer, schedule, config, epoch + 1, log, mean,
+                                std, data.classes)
             _report_epoch(reporter, epoch + 1, config.epochs, batch_losses, val_losses,
                           train_accuracy, validation, log.epoch_seconds[-1])
 
@@ -210,23 +232,26 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
     return max(1, n_train // batch_size)
 
 
-def epoch_batches(n_train: int, batch_size: int, seed: int, epoch: int,
-                  device: torch.device) -> Iterator[torch.Tensor]:
+def epoch_batches(n_train: int, batch_size: int, seed: int, epoch: int, device: torch.device,
+                  world: distributed.World | None = None) -> Iterator[torch.Tensor]:
     """Index batches for one epoch: a permutation that depends only on (seed, epoch), so a resumed
-    run sees exactly the batches an uninterrupted one would have."""
+    run sees exactly the batches an uninterrupted one would have; under torchrun every rank draws
+    the same permutation and takes its own shard of it."""
+    world = world or distributed.World()
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n_train, generator=generator).to(device)
-    for step in range(steps_per_epoch(n_train, batch_size)):
+    order = distributed.shard(torch.randperm(n_train, generator=generator), world).to(device)
+    for step in range(steps_per_epoch(n_train // world.world_size, batch_size)):
         yield order[step * batch_size:(step + 1) * batch_size]
 
 
 def _train_epoch(step_fn: Step, train_x: torch.Tensor, train_y: torch.Tensor,
-                 config: TrainConfig, epoch: int, steps: int, reporter: ProgressReporter
-                 ) -> tuple[list[float], float, float]:
+                 config: TrainConfig, epoch: int, steps: int, reporter: ProgressReporter,
+                 world: distributed.World, batch_size: int) -> tuple[list[float], float, float]:
     """One pass over the training split; returns per-batch losses, accuracy, first-step seconds.
 
     Losses and correct counts stay on the device until the epoch ends: one host sync per epoch
-    instead of the tutorial's `.item()` per batch.
+    instead of the tutorial's `.item()` per batch. Under torchrun both are combined over ranks
+    (losses averaged step by step, counts summed), so rank 0 logs the whole job's figures.
     """
     device = step_fn.device
     step_fn.forward.train()
@@ -236,8 +261,10 @@ def _train_epoch(step_fn: Step, train_x: torch.Tensor, train_y: torch.Tensor,
     first_step_s = 0.0
     # Augmentation draws from its own generator, seeded by (seed, epoch) like the batch order,
     # so a resumed run augments exactly as an uninterrupted one.
-    generator = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + epoch + 1)
-    batches = epoch_batches(len(train_x), config.batch_size, config.seed, epoch, train_x.device)
+    # Each rank draws its own augmentations (rank 0's equal a single-process run's).
+    generator = torch.Generator(device=device).manual_seed(
+        config.seed * 1_000_003 + epoch + 1 + 7919 * world.rank)
+    batches = epoch_batches(len(train_x), batch_size, config.seed, epoch, train_x.device, world)
     for step, index, estimate in enumerate_with_estimate(batches, steps):
         step_started = time.perf_counter()
         # A no-op when the split is on the device; an asynchronous copy from pinned memory if not.
@@ -254,8 +281,9 @@ def _train_epoch(step_fn: Step, train_x: torch.Tensor, train_y: torch.Tensor,
             remaining = estimate.eta_s + (config.epochs - epoch - 1) * steps / max(estimate.rate, 1e-9)
             reporter.progress(epoch=epoch + 1, epochs=config.epochs, step=step + 1, steps=steps,
                               images_per_s=estimate.rate * config.batch_size, eta_s=remaining)
-    batch_losses = torch.stack(losses).float().cpu().tolist()
-    return batch_losses, correct.item() / seen, first_step_s
+    mean_losses = distributed.all_sum(torch.stack(losses).float(), world) / world.world_size
+    counts = distributed.all_sum(torch.stack([correct, torch.tensor(seen, device=device)]), world)
+    return mean_losses.cpu().tolist(), counts[0].item() / counts[1].item(), first_step_s
 
 
 @torch.inference_mode()
