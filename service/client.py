@@ -115,12 +115,18 @@ class Client:
               lr: float = 0.0, seed: int = 0, val_fraction: float = 0.0,
               min_accuracy: float | None = None, min_improvement: float | None = None,
               max_class_recall_drop: float | None = None, allow_class_change: bool = False,
-              idempotency_key: str | None = None) -> Job:
-        """Start a job (zeros mean the server's defaults). The key makes a retry safe: the same key
-        returns the same job; one is generated when none is given."""
+              augment: str = "", schedule: str = "", label_smoothing: float | None = None,
+              weight_decay: float | None = None, idempotency_key: str | None = None) -> Job:
+        """Start a job (zeros, "" and None mean the server's defaults). The key makes a retry
+        safe: the same key returns the same job; one is generated when none is given."""
         request = pb.TrainRequest(dataset=dataset, epochs=epochs, batch_size=batch_size, lr=lr,
-                                  seed=seed, val_fraction=val_fraction,
+                                  seed=seed, val_fraction=val_fraction, augment=augment,
+                                  schedule=schedule,
                                   idempotency_key=idempotency_key or uuid.uuid4().hex)
+        if label_smoothing is not None:
+            request.label_smoothing = label_smoothing
+        if weight_decay is not None:
+            request.weight_decay = weight_decay
         for name, value in (("min_accuracy", min_accuracy), ("min_improvement", min_improvement),
                             ("max_class_recall_drop", max_class_recall_drop)):
             if value is not None:

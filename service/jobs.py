@@ -47,6 +47,7 @@ from typing import Any
 
 from service.errors import Conflict, InvalidInput, LimitExceeded, NotFound, Unavailable
 from service.store import IntegrityError, InvalidJobId, ModelStore
+from training.config import AUGMENT_MODES, SCHEDULES, TrainConfig  # dataclasses only: no torch
 from training.gate import GateBounds, GateConfigError, GatePolicy
 
 log = logging.getLogger("convserve.jobs")
@@ -97,6 +98,10 @@ class TrainParams:
     seed: int = 0
     val_fraction: float = 0.2
     gate: dict[str, Any] = field(default_factory=dict)  # overrides of the server's gate defaults
+    augment: str = TrainConfig.augment
+    schedule: str = TrainConfig.schedule
+    label_smoothing: float = TrainConfig.label_smoothing
+    weight_decay: float = TrainConfig.weight_decay
 
     def validate(self, max_epochs: int = 200, gate_defaults: GatePolicy | None = None,
                  gate_bounds: GateBounds | None = None) -> GatePolicy:
@@ -110,6 +115,14 @@ class TrainParams:
         _check_number("lr", self.lr, 0 < _num(self.lr) <= 1, "a number in (0, 1]")
         _check_number("val_fraction", self.val_fraction, 0 < _num(self.val_fraction) < 1,
                       "a number in (0, 1)")
+        if self.augment not in AUGMENT_MODES:
+            raise InvalidInput(f"augment={self.augment!r}: expected one of {list(AUGMENT_MODES)}")
+        if self.schedule not in SCHEDULES:
+            raise InvalidInput(f"schedule={self.schedule!r}: expected one of {list(SCHEDULES)}")
+        _check_number("label_smoothing", self.label_smoothing,
+                      0 <= _num(self.label_smoothing) < 1, "a number in [0, 1)")
+        _check_number("weight_decay", self.weight_decay, 0 <= _num(self.weight_decay) <= 1,
+                      "a number in [0, 1]")
         if not isinstance(self.gate, dict):
             raise InvalidInput(f"gate overrides must be a mapping, got {type(self.gate).__name__}")
         for name in _GATE_NUMBERS:
@@ -510,6 +523,9 @@ class JobRunner:
                 "--seed", str(p.seed), "--val-fraction", repr(float(p.val_fraction)),
                 "--out", str(self._store.job_dir(record.id)), "--store", str(self._store.root),
                 "--job-id", record.id, "--compile", c.compile,
+                "--augment", p.augment, "--schedule", p.schedule,
+                "--label-smoothing", repr(float(p.label_smoothing)),
+                "--weight-decay", repr(float(p.weight_decay)),
                 "--min-accuracy", repr(float(policy.min_accuracy)),
                 "--min-improvement", repr(float(policy.min_improvement))]
         if policy.max_class_recall_drop is not None:

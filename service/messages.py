@@ -74,13 +74,22 @@ def train_params(request: pb.TrainRequest, defaults: TrainParams) -> TrainParams
         seed=request.seed,
         val_fraction=request.val_fraction or defaults.val_fraction,
         gate=overrides,
+        augment=request.augment or defaults.augment,
+        schedule=request.schedule or defaults.schedule,
+        label_smoothing=(request.label_smoothing if request.HasField("label_smoothing")
+                         else defaults.label_smoothing),
+        weight_decay=(request.weight_decay if request.HasField("weight_decay")
+                      else defaults.weight_decay),
     )
 
 
 def train_request(params: TrainParams, idempotency_key: str) -> pb.TrainRequest:
     request = pb.TrainRequest(dataset=params.dataset, epochs=params.epochs,
                               batch_size=params.batch_size, lr=params.lr, seed=params.seed,
-                              val_fraction=params.val_fraction, idempotency_key=idempotency_key)
+                              val_fraction=params.val_fraction, idempotency_key=idempotency_key,
+                              augment=params.augment, schedule=params.schedule,
+                              label_smoothing=params.label_smoothing,
+                              weight_decay=params.weight_decay)
     for name, value in params.gate.items():
         setattr(request.gate, name, value)
     return request

@@ -61,6 +61,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-improvement", type=float, default=None)
     parser.add_argument("--max-class-recall-drop", type=float, default=None)
     parser.add_argument("--allow-class-change", action="store_true")
+    parser.add_argument("--augment", default="", help="none, crop, flip or crop+flip")
+    parser.add_argument("--schedule", default="", help="constant, cosine or onecycle")
+    parser.add_argument("--label-smoothing", type=float, default=None)
+    parser.add_argument("--weight-decay", type=float, default=None)
     parser.add_argument("--idempotency-key", default=None,
                         help="retrying with the same key returns the same job")
     parser.add_argument("--watch", action="store_true", help="follow the job with a progress bar")
@@ -74,8 +78,9 @@ def train(args: argparse.Namespace) -> int:
                            lr=args.lr, seed=args.seed, min_accuracy=args.min_accuracy,
                            min_improvement=args.min_improvement,
                            max_class_recall_drop=args.max_class_recall_drop,
-                           allow_class_change=args.allow_class_change,
-                           idempotency_key=args.idempotency_key)
+                           allow_class_change=args.allow_class_change, augment=args.augment,
+                           schedule=args.schedule, label_smoothing=args.label_smoothing,
+                           weight_decay=args.weight_decay, idempotency_key=args.idempotency_key)
         print(f"job {job.id}: {job.state}")
         return follow(client, job.id) if args.watch else EXIT_OK
 

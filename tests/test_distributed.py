@@ -14,10 +14,11 @@ from service.jobs import JobRunner, RunnerConfig, TrainParams
 from service.store import ModelStore
 from tests.conftest import python_env
 from training import distributed
+from training.batches import epoch_batches
 from training.config import ConfigError, TrainConfig
 from training.data import load_dataset
 from training.progress import ProgressReporter, read_events
-from training.train import epoch_batches, train
+from training.train import train
 
 DATASET, EPOCHS = "synthetic:960", 3
 

@@ -263,6 +263,10 @@ def test_stopping_the_worker_ends_its_child_and_fails_the_job(store_dir: Path) -
     (TrainParams(gate={"min_improvement": -0.5}), "below this server's floor"),
     (TrainParams(gate={"min_accuracy": "high"}), "expected a number"),
     (TrainParams(gate={"bogus": 1}), "unknown gate settings"),
+    (TrainParams(augment="rotate"), "augment='rotate': expected one of ['none', 'crop'"),
+    (TrainParams(schedule="step"), "schedule='step': expected one of"),
+    (TrainParams(label_smoothing=1.0), "label_smoothing=1.0"),
+    (TrainParams(weight_decay=-0.1), "weight_decay=-0.1"),
 ])
 def test_bad_requests_are_refused_and_write_nothing(store_dir: Path, params: TrainParams,
                                                     fragment: str) -> None:
@@ -407,3 +411,27 @@ def test_the_runner_imports_no_torch() -> None:
                             text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_the_recipe_travels_from_the_request_to_the_training_command(store_dir: Path) -> None:
+    """Unset fields take the server's defaults, an explicit 0 stays 0, and the child's command
+    line parses (with the training CLI's own parser) into exactly the requested recipe."""
+    from service import messages
+    from service.pb.convserve.v1 import convserve_pb2 as pb
+    from training.cli import build_parser, config_from_args
+
+    defaults = TrainParams()
+    unset = messages.train_params(pb.TrainRequest(dataset="digits"), defaults)
+    assert (unset.augment, unset.schedule, unset.label_smoothing, unset.weight_decay) == (
+        defaults.augment, defaults.schedule, defaults.label_smoothing, defaults.weight_decay)
+    request = pb.TrainRequest(dataset="digits", augment="crop+flip", schedule="cosine",
+                              label_smoothing=0.0, weight_decay=0.0)
+    params = messages.train_params(request, defaults)
+    assert messages.train_params(messages.train_request(params, "k"), defaults) == params
+    assert (params.label_smoothing, params.weight_decay) == (0.0, 0.0)
+
+    record = _runner(store_dir).submit(params)
+    command = _runner(store_dir).command(record)
+    config = config_from_args(build_parser().parse_args(command[command.index("training") + 1:]))
+    assert (config.augment, config.schedule, config.label_smoothing, config.weight_decay) == (
+        "crop+flip", "cosine", 0.0, 0.0)

@@ -136,3 +136,57 @@ def test_an_interrupted_run_with_the_default_recipe_resumes_exactly(tmp_path: Pa
     reporter.close()
     assert resumed.log.training_loss_per_batch == whole.log.training_loss_per_batch
     assert resumed.validation.accuracy == whole.validation.accuracy
+
+
+def test_the_dataloader_path_trains_exactly_like_the_device_path(tmp_path: Path) -> None:
+    """The plain path (DataLoader, 2 worker processes) and the fast path (the split indexed on the
+    device) see the same batches in the same order, so on CPU they train the same model."""
+    data = load_dataset(SMALL_SYNTHETIC, Path("unused"), seed=0)
+    results = {}
+    for loader in ("device", "dataloader"):
+        config = TrainConfig(dataset=SMALL_SYNTHETIC, epochs=2, compile="off", loader=loader,
+                             loader_workers=2)
+        reporter = ProgressReporter(tmp_path / f"{loader}.jsonl")
+        results[loader] = train(config, data, tmp_path / loader, reporter)
+        reporter.close()
+    device, plain = results["device"], results["dataloader"]
+    assert plain.log.training_loss_per_batch == pytest.approx(device.log.training_loss_per_batch,
+                                                              abs=1e-6)
+    assert plain.validation.accuracy == pytest.approx(device.validation.accuracy, abs=0.02)
+
+
+def test_precision_and_loader_choices() -> None:
+    from training.batches import use_loader
+    from training.train import autocast_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert autocast_dtype(TrainConfig(), cpu) is None
+    assert autocast_dtype(TrainConfig(), cuda) is torch.bfloat16
+    assert autocast_dtype(TrainConfig(precision="fp32"), cuda) is None
+    assert autocast_dtype(TrainConfig(precision="bf16"), cpu) is torch.bfloat16
+    images = np.zeros((4, 32, 32, 3), dtype=np.uint8)
+    assert not use_loader(TrainConfig(), images, cpu)  # on CPU the split is already in memory
+    assert use_loader(TrainConfig(loader="dataloader"), images, cpu)
+
+
+# ----------------------------------------------------------------------------------- on a GPU
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this host")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("loader", ["device", "dataloader"])
+def test_the_cuda_fast_path_trains_compiled_in_bf16_like_cpu(tmp_path: Path, loader: str) -> None:
+    data = load_dataset("synthetic:2000", Path("unused"), seed=0)
+    runs = {}
+    for device in ("cuda", "cpu"):
+        config = TrainConfig(dataset="synthetic:2000", epochs=4, device=device, loader=loader,
+                             compile="on" if device == "cuda" else "off")
+        reporter = ProgressReporter(tmp_path / f"{device}.jsonl")
+        runs[device] = train(config, data, tmp_path / device, reporter)
+        reporter.close()
+    gpu = runs["cuda"]
+    assert gpu.compiled and gpu.device.startswith("cuda") and gpu.compile_seconds > 0
+    assert gpu.net.conv5.weight.is_contiguous(memory_format=torch.channels_last)
+    assert abs(gpu.validation.accuracy - runs["cpu"].validation.accuracy) <= 0.1

@@ -13,11 +13,12 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import SMALL_SYNTHETIC, python_env
+from training.batches import steps_per_epoch
 from training.config import TrainConfig
 from training.data import load_dataset
 from training.errors import ResumeError
 from training.progress import ProgressReporter, read_events
-from training.train import checkpoint_path, steps_per_epoch, train
+from training.train import checkpoint_path, train
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from service.store import ModelStore, StoreError
 from training.config import (
     AUGMENT_MODES,
     COMPILE_MODES,
+    LOADERS,
     PRECISIONS,
     SCHEDULES,
     ConfigError,
@@ -52,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch.compile the model: auto = on CUDA only (default)")
     parser.add_argument("--compile-mode", choices=COMPILE_MODES, default=defaults.compile_mode)
     parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--loader", choices=LOADERS, default=defaults.loader,
+                        help="where batches come from: the split on the device, or a DataLoader "
+                             "with workers and pinned memory (auto: the DataLoader only when the "
+                             "split does not fit in half the free GPU memory)")
+    parser.add_argument("--loader-workers", type=int, default=defaults.loader_workers,
+                        help="DataLoader worker processes (default: %(default)s)")
     tutorial = TrainConfig.tutorial()
     recipe = parser.add_argument_group(
         "recipe (the tutorial's: --augment none --schedule constant --label-smoothing 0 "
@@ -97,7 +104,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        compile=args.compile, compile_mode=args.compile_mode, device=args.device,
                        augment=args.augment, schedule=args.schedule,
                        label_smoothing=args.label_smoothing, weight_decay=args.weight_decay,
-                       precision=args.precision)
+                       precision=args.precision, loader=args.loader,
+                       loader_workers=args.loader_workers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

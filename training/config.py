@@ -12,6 +12,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 AUGMENT_MODES = ("none", "crop", "flip", "crop+flip")
 SCHEDULES = ("constant", "cosine", "onecycle")
 PRECISIONS = ("auto", "fp32", "bf16")
+LOADERS = ("auto", "device", "dataloader")
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,10 @@ class TrainConfig:
     label_smoothing: float = 0.1
     weight_decay: float = 5e-4
     precision: str = "auto"            # auto: bf16 autocast on CUDA, fp32 on CPU
+    # Where batches come from (training/batches.py): the split on the device, or a DataLoader
+    # (auto: the DataLoader only on CUDA when the split does not fit in half the free memory).
+    loader: str = "auto"
+    loader_workers: int = 2
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
@@ -57,6 +62,8 @@ class TrainConfig:
                "a float in [0, 1)")
         _check(0.0 <= self.weight_decay <= 1.0, "weight_decay", self.weight_decay, "0..1")
         _check(self.precision in PRECISIONS, "precision", self.precision, ", ".join(PRECISIONS))
+        _check(self.loader in LOADERS, "loader", self.loader, ", ".join(LOADERS))
+        _check(0 <= self.loader_workers <= 64, "loader_workers", self.loader_workers, "0..64")
 
     @classmethod
     def tutorial(cls, **overrides: Any) -> TrainConfig:

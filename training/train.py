@@ -5,9 +5,9 @@ training and validation accuracy per epoch), writes TensorBoard scalars, emits p
 saves a checkpoint. Images stay uint8 on the device; `Preprocess` normalises each batch inside the
 model, exactly as the exported graph does.
 
-The fast path: the whole dataset is moved to the device once (on CUDA: when it fits in half of the
-free memory; otherwise it stays in pinned host memory and each batch is copied asynchronously),
-batches are drawn by index with fixed shapes, augmentation runs on the batch on the device
+The fast path: the whole dataset is moved to the device once (or, when it does not fit, a DataLoader
+brings each batch: `training.batches`), batches have fixed shapes, augmentation runs on the batch on
+the device
 (`training.recipe`), losses and correct counts stay on the device until the epoch ends, and on
 CUDA the step runs in bf16 autocast, channels_last, with fused Adam and cudnn autotuning.
 """
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 
 from training import distributed, recipe
+from training.batches import steps_per_epoch, training_batches
 from training.config import ConfigError, TrainConfig
 from training.data import Dataset
 from training.errors import ResumeError
@@ -40,7 +41,7 @@ CHECKPOINT_NAME = "last.pt"
 EVAL_BATCH_SIZE = 512
 # Settings a resumed run may change: how long it runs, where and how fast, not what it learns.
 RESUMABLE_CHANGES = frozenset({"epochs", "compile", "compile_mode", "device", "download",
-                               "datasets_root"})
+                               "datasets_root", "loader", "loader_workers"})
 
 
 
@@ -141,7 +142,8 @@ def train(config: TrainConfig, data: Dataset, run_dir: Path, reporter: ProgressR
                                           else None)
     forward = torch.compile(trained, mode=config.compile_mode) if compiled else trained
 
-    train_x, train_y = place(data.train_images, device), place(data.train_labels, device)
+    batches = training_batches(config, data.train_images, data.train_labels, rank_batch, world,
+                               device)
     val_x = torch.from_numpy(data.val_images).to(device)
     val_y = torch.from_numpy(data.val_labels).to(device)
     step = Step(forward, preprocess, optimizer, schedule, config, device)
@@ -154,7 +156,7 @@ def train(config: TrainConfig, data: Dataset, run_dir: Path, reporter: ProgressR
         for epoch in range(start_epoch, config.epochs):
             started = time.perf_counter()
             batch_losses, train_accuracy, first_step_s = _train_epoch(
-                step, train_x, train_y, config, epoch, steps, reporter, world, rank_batch)
+                step, batches.epoch(epoch), config, epoch, steps, reporter, world)
             if epoch == start_epoch and compiled:
                 compile_seconds = first_step_s
                 reporter.event("compiled", seconds=round(first_step_s, 3), mode=config.compile_mode)
@@ -178,16 +180,6 @@ def train(config: TrainConfig, data: Dataset, run_dir: Path, reporter: ProgressR
     return TrainResult(net=net, preprocess=preprocess, mean=mean, std=std, log=log, validation=validation,
                        epochs_completed=config.epochs, train_seconds=sum(log.epoch_seconds),
                        compile_seconds=compile_seconds, device=str(device), compiled=compiled)
-
-
-def place(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """The whole split on the device when it fits in half the free memory (always on CPU);
-    otherwise in pinned host memory, from which each batch is copied without blocking."""
-    tensor = torch.from_numpy(array)
-    if device.type != "cuda":
-        return tensor
-    free_bytes, _ = torch.cuda.mem_get_info(device)
-    return tensor.to(device) if tensor.nbytes < free_bytes // 2 else tensor.pin_memory()
 
 
 def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -226,27 +218,9 @@ class Step:
         return loss.detach(), logits.detach()
 
 
-def steps_per_epoch(n_train: int, batch_size: int) -> int:
-    # Full batches only (when there is at least one): every step has the same shape, so a
-    # compiled graph is captured once; the reshuffle each epoch still visits every image.
-    return max(1, n_train // batch_size)
-
-
-def epoch_batches(n_train: int, batch_size: int, seed: int, epoch: int, device: torch.device,
-                  world: distributed.World | None = None) -> Iterator[torch.Tensor]:
-    """Index batches for one epoch: a permutation that depends only on (seed, epoch), so a resumed
-    run sees exactly the batches an uninterrupted one would have; under torchrun every rank draws
-    the same permutation and takes its own shard of it."""
-    world = world or distributed.World()
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = distributed.shard(torch.randperm(n_train, generator=generator), world).to(device)
-    for step in range(steps_per_epoch(n_train // world.world_size, batch_size)):
-        yield order[step * batch_size:(step + 1) * batch_size]
-
-
-def _train_epoch(step_fn: Step, train_x: torch.Tensor, train_y: torch.Tensor,
+def _train_epoch(step_fn: Step, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
                  config: TrainConfig, epoch: int, steps: int, reporter: ProgressReporter,
-                 world: distributed.World, batch_size: int) -> tuple[list[float], float, float]:
+                 world: distributed.World) -> tuple[list[float], float, float]:
     """One pass over the training split; returns per-batch losses, accuracy, first-step seconds.
 
     Losses and correct counts stay on the device until the epoch ends: one host sync per epoch
@@ -259,21 +233,16 @@ def _train_epoch(step_fn: Step, train_x: torch.Tensor, train_y: torch.Tensor,
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
     first_step_s = 0.0
-    # Augmentation draws from its own generator, seeded by (seed, epoch) like the batch order,
-    # so a resumed run augments exactly as an uninterrupted one.
-    # Each rank draws its own augmentations (rank 0's equal a single-process run's).
+    # Augmentation draws from its own generator, seeded by (seed, epoch, rank) like the batch
+    # order, so a resumed run augments exactly as an uninterrupted one; each rank draws its own.
     generator = torch.Generator(device=device).manual_seed(
         config.seed * 1_000_003 + epoch + 1 + 7919 * world.rank)
-    batches = epoch_batches(len(train_x), batch_size, config.seed, epoch, train_x.device, world)
-    for step, index, estimate in enumerate_with_estimate(batches, steps):
+    for step, (images, labels), estimate in enumerate_with_estimate(batches, steps):
         step_started = time.perf_counter()
-        # A no-op when the split is on the device; an asynchronous copy from pinned memory if not.
-        images = train_x[index].to(device, non_blocking=True)
-        labels = train_y[index].to(device, non_blocking=True)
         loss, logits = step_fn(images, labels, generator)
         losses.append(loss)
         correct += (logits.argmax(dim=1) == labels).sum()
-        seen += len(index)
+        seen += len(labels)
         if step == 0:
             _sync(device)
             first_step_s = time.perf_counter() - step_started

@@ -197,7 +197,7 @@ class GateOverrides(_message.Message):
     def __init__(self, min_accuracy: _Optional[float] = ..., min_improvement: _Optional[float] = ..., max_class_recall_drop: _Optional[float] = ..., allow_class_change: _Optional[bool] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("dataset", "epochs", "batch_size", "lr", "seed", "val_fraction", "gate", "idempotency_key")
+    __slots__ = ("dataset", "epochs", "batch_size", "lr", "seed", "val_fraction", "gate", "idempotency_key", "augment", "schedule", "label_smoothing", "weight_decay")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +206,10 @@ class TrainRequest(_message.Message):
     VAL_FRACTION_FIELD_NUMBER: _ClassVar[int]
     GATE_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    AUGMENT_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_SMOOTHING_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     epochs: int
     batch_size: int
@@ -214,7 +218,11 @@ class TrainRequest(_message.Message):
     val_fraction: float
     gate: GateOverrides
     idempotency_key: str
-    def __init__(self, dataset: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., seed: _Optional[int] = ..., val_fraction: _Optional[float] = ..., gate: _Optional[_Union[GateOverrides, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    augment: str
+    schedule: str
+    label_smoothing: float
+    weight_decay: float
+    def __init__(self, dataset: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., seed: _Optional[int] = ..., val_fraction: _Optional[float] = ..., gate: _Optional[_Union[GateOverrides, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., augment: _Optional[str] = ..., schedule: _Optional[str] = ..., label_smoothing: _Optional[float] = ..., weight_decay: _Optional[float] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "state", "request", "created_at", "started_at", "finished_at", "error", "model_version", "gate", "epoch", "val_accuracy", "queue_position")
