@@ -59,13 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "split does not fit in half the free GPU memory)")
     parser.add_argument("--loader-workers", type=int, default=defaults.loader_workers,
                         help="DataLoader worker processes (default: %(default)s)")
-    tutorial = TrainConfig.tutorial()
     recipe = parser.add_argument_group(
         "recipe (the tutorial's: --augment none --schedule constant --label-smoothing 0 "
         "--weight-decay 0)")
     recipe.add_argument("--augment", choices=AUGMENT_MODES, default=defaults.augment,
                         help="on-device augmentation (default: %(default)s; flip suits natural "
-                             f"images, not digits; tutorial: {tutorial.augment})")
+                             "images, not digits)")
     recipe.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule,
                         help="per-step learning-rate schedule, peak --lr (default: %(default)s)")
     recipe.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing,
