@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # A CPU-only machine still installs the registry's standard (CUDA) torch build: see pyproject.toml.
 PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: venv demo test lint protos clean
+.PHONY: venv demo test lint protos image clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,11 @@ protos: venv
 
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile
+
+## image: build the container with podman from a local Debian base (no Docker engine needed)
+image:
+	../shared/tools/podman-build . -- --build-arg BASE_IMAGE=localhost/debian-python:bookworm
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service import codec
 from service.errors import ClientError, ConvserveError
@@ -71,6 +72,7 @@ class Client:
         self._inference = pb_grpc.InferenceStub(self._channel)
         self._training = pb_grpc.TrainingStub(self._channel)
         self._models = pb_grpc.ModelsStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def __enter__(self) -> Client:
         return self
@@ -108,6 +110,12 @@ class Client:
     def promote(self, version: int, reason: str) -> pb.ModelInfo:
         return self._call("Promote", self._models.Promote,
                           pb.PromoteRequest(version=version, reason=reason), retry=False)
+
+    def health(self, service: str = "") -> str:
+        """grpc.health.v1 status of the server ("") or of one service: SERVING, NOT_SERVING..."""
+        reply = self._call("Health", self._health.Check,
+                           health_pb2.HealthCheckRequest(service=service), retry=False)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     # --- training ------------------------------------------------------------------------------
 

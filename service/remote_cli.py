@@ -180,6 +180,22 @@ def add_promote_arguments(parser: argparse.ArgumentParser) -> None:
     add_address(parser)
 
 
+def add_health_arguments(parser: argparse.ArgumentParser) -> None:
+    add_address(parser)
+    parser.add_argument("--service", default="",
+                        help="one service, e.g. convserve.v1.Inference (default: the server)")
+
+
+def health(args: argparse.Namespace) -> int:
+    """Exit 0 when SERVING, else 1: the container's HEALTHCHECK and a probe for scripts."""
+    from service.client import Client
+
+    with Client(args.address, timeout=args.timeout, retries=0) as client:
+        status = client.health(args.service)
+    print(status)
+    return EXIT_OK if status == "SERVING" else EXIT_FAILED
+
+
 def promote(args: argparse.Namespace) -> int:
     from service.client import Client
 

@@ -355,6 +355,10 @@ def test_cli_commands_against_a_server(store_dir, datasets, onnx_models, tmp_pat
         assert re.fullmatch(r"job k\w+: (PROMOTED \(promoted as version 2\)|REJECTED \(rejected "
                             r"by the gate: .+\))", final), final
         assert final.split()[2] in cli("jobs", *address).stdout
+        healthy = cli("health", *address)
+        assert (healthy.returncode, healthy.stdout.strip()) == (0, "SERVING")
+        unknown = cli("health", "--service", "no.such.Service", *address)
+        assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
 
         rolled_back = cli("promote", "1", "--reason", "rollback", *address)
         assert rolled_back.returncode == 0 and "promoted version 1" in rolled_back.stdout
@@ -363,4 +367,6 @@ def test_cli_commands_against_a_server(store_dir, datasets, onnx_models, tmp_pat
         assert missing.stderr.strip() == "convserve: error: CancelJob: NOT_FOUND: job 'nosuchjob' not found"
     unreachable = cli("jobs", "--address", "127.0.0.1:9", "--timeout", "2")
     assert unreachable.returncode == 1 and "UNAVAILABLE" in unreachable.stderr
+    down = cli("health", "--address", "127.0.0.1:9", "--timeout", "2")
+    assert down.returncode == 1 and "UNAVAILABLE" in down.stderr
     assert "Traceback" not in unreachable.stderr
