@@ -220,14 +220,15 @@ def start_server(command: list[str]) -> tuple[subprocess.Popen, str]:
 
     server = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True)
-    line = server.stdout.readline()
-    if not line.startswith(LISTENING_PREFIX):
-        raise SystemExit(f"server did not start: {line!r}")
-    return server, line.split()[-1]
+    for line in server.stdout:  # the metrics line may come first
+        if line.startswith(LISTENING_PREFIX):
+            return server, line.split()[-1]
+    raise SystemExit(f"server did not start (exit code {server.wait()})")
 
 
 def convserve_command(store: Path, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "service.cli", "serve", "--store", str(store), "--port", "0",
+            "--metrics-port", "0",
             "--log-level", "WARNING", *extra]
 
 

@@ -18,6 +18,7 @@ from typing import Any
 ENV_PREFIX = "CONVSERVE_"
 # The one stdout line a replica prints once it accepts calls; launchers read the address from it.
 LISTENING_PREFIX = "convserve listening on "
+METRICS_PREFIX = "convserve metrics on "  # printed just before it when the metrics port is on
 
 
 class ConfigError(ValueError):
@@ -30,6 +31,7 @@ class ServerConfig:
     datasets_root: Path = Path("datasets")
     host: str = "127.0.0.1"
     port: int = 50051                  # 0: any free port (tests)
+    metrics_port: int = 9090           # Prometheus GET /metrics; 0: any free port, -1: off
     poll_interval_s: float = 0.5       # how often a replica reads the promoted pointer
     model_cache_size: int = 4          # pinned versions kept loaded
     max_images_per_request: int = 1024
@@ -60,6 +62,8 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", self.port, "0..65535")
+        _check(-1 <= self.metrics_port <= 65535, "metrics_port", self.metrics_port,
+               "-1 (off) or 0..65535")
         _check(0.05 <= self.poll_interval_s <= 60, "poll_interval_s", self.poll_interval_s, "0.05..60")
         _check(self.model_cache_size >= 1, "model_cache_size", self.model_cache_size, ">= 1")
         _check(1 <= self.max_images_per_request <= 65536, "max_images_per_request",

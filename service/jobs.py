@@ -214,6 +214,8 @@ class JobRunner:
         self._loop_thread: int | None = None
         self._wake: asyncio.Event | None = None
         self._last_queued_beat = 0.0
+        # The running job's latest "progress" images/s (0 when none runs): a metrics gauge.
+        self.training_images_per_s = 0.0
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -391,6 +393,8 @@ class JobRunner:
             _signal_group(process.pid, signal.SIGKILL)
             self._finish(record, JobState.FAILED, error=_stopped_message(job_id))
             raise
+        finally:
+            self.training_images_per_s = 0.0
         self._conclude(record, process.returncode, outcome, tail)
 
     async def _supervise(self, process: asyncio.subprocess.Process, record: JobRecord,
@@ -435,14 +439,18 @@ class JobRunner:
         with self._lock:
             self._write(record)
 
-    @staticmethod
-    def _absorb(record: JobRecord, tail: _EventTail) -> None:
-        """Take epoch and val_accuracy from the "epoch" events written since the last call."""
+    def _absorb(self, record: JobRecord, tail: _EventTail) -> None:
+        """Take epoch and val_accuracy from the "epoch" events written since the last call, and
+        the training rate from the latest "progress" event."""
         for _, event in tail.read():
-            if event is not None and event.get("type") == "epoch":
-                with contextlib.suppress(KeyError, TypeError, ValueError):
+            if event is None:
+                continue
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                if event.get("type") == "epoch":
                     record.epoch = int(event["epoch"])
                     record.val_accuracy = float(event["val_accuracy"])
+                elif event.get("type") == "progress":
+                    self.training_images_per_s = float(event["images_per_s"])
 
     def _heartbeat_queued(self) -> None:
         """Keep this replica's queued records fresh (so no other replica's `recover` takes them

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
+from http.server import ThreadingHTTPServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,15 +18,17 @@ from grpc_reflection.v1alpha import reflection
 
 from service import codec
 from service.batcher import BatchingConfig, DynamicBatcher
-from service.config import LISTENING_PREFIX, ServerConfig
+from service.config import LISTENING_PREFIX, METRICS_PREFIX, ServerConfig
 from service.jobs import JobRunner, RunnerConfig, TrainParams
 from service.loader import SessionSettings
 from service.manager import ModelManager
+from service.metrics import serve_http
 from service.pb.convserve.v1 import convserve_pb2 as pb
 from service.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from service.runners import buckets_up_to
 from service.servicers import InferenceServicer, ModelsServicer, TrainingServicer
 from service.store import ModelStore
+from service.telemetry import RequestMetrics, replica_registry
 from training.gate import GateBounds, GatePolicy
 
 log = logging.getLogger("convserve.server")
@@ -47,12 +50,19 @@ class Replica:
     runner: JobRunner
     health: health.aio.HealthServicer
     batcher: DynamicBatcher
+    metrics_server: ThreadingHTTPServer | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task] = field(default_factory=list)
 
     @property
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
+
+    @property
+    def metrics_url(self) -> str | None:
+        if self.metrics_server is None:
+            return None
+        return f"http://{self.config.host}:{self.metrics_server.server_address[1]}/metrics"
 
 
 def session_settings(config: ServerConfig) -> SessionSettings:
@@ -102,10 +112,12 @@ async def start(config: ServerConfig) -> Replica:
     batcher = DynamicBatcher(manager.current, BatchingConfig(
         max_batch_size=config.max_batch_size, batch_timeout_s=config.batch_timeout_s,
         max_enqueued=config.max_enqueued, max_concurrent_batches=config.max_concurrent_batches))
-    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(manager, store, limits, batcher),
-                                            server)
-    pb_grpc.add_TrainingServicer_to_server(TrainingServicer(runner, TrainParams()), server)
-    pb_grpc.add_ModelsServicer_to_server(ModelsServicer(store, manager), server)
+    requests = RequestMetrics()
+    pb_grpc.add_InferenceServicer_to_server(
+        InferenceServicer(manager, store, limits, batcher, requests), server)
+    pb_grpc.add_TrainingServicer_to_server(TrainingServicer(runner, TrainParams(), requests),
+                                           server)
+    pb_grpc.add_ModelsServicer_to_server(ModelsServicer(store, manager, requests), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -114,7 +126,12 @@ async def start(config: ServerConfig) -> Replica:
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
 
-    replica = Replica(config, server, port, store, manager, runner, health_servicer, batcher)
+    metrics_server = None
+    if config.metrics_port >= 0:
+        metrics_server = serve_http(replica_registry(requests, batcher, manager, runner),
+                                    config.host, config.metrics_port)
+    replica = Replica(config, server, port, store, manager, runner, health_servicer, batcher,
+                      metrics_server)
     await _set_health(replica, manager.live_version is not None)
     replica.tasks = [asyncio.create_task(batcher.run(replica.stopping), name="batcher"),
                      asyncio.create_task(manager.run(replica.stopping), name="model-manager"),
@@ -136,6 +153,9 @@ async def stop(replica: Replica, grace_s: float | None = None) -> None:
     for task in replica.tasks:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
+    if replica.metrics_server is not None:
+        await asyncio.to_thread(replica.metrics_server.shutdown)
+        replica.metrics_server.server_close()
 
 
 async def serve(config: ServerConfig) -> None:
@@ -145,6 +165,8 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, signalled.set)
+    if replica.metrics_url:
+        print(f"{METRICS_PREFIX}{replica.metrics_url}", flush=True)
     print(f"{LISTENING_PREFIX}{replica.address}", flush=True)
     await signalled.wait()
     log.info("signal received: draining (grace %.1f s)", config.grace_period_s)

@@ -2,7 +2,8 @@
 
 Every method is wrapped by `rpc`/`rpc_stream`, the single place where an exception becomes a
 status code (through `service.errors.status_of`); an unexpected one is logged with its traceback
-and answered INTERNAL, and the server keeps serving.
+and answered INTERNAL, and the server keeps serving. The wrappers also record each call's latency
+and status code (`service.telemetry.RequestMetrics`; a stream's latency is its whole duration).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -23,6 +25,7 @@ from service.manager import ModelManager
 from service.pb.convserve.v1 import convserve_pb2 as pb
 from service.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from service.store import ModelStore
+from service.telemetry import RequestMetrics
 
 log = logging.getLogger("convserve.rpc")
 Reply = TypeVar("Reply")
@@ -31,13 +34,21 @@ Reply = TypeVar("Reply")
 def rpc(method: Callable[..., Awaitable[Reply]]) -> Callable[..., Awaitable[Reply]]:
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Reply:
+        started, code = time.perf_counter(), "OK"
         try:
             return await method(self, request, context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:  # the method aborted by itself: its code is on the context
+            code = _code_name(context)
             raise
         except Exception as error:  # the one place errors become status codes
+            code = status_of(error)[0].name
             await _abort(context, method.__name__, error)
             raise  # unreachable: abort raises
+        finally:
+            self.metrics.observe(method.__name__, code, time.perf_counter() - started)
 
     return wrapper
 
@@ -46,13 +57,21 @@ def rpc_stream(method: Callable[..., AsyncIterator[Reply]]) -> Callable[..., Asy
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext
                       ) -> AsyncIterator[Reply]:
+        started, code = time.perf_counter(), "OK"
         try:
             async for reply in method(self, request, context):
                 yield reply
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
+            code = _code_name(context)
             raise
         except Exception as error:
+            code = status_of(error)[0].name
             await _abort(context, method.__name__, error)
+        finally:
+            self.metrics.observe(method.__name__, code, time.perf_counter() - started)
 
     return wrapper
 
@@ -64,9 +83,22 @@ async def _abort(context: grpc.aio.ServicerContext, name: str, error: BaseExcept
     await context.abort(code, message)
 
 
-class InferenceServicer(pb_grpc.InferenceServicer):
+def _code_name(context: grpc.aio.ServicerContext) -> str:
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+
+
+class _Measured:
+    """Servicers share one RequestMetrics (the server passes it; tests may leave it out)."""
+
+    def __init__(self, metrics: RequestMetrics | None) -> None:
+        self.metrics = metrics or RequestMetrics()
+
+
+class InferenceServicer(_Measured, pb_grpc.InferenceServicer):
     def __init__(self, manager: ModelManager, store: ModelStore, limits: codec.Limits,
-                 batcher: DynamicBatcher) -> None:
+                 batcher: DynamicBatcher, metrics: RequestMetrics | None = None) -> None:
+        super().__init__(metrics)
         self._manager = manager
         self._store = store
         self._limits = limits
@@ -98,8 +130,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return pb.ListModelsResponse(models=infos, promoted_version=promoted)
 
 
-class TrainingServicer(pb_grpc.TrainingServicer):
-    def __init__(self, runner: JobRunner, defaults: TrainParams) -> None:
+class TrainingServicer(_Measured, pb_grpc.TrainingServicer):
+    def __init__(self, runner: JobRunner, defaults: TrainParams,
+                 metrics: RequestMetrics | None = None) -> None:
+        super().__init__(metrics)
         self._runner = runner
         self._defaults = defaults
 
@@ -137,8 +171,10 @@ class TrainingServicer(pb_grpc.TrainingServicer):
         return messages.job(record)
 
 
-class ModelsServicer(pb_grpc.ModelsServicer):
-    def __init__(self, store: ModelStore, manager: ModelManager) -> None:
+class ModelsServicer(_Measured, pb_grpc.ModelsServicer):
+    def __init__(self, store: ModelStore, manager: ModelManager,
+                 metrics: RequestMetrics | None = None) -> None:
+        super().__init__(metrics)
         self._store = store
         self._manager = manager
 

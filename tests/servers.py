@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.config import LISTENING_PREFIX
+from service.config import LISTENING_PREFIX, METRICS_PREFIX
 from service.store import ModelStore
 from tests.conftest import REPO_ROOT, python_env
 
@@ -26,9 +26,11 @@ class ServerProcess:
     def __init__(self, store: Path, datasets: Path, *extra: str) -> None:
         args = [sys.executable, "-m", "service.cli", "serve", "--store", str(store),
                 "--datasets-root", str(datasets), "--port", "0", "--poll-interval-s", "0.2",
-                "--job-heartbeat-s", "0.5", "--grace-period-s", "5", *extra]
+                "--job-heartbeat-s", "0.5", "--grace-period-s", "5", "--metrics-port", "0",
+                *extra]
         self.process = subprocess.Popen(args, cwd=REPO_ROOT, env=python_env(),
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.metrics_url: str | None = None
         self.address = self._wait_for_address()
         self.stderr_lines: list[str] = []
         # Drain stderr so a chatty server never blocks on a full pipe.
@@ -38,6 +40,8 @@ class ServerProcess:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             line = self.process.stdout.readline()
+            if line.startswith(METRICS_PREFIX):
+                self.metrics_url = line.split()[-1]
             if line.startswith(LISTENING_PREFIX):
                 return line.split()[-1]
             if not line and self.process.poll() is not None:
