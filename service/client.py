@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service import codec
 from service.errors import ClientError, ConvserveError
+from service.logs import REQUEST_ID_HEADER
 from service.pb.convserve.v1 import convserve_pb2 as pb
 from service.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
 
@@ -73,6 +74,7 @@ class Client:
         self._training = pb_grpc.TrainingStub(self._channel)
         self._models = pb_grpc.ModelsStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self.last_request_id = ""  # of the latest call: quote it when asking about a server log
 
     def __enter__(self) -> Client:
         return self
@@ -181,13 +183,17 @@ class Client:
     # --- plumbing ------------------------------------------------------------------------------
 
     def _call(self, method: str, stub: Callable[..., T], request: Any, *, retry: bool) -> T:
+        """One logical call (retries keep its request id, which the server logs and echoes)."""
+        self.last_request_id = uuid.uuid4().hex
+        metadata = ((REQUEST_ID_HEADER, self.last_request_id),)
         attempts = self.retries + 1 if retry else 1
         for attempt in range(attempts):
             try:
-                return stub(request, timeout=self.timeout)
+                return stub(request, timeout=self.timeout, metadata=metadata)
             except grpc.RpcError as error:
                 if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == attempts - 1:
-                    raise ClientError(error.code(), error.details() or "", method) from None
+                    raise ClientError(error.code(), error.details() or "", method,
+                                      request_id=self.last_request_id) from None
                 time.sleep(self.backoff_s * 2 ** attempt)
         raise AssertionError("unreachable")
 

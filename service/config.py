@@ -59,6 +59,7 @@ class ServerConfig:
     stale_job_after_s: float = 20.0
     grace_period_s: float = 10.0       # calls in flight may finish this long after SIGTERM
     log_level: str = "INFO"
+    log_format: str = "auto"           # auto (text on a terminal, else JSON lines) | json | text
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", self.port, "0..65535")
@@ -89,6 +90,8 @@ class ServerConfig:
                "1..64")
         _check(self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
                self.log_level, "DEBUG, INFO, WARNING or ERROR")
+        _check(self.log_format in ("auto", "json", "text"), "log_format", self.log_format,
+               "auto, json or text")
 
     def describe(self) -> str:
         """One line per setting, for the start-up log."""

@@ -70,11 +70,13 @@ class ClientError(Exception):
     """What the SDK raises for a failed call: `code` is the gRPC status code, `details` the
     server's message. Defined here (grpc only) so the CLI can catch it without importing the SDK."""
 
-    def __init__(self, code: grpc.StatusCode, details: str, method: str = "") -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, method: str = "",
+                 request_id: str = "") -> None:
         prefix = f"{method}: " if method else ""
         super().__init__(f"{prefix}{code.name}: {details}")
         self.code = code
         self.details = details
+        self.request_id = request_id  # the server's log lines for this call carry it
 
 
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:

@@ -34,15 +34,14 @@ def serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from service import config, server
+    from service import config, logs, server
 
     try:
         settings = config.from_sources(args)
     except config.ConfigError as error:
         print(f"convserve serve: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(level=settings.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_level, settings.log_format)
     logging.getLogger("convserve").info("configuration:\n%s", settings.describe())
     asyncio.run(server.serve(settings))
     return EXIT_OK

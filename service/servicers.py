@@ -2,16 +2,20 @@
 
 Every method is wrapped by `rpc`/`rpc_stream`, the single place where an exception becomes a
 status code (through `service.errors.status_of`); an unexpected one is logged with its traceback
-and answered INTERNAL, and the server keeps serving. The wrappers also record each call's latency
-and status code (`service.telemetry.RequestMetrics`; a stream's latency is its whole duration).
+and answered INTERNAL, and the server keeps serving. The wrappers also give each call its request
+id (logged, echoed to the caller) and record its latency and status code
+(`service.telemetry.RequestMetrics`; a stream's latency is its whole duration).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -21,6 +25,7 @@ from service import codec, messages
 from service.batcher import DynamicBatcher
 from service.errors import InvalidInput, status_of
 from service.jobs import JobRunner, JobState, TrainParams
+from service.logs import REQUEST_ID, REQUEST_ID_HEADER
 from service.manager import ModelManager
 from service.pb.convserve.v1 import convserve_pb2 as pb
 from service.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
@@ -34,21 +39,9 @@ Reply = TypeVar("Reply")
 def rpc(method: Callable[..., Awaitable[Reply]]) -> Callable[..., Awaitable[Reply]]:
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Reply:
-        started, code = time.perf_counter(), "OK"
-        try:
+        async with _Call(self.metrics, method.__name__, context):
             return await method(self, request, context)
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except grpc.aio.AbortError:  # the method aborted by itself: its code is on the context
-            code = _code_name(context)
-            raise
-        except Exception as error:  # the one place errors become status codes
-            code = status_of(error)[0].name
-            await _abort(context, method.__name__, error)
-            raise  # unreachable: abort raises
-        finally:
-            self.metrics.observe(method.__name__, code, time.perf_counter() - started)
+        raise AssertionError("unreachable: _Call re-raises")
 
     return wrapper
 
@@ -57,23 +50,56 @@ def rpc_stream(method: Callable[..., AsyncIterator[Reply]]) -> Callable[..., Asy
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext
                       ) -> AsyncIterator[Reply]:
-        started, code = time.perf_counter(), "OK"
-        try:
+        async with _Call(self.metrics, method.__name__, context):
             async for reply in method(self, request, context):
                 yield reply
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except grpc.aio.AbortError:
-            code = _code_name(context)
-            raise
-        except Exception as error:
-            code = status_of(error)[0].name
-            await _abort(context, method.__name__, error)
-        finally:
-            self.metrics.observe(method.__name__, code, time.perf_counter() - started)
 
     return wrapper
+
+
+class _Call:
+    """One API call, around its method: the request id (the caller's `x-request-id`, or a new
+    one; echoed in the trailing metadata and set for every log line), the status code (an
+    exception becomes its code here, through `status_of`), the latency metric, a DEBUG line."""
+
+    def __init__(self, metrics: RequestMetrics, name: str, context: grpc.aio.ServicerContext
+                 ) -> None:
+        self._metrics, self._name, self._context = metrics, name, context
+
+    async def __aenter__(self) -> _Call:
+        self.request_id = _request_id(self._context)
+        self._token = REQUEST_ID.set(self.request_id)
+        self._context.set_trailing_metadata(((REQUEST_ID_HEADER, self.request_id),))
+        self._started = time.perf_counter()
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        traceback: object) -> bool:
+        code = "OK"
+        try:
+            if isinstance(error, asyncio.CancelledError):
+                code = "CANCELLED"
+            elif isinstance(error, grpc.aio.AbortError):  # the method aborted by itself
+                code = _code_name(self._context)
+            elif isinstance(error, Exception):  # the one place errors become status codes
+                code = status_of(error)[0].name
+                await _abort(self._context, self._name, error)  # raises AbortError
+        finally:
+            seconds = time.perf_counter() - self._started
+            self._metrics.observe(self._name, code, seconds)
+            log.debug("%s %s in %.2f ms", self._name, code, seconds * 1000,
+                      extra={"method": self._name, "code": code, "ms": round(seconds * 1000, 3)})
+            with contextlib.suppress(ValueError):  # a stream may end in another context
+                REQUEST_ID.reset(self._token)
+        return False
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    """The caller's id when it is a sane token (it ends up in logs), otherwise a new one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str) and _REQUEST_ID_RE.fullmatch(value):
+            return value
+    return uuid.uuid4().hex
 
 
 async def _abort(context: grpc.aio.ServicerContext, name: str, error: BaseException) -> None:
@@ -81,6 +107,9 @@ async def _abort(context: grpc.aio.ServicerContext, name: str, error: BaseExcept
     if code == grpc.StatusCode.INTERNAL:
         log.error("%s failed", name, exc_info=error)
     await context.abort(code, message)
+
+
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def _code_name(context: grpc.aio.ServicerContext) -> str:
