@@ -47,7 +47,7 @@ ENV CONVSERVE_STORE=/data/store \
 # gRPC; 9090 is reserved for the Prometheus metrics endpoint.
 EXPOSE 50051 9090
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["convserve", "health", "--address", "127.0.0.1:50051", "--timeout", "4"]
+    CMD ["convserve", "health", "--timeout", "4"]
 # SIGTERM: health turns NOT_SERVING, calls in flight finish within CONVSERVE_GRACE_PERIOD_S.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["convserve"]

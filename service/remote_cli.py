@@ -16,9 +16,20 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+def default_address(environ: dict[str, str] | None = None) -> str:
+    """$CONVSERVE_ADDRESS, else this host's server on $CONVSERVE_PORT (so a container's own
+    health check follows the port it serves on), else 127.0.0.1:50051."""
+    environ = dict(os.environ) if environ is None else environ
+    if environ.get(ADDRESS_ENV):
+        return environ[ADDRESS_ENV]
+    return f"127.0.0.1:{environ['CONVSERVE_PORT']}" if environ.get("CONVSERVE_PORT") \
+        else DEFAULT_ADDRESS
+
+
 def add_address(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", default=os.environ.get(ADDRESS_ENV, DEFAULT_ADDRESS),
-                        help=f"server host:port (default: ${ADDRESS_ENV} or {DEFAULT_ADDRESS})")
+    parser.add_argument("--address", default=default_address(),
+                        help=f"server host:port (default: ${ADDRESS_ENV}, else "
+                             f"127.0.0.1:$CONVSERVE_PORT, else {DEFAULT_ADDRESS})")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
 
 

@@ -31,3 +31,11 @@ def test_an_invalid_value_is_one_clear_error(argv: list[str], message: str) -> N
 def test_an_invalid_environment_value_names_the_variable() -> None:
     with pytest.raises(config.ConfigError, match="CONVSERVE_CUDA_GRAPHS='maybe' is not a valid bool"):
         config.parse([], {"CONVSERVE_CUDA_GRAPHS": "maybe"})
+
+
+def test_clients_default_to_the_configured_address_then_the_local_port() -> None:
+    from service.remote_cli import default_address
+
+    assert default_address({}) == "127.0.0.1:50051"
+    assert default_address({"CONVSERVE_PORT": "6000"}) == "127.0.0.1:6000"
+    assert default_address({"CONVSERVE_ADDRESS": "lb:443", "CONVSERVE_PORT": "6000"}) == "lb:443"
