@@ -35,7 +35,7 @@ lint: venv
 
 ## image: build the container with podman from a local Debian base (no Docker engine needed)
 image:
-	../shared/tools/podman-build . -- --build-arg BASE_IMAGE=localhost/debian-python:bookworm
+	../shared/tools/podman-build . -- --format docker --build-arg BASE_IMAGE=localhost/debian-python:bookworm
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -35,6 +35,9 @@ log = logging.getLogger("convserve.server")
 
 SERVICE_NAMES = tuple(pb.DESCRIPTOR.services_by_name[name].full_name
                       for name in ("Inference", "Training", "Models"))
+# Health "service" for liveness probes: SERVING while the process answers, model or not (a
+# replica without a model is not ready, but restarting it would not help).
+LIVENESS = "liveness"
 HEALTH_CHECK_INTERVAL_S = 0.1
 
 
@@ -132,6 +135,7 @@ async def start(config: ServerConfig) -> Replica:
                                     config.host, config.metrics_port)
     replica = Replica(config, server, port, store, manager, runner, health_servicer, batcher,
                       metrics_server)
+    await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     await _set_health(replica, manager.live_version is not None)
     replica.tasks = [asyncio.create_task(batcher.run(replica.stopping), name="batcher"),
                      asyncio.create_task(manager.run(replica.stopping), name="model-manager"),

@@ -59,6 +59,8 @@ def _health(address: str, service: str = "") -> int:
 def test_train_watch_promote_then_predict_from_the_new_version(store_dir, datasets) -> None:
     with running_server(store_dir, datasets) as server, Client(server.address) as client:
         assert _health(server.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        # Liveness is the process answering, not a model being live: no restart loop.
+        assert _health(server.address, "liveness") == health_pb2.HealthCheckResponse.SERVING
         with pytest.raises(ClientError) as no_model:
             client.predict(images(1))
         assert no_model.value.code == grpc.StatusCode.FAILED_PRECONDITION
