@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+import socket
+import subprocess
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -102,3 +108,55 @@ def test_a_replica_reports_requests_batches_model_and_jobs(tmp_path: Path, onnx_
     assert samples["convserve_queue_images"] == 0
     assert samples['convserve_jobs{state="QUEUED"}'] == 0
     assert samples["convserve_training_images_per_second"] == 0
+
+
+PROMETHEUS = shutil.which("prometheus")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed (.ci/run installs "
+                                               "Debian's prometheus; locally: apt-get install "
+                                               "prometheus)")
+def test_a_real_prometheus_scrapes_a_replica(tmp_path: Path, onnx_models) -> None:
+    store_dir, datasets = tmp_path / "store", tmp_path / "datasets"
+    datasets.mkdir()
+    publish(ModelStore(store_dir), onnx_models["good"])
+    with running_server(store_dir, datasets) as server:
+        with Client(server.address) as client:
+            client.predict(images(3))
+        target = server.metrics_url.removeprefix("http://").removesuffix("/metrics")
+        (tmp_path / "prometheus.yml").write_text(
+            "global: {scrape_interval: 1s}\n"
+            "scrape_configs:\n"
+            f"  - job_name: convserve\n    static_configs: [{{targets: ['{target}']}}]\n")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            web = f"127.0.0.1:{probe.getsockname()[1]}"
+        prometheus = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
+             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address={web}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                assert prometheus.poll() is None, prometheus.stderr.read()[-2000:]
+                assert time.monotonic() < deadline, "prometheus did not scrape within 60 s"
+                try:
+                    version = _query(web, "convserve_model_version")
+                    predicts = _query(web, 'convserve_request_seconds_count{method="Predict"}')
+                    up = _query(web, 'up{job="convserve"}')
+                except OSError:
+                    version = predicts = up = None
+                if version == 1 and predicts == 1 and up == 1:
+                    break
+                time.sleep(0.5)
+        finally:
+            prometheus.terminate()
+            prometheus.wait(timeout=30)
+
+
+def _query(web: str, expression: str) -> float | None:
+    url = f"http://{web}/api/v1/query?" + urllib.parse.urlencode({"query": expression})
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        result = json.loads(reply.read())["data"]["result"]
+    return float(result[0]["value"][1]) if result else None
