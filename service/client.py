@@ -24,6 +24,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service import codec
+from service.auth import AUTHORIZATION, channel_credentials
 from service.errors import ClientError, ConvserveError
 from service.logs import REQUEST_ID_HEADER
 from service.pb.convserve.v1 import convserve_pb2 as pb
@@ -61,15 +62,24 @@ class Job:
 
 class Client:
     def __init__(self, address: str, *, timeout: float = 30.0, retries: int = 4,
-                 backoff_s: float = 0.1, max_message_bytes: int = 64 << 20) -> None:
+                 backoff_s: float = 0.1, max_message_bytes: int = 64 << 20, token: str = "",
+                 tls: bool = False, tls_ca_file: str = "", tls_cert_file: str = "",
+                 tls_key_file: str = "") -> None:
+        """`token`: the bearer token operator calls need (and Predict, where the server says so).
+        TLS when `tls` or any tls_* file is given: the server's CA (system roots when empty),
+        and a client certificate and key where the server requires one."""
         self.address = address
         self.timeout = timeout
         self.retries = retries
         self.backoff_s = backoff_s
-        self._channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ])
+        self._auth = ((AUTHORIZATION, f"Bearer {token}"),) if token else ()
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        if tls or tls_ca_file or tls_cert_file or tls_key_file:
+            credentials = channel_credentials(tls_ca_file, tls_cert_file, tls_key_file)
+            self._channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
         self._inference = pb_grpc.InferenceStub(self._channel)
         self._training = pb_grpc.TrainingStub(self._channel)
         self._models = pb_grpc.ModelsStub(self._channel)
@@ -185,7 +195,7 @@ class Client:
     def _call(self, method: str, stub: Callable[..., T], request: Any, *, retry: bool) -> T:
         """One logical call (retries keep its request id, which the server logs and echoes)."""
         self.last_request_id = uuid.uuid4().hex
-        metadata = ((REQUEST_ID_HEADER, self.last_request_id),)
+        metadata = ((REQUEST_ID_HEADER, self.last_request_id), *self._auth)
         attempts = self.retries + 1 if retry else 1
         for attempt in range(attempts):
             try:

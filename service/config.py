@@ -21,6 +21,9 @@ LISTENING_PREFIX = "convserve listening on "
 METRICS_PREFIX = "convserve metrics on "  # printed just before it when the metrics port is on
 
 
+SECRETS = frozenset({"auth_token"})
+
+
 class ConfigError(ValueError):
     """An invalid configuration value; the message names the setting, the value and the range."""
 
@@ -60,6 +63,14 @@ class ServerConfig:
     grace_period_s: float = 10.0       # calls in flight may finish this long after SIGTERM
     log_level: str = "INFO"
     log_format: str = "auto"           # auto (text on a terminal, else JSON lines) | json | text
+    # Access control (service/auth.py). The token guards Train, CancelJob and Promote, and with
+    # auth_inference also Predict, GetModel and ListModels. Prefer auth_token_file to the value.
+    auth_token: str = ""
+    auth_token_file: str = ""
+    auth_inference: bool = False
+    tls_cert_file: str = ""            # with tls_key_file: serve TLS instead of plaintext
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""       # also require client certificates signed by this CA
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", self.port, "0..65535")
@@ -92,10 +103,31 @@ class ServerConfig:
                self.log_level, "DEBUG, INFO, WARNING or ERROR")
         _check(self.log_format in ("auto", "json", "text"), "log_format", self.log_format,
                "auto, json or text")
+        _check(not (self.auth_token and self.auth_token_file), "auth_token", "<redacted>",
+               "either auth_token or auth_token_file, not both")
+        for name in ("auth_token_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            path = getattr(self, name)
+            _check(not path or Path(path).is_file(), name, path, "a readable file")
+        _check(bool(self.tls_cert_file) == bool(self.tls_key_file), "tls_cert_file",
+               self.tls_cert_file, "set together with tls_key_file")
+        _check(not self.tls_client_ca_file or bool(self.tls_cert_file), "tls_client_ca_file",
+               self.tls_client_ca_file, "only with tls_cert_file and tls_key_file")
+        _check(not self.auth_inference or bool(self.auth_token or self.auth_token_file),
+               "auth_inference", self.auth_inference, "only with a token")
 
     def describe(self) -> str:
-        """One line per setting, for the start-up log."""
-        return "\n".join(f"  {f.name} = {getattr(self, f.name)}" for f in dataclasses.fields(self))
+        """One line per setting, for the start-up log; secrets are redacted."""
+        lines = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            lines.append(f"  {field.name} = {'<redacted>' if field.name in SECRETS and value else value}")
+        return "\n".join(lines)
+
+    def token(self) -> str:
+        """The bearer token: the value, or the first line of the file ("" = no access control)."""
+        if self.auth_token_file:
+            return Path(self.auth_token_file).read_text().strip()
+        return self.auth_token
 
 
 FIELDS = tuple(dataclasses.fields(ServerConfig))

@@ -10,8 +10,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service.client import Client
 
 ADDRESS_ENV = "CONVSERVE_ADDRESS"
+TOKEN_ENV = "CONVSERVE_TOKEN"
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -30,7 +35,22 @@ def add_address(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=default_address(),
                         help=f"server host:port (default: ${ADDRESS_ENV}, else "
                              f"127.0.0.1:$CONVSERVE_PORT, else {DEFAULT_ADDRESS})")
+    parser.add_argument("--token", default=os.environ.get(TOKEN_ENV, ""),
+                        help=f"bearer token for protected calls (default: ${TOKEN_ENV})")
+    parser.add_argument("--tls", action="store_true", help="TLS with the system's CA roots")
+    parser.add_argument("--tls-ca", default="", help="TLS: the server's CA certificate (PEM)")
+    parser.add_argument("--tls-cert", default="", help="TLS: this client's certificate (PEM)")
+    parser.add_argument("--tls-key", default="", help="TLS: this client's private key (PEM)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
+
+
+def connect(args: argparse.Namespace, **options: Any) -> Client:
+    """The SDK client for the connection flags every remote command takes."""
+    from service.client import Client
+
+    return Client(args.address, timeout=args.timeout, token=args.token, tls=args.tls,
+                  tls_ca_file=args.tls_ca, tls_cert_file=args.tls_cert,
+                  tls_key_file=args.tls_key, **options)
 
 
 # --- serve -----------------------------------------------------------------------------------
@@ -81,9 +101,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def train(args: argparse.Namespace) -> int:
-    from service.client import Client
-
-    with Client(args.address, timeout=args.timeout) as client:
+    with connect(args) as client:
         job = client.train(args.dataset, epochs=args.epochs, batch_size=args.batch_size,
                            lr=args.lr, seed=args.seed, min_accuracy=args.min_accuracy,
                            min_improvement=args.min_improvement,
@@ -101,16 +119,12 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def watch(args: argparse.Namespace) -> int:
-    from service.client import Client
-
-    with Client(args.address, timeout=args.timeout) as client:
+    with connect(args) as client:
         return follow(client, args.job_id)
 
 
 def jobs(args: argparse.Namespace) -> int:
-    from service.client import Client
-
-    with Client(args.address, timeout=args.timeout) as client:
+    with connect(args) as client:
         listed = client.jobs()
     if not listed:
         print("no jobs")
@@ -124,9 +138,7 @@ def jobs(args: argparse.Namespace) -> int:
 
 
 def cancel(args: argparse.Namespace) -> int:
-    from service.client import Client
-
-    with Client(args.address, timeout=args.timeout) as client:
+    with connect(args) as client:
         job = client.cancel(args.job_id)
     print(f"job {job.id}: {job.state}")
     return EXIT_OK
@@ -164,7 +176,6 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def predict(args: argparse.Namespace) -> int:
-    from service.client import Client
 
     payloads = []
     for path in args.files:
@@ -174,7 +185,7 @@ def predict(args: argparse.Namespace) -> int:
             print(f"convserve predict: error: cannot read {path}: {error.strerror}",
                   file=sys.stderr)
             return EXIT_FAILED
-    with Client(args.address, timeout=args.timeout) as client:
+    with connect(args) as client:
         result = client.predict(payloads, top_k=args.top_k, version=args.version)
     for path, name, ranked in zip(args.files, result.names, result.top_k or [()] * len(payloads),
                                   strict=True):
@@ -198,18 +209,14 @@ def add_health_arguments(parser: argparse.ArgumentParser) -> None:
 
 def health(args: argparse.Namespace) -> int:
     """Exit 0 when SERVING, else 1: the container's HEALTHCHECK and a probe for scripts."""
-    from service.client import Client
-
-    with Client(args.address, timeout=args.timeout, retries=0) as client:
+    with connect(args, retries=0) as client:
         status = client.health(args.service)
     print(status)
     return EXIT_OK if status == "SERVING" else EXIT_FAILED
 
 
 def promote(args: argparse.Namespace) -> int:
-    from service.client import Client
-
-    with Client(args.address, timeout=args.timeout) as client:
+    with connect(args) as client:
         info = client.promote(args.version, args.reason)
     print(f"promoted version {info.version} ({info.dataset}, val accuracy "
           f"{info.val_accuracy:.4f}): {args.reason}")

@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service import codec
+from service import auth, codec
 from service.batcher import BatchingConfig, DynamicBatcher
 from service.config import LISTENING_PREFIX, METRICS_PREFIX, ServerConfig
 from service.jobs import JobRunner, RunnerConfig, TrainParams
@@ -97,6 +97,16 @@ def runner_config(config: ServerConfig) -> RunnerConfig:
         processes=config.training_processes, **extra)
 
 
+def interceptors(config: ServerConfig) -> list[grpc.aio.ServerInterceptor]:
+    """The bearer-token check when a token is configured (none otherwise)."""
+    token = config.token()
+    if not token:
+        return []
+    protected = auth.OPERATOR_METHODS | (auth.INFERENCE_METHODS if config.auth_inference
+                                         else frozenset())
+    return [auth.BearerTokenAuth(token, protected)]
+
+
 async def start(config: ServerConfig) -> Replica:
     store = ModelStore(config.store)
     manager = ModelManager(store, session_settings(config), poll_interval_s=config.poll_interval_s,
@@ -107,7 +117,7 @@ async def start(config: ServerConfig) -> Replica:
         log.warning("marked %d interrupted jobs FAILED: %s", len(recovered), ", ".join(recovered))
     await asyncio.to_thread(manager.refresh)  # serve the promoted model from the first call
 
-    server = grpc.aio.server(options=[
+    server = grpc.aio.server(interceptors=interceptors(config), options=[
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
     ])
@@ -126,7 +136,12 @@ async def start(config: ServerConfig) -> Replica:
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    listen = f"{config.host}:{config.port}"
+    if config.tls_cert_file:
+        port = server.add_secure_port(listen, auth.server_credentials(
+            config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file))
+    else:
+        port = server.add_insecure_port(listen)
     await server.start()
 
     metrics_server = None
