@@ -154,6 +154,11 @@ class Client:
         request.gate.allow_class_change = allow_class_change
         return _job(self._call("Train", self._training.Train, request, retry=True))
 
+    def resume(self, job_id: str) -> Job:
+        """Continue an INTERRUPTED job from its checkpoint (safe to retry: one resume wins)."""
+        return _job(self._call("Train", self._training.Train,
+                               pb.TrainRequest(resume_job=job_id), retry=True))
+
     def job(self, job_id: str) -> Job:
         return _job(self._call("GetJob", self._training.GetJob, pb.GetJobRequest(id=job_id),
                                retry=True))

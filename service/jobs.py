@@ -75,13 +75,15 @@ class JobState(enum.StrEnum):  # a str: values are the names, as in the proto's 
     REJECTED = "REJECTED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    INTERRUPTED = "INTERRUPTED"  # stopped with its replica; `resume` continues it
 
     @property
     def final(self) -> bool:
         return self in FINAL
 
 
-FINAL = frozenset({JobState.PROMOTED, JobState.REJECTED, JobState.FAILED, JobState.CANCELLED})
+FINAL = frozenset({JobState.PROMOTED, JobState.REJECTED, JobState.FAILED, JobState.CANCELLED,
+                   JobState.INTERRUPTED})
 
 
 # --- records ------------------------------------------------------------------------------------
@@ -163,6 +165,7 @@ class JobRecord:
     pid: int | None = None
     heartbeat_at: str = ""
     idempotency_key: str = ""
+    resumes: int = 0                    # times it was continued after an interruption
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "state": self.state.value,
@@ -265,6 +268,35 @@ class JobRunner:
                     self._wake_worker()
                     return record
         return self._existing(job_id)
+
+    def resume(self, job_id: str) -> JobRecord:
+        """Queue an INTERRUPTED job again on this replica; it continues from its checkpoint. Of
+        replicas racing to resume the same job exactly one does (mkdir of a per-attempt marker);
+        the others, and retries, get the job as it now is."""
+        record = self.get(job_id)
+        if record.resumes and record.state in (JobState.QUEUED, JobState.RUNNING):
+            return record  # already resumed: a retried or racing request gets the job
+        if record.state != JobState.INTERRUPTED:
+            raise Conflict(f"job {job_id} is {record.state.value}: only an INTERRUPTED job can be "
+                           "resumed")
+        with self._lock:
+            if len(self._queue) >= self._config.max_queue:
+                raise LimitExceeded(f"training queue is full ({len(self._queue)} jobs waiting); "
+                                    "retry later")
+            try:
+                os.mkdir(self._store.job_dir(job_id) / f"resume-{record.resumes + 1}")
+            except FileExistsError:
+                return self.get(job_id)
+            record.resumes += 1
+            record.state, record.error, record.finished_at, record.pid = (
+                JobState.QUEUED, "", "", None)
+            record.replica, record.heartbeat_at = self._config.replica_id, _now()
+            self._append_event(job_id, "state", state=JobState.QUEUED.value,
+                               replica=self._config.replica_id, resumed=record.resumes)
+            self._write(record)
+            self._queue.append(job_id)
+            self._wake_worker()
+        return record
 
     def get(self, job_id: str) -> JobRecord:
         """Any replica's job, read from the store."""
@@ -391,7 +423,7 @@ class JobRunner:
             outcome = await self._supervise(process, record, stop, tail)
         except asyncio.CancelledError:  # the server cancelled the worker task: leave no orphan
             _signal_group(process.pid, signal.SIGKILL)
-            self._finish(record, JobState.FAILED, error=_stopped_message(job_id))
+            self._finish(record, JobState.INTERRUPTED, error=_stopped_message(record))
             raise
         finally:
             self.training_images_per_s = 0.0
@@ -480,7 +512,9 @@ class JobRunner:
         if outcome == "cancelled":
             self._finish(record, JobState.CANCELLED, error="cancelled")
         elif outcome == "stopped":
-            self._finish(record, JobState.FAILED, error=_stopped_message(record.id))
+            # The child (SIGTERM: KeyboardInterrupt) wrote INTERRUPTED itself when it could.
+            self._finish(record, JobState.INTERRUPTED, error=_stopped_message(record),
+                         event=last_state != JobState.INTERRUPTED)
         elif code == 0 and last_state in (JobState.PROMOTED, JobState.REJECTED):
             card = self._card(record.id)
             record.gate = card.get("gate") if isinstance(card.get("gate"), dict) else None
@@ -540,6 +574,8 @@ class JobRunner:
             args += ["--max-class-recall-drop", repr(float(policy.max_class_recall_drop))]
         if policy.allow_class_change:
             args.append("--allow-class-change")
+        if record.resumes and (self._store.job_dir(record.id) / "checkpoints" / "last.pt").exists():
+            args.append("--resume")  # no checkpoint yet (stopped in epoch 1): start over
         return args
 
     # --- recovery -----------------------------------------------------------------------------
@@ -726,9 +762,10 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         os.killpg(pid, sig)
 
 
-def _stopped_message(job_id: str) -> str:
-    return (f"interrupted: the server stopped; start a new Train to retry — checkpoints in "
-            f"jobs/{job_id}/checkpoints")
+def _stopped_message(record: JobRecord) -> str:
+    return (f"interrupted: the server stopped after epoch {record.epoch}; resume with "
+            f"Train(resume_job={record.id!r}) or `convserve resume {record.id}`: it continues "
+            "from its last finished epoch")
 
 
 def _touch(path: Path) -> None:

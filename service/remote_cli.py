@@ -144,6 +144,18 @@ def cancel(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
+    add_job_arguments(parser)
+    parser.add_argument("--watch", action="store_true", help="follow the job with a progress bar")
+
+
+def resume(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        job = client.resume(args.job_id)
+        print(f"job {job.id}: {job.state}")
+        return follow(client, job.id) if args.watch else EXIT_OK
+
+
 def follow(client, job_id: str) -> int:
     """Stream a job's events; a progress bar with ETA on a terminal, event lines otherwise."""
     from training.progress import render_bar

@@ -168,6 +168,9 @@ class TrainingServicer(_Measured, pb_grpc.TrainingServicer):
 
     @rpc
     async def Train(self, request: pb.TrainRequest, context: grpc.aio.ServicerContext) -> pb.Job:
+        if request.resume_job:
+            record = await asyncio.to_thread(self._runner.resume, request.resume_job)
+            return messages.job(record, self._runner.queue_position(record.id))
         params = messages.train_params(request, self._defaults)
         record = await asyncio.to_thread(self._runner.submit, params, request.idempotency_key)
         return messages.job(record, self._runner.queue_position(record.id))

@@ -234,14 +234,31 @@ def test_a_child_ignoring_sigterm_is_killed_after_the_grace(store_dir: Path) -> 
     assert _group_gone(started.pid)  # the shell and its sleep: the whole group
 
 
-def test_stopping_the_worker_ends_its_child_and_fails_the_job(store_dir: Path) -> None:
+def test_stopping_the_worker_interrupts_the_job_and_resume_queues_it_once(store_dir: Path
+                                                                           ) -> None:
     runner = _runner(store_dir, python=_stubborn_python(store_dir.parent), cancel_grace_s=0.5)
     job = runner.submit(TrainParams())
     started = _with_worker(runner, lambda: _until(_running(runner, job.id), "the child to start"))
     record = runner.get(job.id)
-    assert record.state == JobState.FAILED and "the server stopped" in record.error
+    assert record.state == JobState.INTERRUPTED and "the server stopped" in record.error
+    assert f"convserve resume {job.id}" in record.error
     assert _group_gone(started.pid)
-    assert _states(store_dir, job.id)[-1] == "FAILED"
+    assert _states(store_dir, job.id)[-1] == "INTERRUPTED"
+    assert "--resume" not in runner.command(record)
+
+    other = _runner(store_dir, "replica-b")
+    resumed = other.resume(job.id)
+    assert (resumed.state, resumed.resumes, resumed.replica) == (JobState.QUEUED, 1, "replica-b")
+    again = runner.resume(job.id)  # a retry, or a racing replica: the job as it now is
+    assert (again.state, again.resumes) == (JobState.QUEUED, 1)
+    assert (other.queue_position(job.id), runner.queue_position(job.id)) == (1, 0)
+    checkpoint = store_dir / "jobs" / job.id / "checkpoints" / "last.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"a checkpoint")  # only its existence matters to the command
+    assert other.command(runner.get(job.id))[-1] == "--resume"
+    fresh = other.submit(TrainParams())
+    with pytest.raises(Conflict, match="is QUEUED: only an INTERRUPTED job can be resumed"):
+        other.resume(fresh.id)
 
 
 # --- no training ---------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -325,6 +326,30 @@ def test_sigterm_drains_and_exits_zero(store_dir, datasets, onnx_models) -> None
         with Client(server.address) as client:
             assert client.predict(images(1)).version == 1
         assert server.stop() == 0
+
+
+def test_sigterm_interrupts_a_training_job_that_another_replica_resumes(store_dir, datasets
+                                                                         ) -> None:
+    """The job's checkpoint survives the stop; the job is INTERRUPTED, not FAILED; a new replica
+    continues it from the last finished epoch to a promoted model."""
+    with running_server(store_dir, datasets) as first, Client(first.address) as client:
+        job = client.train("digits", epochs=4, min_accuracy=0.0)
+        _wait_until(lambda: client.job(job.id).epoch >= 1, timeout=180, interval=0.2)
+        assert first.stop() == 0
+    record = json.loads((store_dir / "jobs" / job.id / "job.json").read_text())
+    assert record["state"] == "INTERRUPTED" and "convserve resume" in record["error"]
+    assert (store_dir / "jobs" / job.id / "checkpoints" / "last.pt").is_file()
+
+    with running_server(store_dir, datasets) as second, Client(second.address) as client:
+        assert client.resume(job.id).state == "QUEUED"
+        final = client.wait(job.id, timeout=300)
+        assert final.state == "PROMOTED", final.error
+    events = [json.loads(line) for line in
+              (store_dir / "jobs" / job.id / "events.jsonl").read_text().splitlines()]
+    resumed_from = [e["epoch"] for e in events if e["type"] == "resumed"]
+    assert len(resumed_from) == 1 and resumed_from[0] >= 1
+    epochs = [e["epoch"] for e in events if e["type"] == "epoch"]
+    assert epochs[-1] == 4 and epochs.count(resumed_from[0] + 1) >= 1
 
 
 def test_cli_commands_against_a_server(store_dir, datasets, onnx_models, tmp_path) -> None:

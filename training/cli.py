@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -121,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.resume and args.out is None:
         parser.error("--resume needs --out, the run directory to continue")
     run_dir = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: events and exit code say so
     # Imported here so that `--help` and argument errors answer without loading torch.
     from training import distributed
     from training.pipeline import Publication, run, summary
@@ -146,8 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(reporter, EXIT_BAD_INPUT, str(error))
     except (ExportError, StoreError) as error:
         return _fail(reporter, EXIT_FAILED, str(error))
-    except KeyboardInterrupt:
-        return _fail(reporter, 130, "interrupted; resume with --resume --out " + str(run_dir))
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a server stopping): the last epoch's
+        # checkpoint stays; the job runner records the job INTERRUPTED and can resume it.
+        return _fail(reporter, 130, "interrupted; resume with --resume --out " + str(run_dir),
+                     state="INTERRUPTED")
     finally:
         distributed.stop()
     if outcome is None:  # not rank 0: rank 0 exports, gates and publishes
@@ -167,6 +171,10 @@ def final_state(outcome: RunOutcome) -> str:
     return "PROMOTED" if outcome.published.promoted else "REJECTED"
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _user() -> str:
     try:
         return getpass.getuser()
@@ -174,8 +182,8 @@ def _user() -> str:
         return "unknown"
 
 
-def _fail(reporter: ProgressReporter, code: int, message: str) -> int:
-    reporter.event("state", state="FAILED", error=message)
+def _fail(reporter: ProgressReporter, code: int, message: str, state: str = "FAILED") -> int:
+    reporter.event("state", state=state, error=message)
     reporter.close()
     print(f"python -m training: error: {message}", file=sys.stderr)
     return code

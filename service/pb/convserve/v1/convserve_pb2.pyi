@@ -28,6 +28,7 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REJECTED: _ClassVar[JobState]
     FAILED: _ClassVar[JobState]
     CANCELLED: _ClassVar[JobState]
+    INTERRUPTED: _ClassVar[JobState]
 DTYPE_UNSPECIFIED: DType
 UINT8: DType
 FLOAT32: DType
@@ -41,6 +42,7 @@ PROMOTED: JobState
 REJECTED: JobState
 FAILED: JobState
 CANCELLED: JobState
+INTERRUPTED: JobState
 
 class RawImages(_message.Message):
     __slots__ = ("data", "dtype", "layout", "shape")
@@ -197,7 +199,7 @@ class GateOverrides(_message.Message):
     def __init__(self, min_accuracy: _Optional[float] = ..., min_improvement: _Optional[float] = ..., max_class_recall_drop: _Optional[float] = ..., allow_class_change: _Optional[bool] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("dataset", "epochs", "batch_size", "lr", "seed", "val_fraction", "gate", "idempotency_key", "augment", "schedule", "label_smoothing", "weight_decay")
+    __slots__ = ("dataset", "epochs", "batch_size", "lr", "seed", "val_fraction", "gate", "idempotency_key", "augment", "schedule", "label_smoothing", "weight_decay", "resume_job")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +212,7 @@ class TrainRequest(_message.Message):
     SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     LABEL_SMOOTHING_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    RESUME_JOB_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     epochs: int
     batch_size: int
@@ -222,7 +225,8 @@ class TrainRequest(_message.Message):
     schedule: str
     label_smoothing: float
     weight_decay: float
-    def __init__(self, dataset: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., seed: _Optional[int] = ..., val_fraction: _Optional[float] = ..., gate: _Optional[_Union[GateOverrides, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., augment: _Optional[str] = ..., schedule: _Optional[str] = ..., label_smoothing: _Optional[float] = ..., weight_decay: _Optional[float] = ...) -> None: ...
+    resume_job: str
+    def __init__(self, dataset: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., seed: _Optional[int] = ..., val_fraction: _Optional[float] = ..., gate: _Optional[_Union[GateOverrides, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., augment: _Optional[str] = ..., schedule: _Optional[str] = ..., label_smoothing: _Optional[float] = ..., weight_decay: _Optional[float] = ..., resume_job: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "state", "request", "created_at", "started_at", "finished_at", "error", "model_version", "gate", "epoch", "val_accuracy", "queue_position")
