@@ -110,3 +110,5 @@ def test_protected_inference_with_client_certificates(pki: Path, store_with_mode
                     timeout=5) as no_certificate, pytest.raises(ClientError) as refused:
             no_certificate.predict(images(1))
         assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+    log = "".join(server.stderr_lines)
+    assert "auth_token = <redacted>" in log and TOKEN not in log  # the start-up configuration

@@ -39,3 +39,17 @@ def test_clients_default_to_the_configured_address_then_the_local_port() -> None
     assert default_address({}) == "127.0.0.1:50051"
     assert default_address({"CONVSERVE_PORT": "6000"}) == "127.0.0.1:6000"
     assert default_address({"CONVSERVE_ADDRESS": "lb:443", "CONVSERVE_PORT": "6000"}) == "lb:443"
+
+
+def test_serve_refuses_a_bad_value_with_one_line_and_exit_code_2(repo_root) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import python_env
+
+    result = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--metrics-port", "-5"],
+                            cwd=repo_root, env=python_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("convserve serve: error: metrics_port=-5 is out of range: "
+                                     "expected -1 (off) or 0..65535")
