@@ -65,3 +65,15 @@ def onnx_models(small_run, tmp_path_factory):
     other = export_onnx(serving_model(ConvNet(2), preprocess), folder / "other" / "model.onnx",
                         {"classes": ["cat", "dog"]})
     return {"good": small_run.model_path, "bad": bad, "other": other}
+
+
+@pytest.fixture
+def store_with_model(tmp_path: Path, onnx_models) -> tuple[Path, Path]:
+    """A store whose version 1 (the "good" model) is promoted, and an empty datasets root."""
+    from service.store import ModelStore
+    from tests.servers import publish  # imported here: tests.servers imports this module
+
+    store, datasets = tmp_path / "store", tmp_path / "datasets"
+    datasets.mkdir()
+    publish(ModelStore(store), onnx_models["good"])
+    return store, datasets

@@ -11,8 +11,7 @@ import pytest
 
 from service import config as config_module
 from service.client import Client, ClientError
-from service.store import ModelStore
-from tests.servers import images, publish, running_server
+from tests.servers import images, running_server
 
 TOKEN = "s3cret-token-123"
 
@@ -51,14 +50,6 @@ def test_the_token_is_redacted_and_inconsistent_settings_are_refused(pki: Path) 
             (["--auth-token", "x", "--auth-token-file", str(pki / "token")], "not both")):
         with pytest.raises(config_module.ConfigError, match=message):
             config_module.parse(argv, {})
-
-
-@pytest.fixture
-def store_with_model(tmp_path: Path, onnx_models) -> tuple[Path, Path]:
-    store, datasets = tmp_path / "store", tmp_path / "datasets"
-    datasets.mkdir()
-    publish(ModelStore(store), onnx_models["good"])
-    return store, datasets
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ import pytest
 from service.client import Client
 from service.store import ModelStore
 from tests.conftest import REPO_ROOT
-from tests.servers import ServerProcess, images, publish
+from tests.servers import ServerProcess, images
 
 pytestmark = pytest.mark.slow
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
@@ -78,11 +78,9 @@ def _predict_count(replica: ServerProcess) -> float:
 
 @pytest.mark.skipif(NGINX is None, reason="nginx is not installed (.ci/run installs Debian's "
                                           "nginx; locally: apt-get install nginx)")
-def test_two_replicas_behind_nginx(tmp_path: Path, onnx_models) -> None:
-    store_dir, datasets = tmp_path / "store", tmp_path / "datasets"
-    datasets.mkdir()
+def test_two_replicas_behind_nginx(tmp_path: Path, store_with_model) -> None:
+    store_dir, datasets = store_with_model
     store = ModelStore(store_dir)
-    publish(store, onnx_models["good"])
     replicas = [ServerProcess(store_dir, datasets), ServerProcess(store_dir, datasets)]
     try:
         with nginx_in_front_of(replicas, tmp_path / "nginx") as balancer, \

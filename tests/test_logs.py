@@ -7,7 +7,6 @@ import json
 import logging
 import re
 import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -16,8 +15,7 @@ from service import logs
 from service.client import Client, ClientError
 from service.pb.convserve.v1 import convserve_pb2 as pb
 from service.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
-from service.store import ModelStore
-from tests.servers import images, publish, running_server
+from tests.servers import images, running_server
 
 
 class _Terminal(io.StringIO):
@@ -74,10 +72,8 @@ def _json_lines(lines: list[str]) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_the_server_logs_and_echoes_the_sdks_request_id(tmp_path: Path, onnx_models) -> None:
-    store, datasets = tmp_path / "store", tmp_path / "datasets"
-    datasets.mkdir()
-    publish(ModelStore(store), onnx_models["good"])
+def test_the_server_logs_and_echoes_the_sdks_request_id(store_with_model) -> None:
+    store, datasets = store_with_model
     with running_server(store, datasets, "--log-format", "json", "--log-level", "DEBUG") as server:
         with Client(server.address) as client:
             client.predict(images(1))

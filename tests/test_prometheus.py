@@ -20,8 +20,7 @@ from service.client import Client
 from service.metrics import Gauge, Histogram, Registry, serve_http
 from service.pb.convserve.v1 import convserve_pb2 as pb
 from service.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
-from service.store import ModelStore
-from tests.servers import images, publish, running_server
+from tests.servers import images, running_server
 
 
 def test_a_labelled_histogram_renders_one_series_per_label_set() -> None:
@@ -86,10 +85,8 @@ def scrape(url: str) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_a_replica_reports_requests_batches_model_and_jobs(tmp_path: Path, onnx_models) -> None:
-    store_dir, datasets = tmp_path / "store", tmp_path / "datasets"
-    datasets.mkdir()
-    publish(ModelStore(store_dir), onnx_models["good"])
+def test_a_replica_reports_requests_batches_model_and_jobs(store_with_model) -> None:
+    store_dir, datasets = store_with_model
     with running_server(store_dir, datasets) as server:
         assert server.metrics_url and re.fullmatch(r"http://127\.0\.0\.1:\d+/metrics",
                                                    server.metrics_url)
@@ -117,10 +114,8 @@ PROMETHEUS = shutil.which("prometheus")
 @pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed (.ci/run installs "
                                                "Debian's prometheus; locally: apt-get install "
                                                "prometheus)")
-def test_a_real_prometheus_scrapes_a_replica(tmp_path: Path, onnx_models) -> None:
-    store_dir, datasets = tmp_path / "store", tmp_path / "datasets"
-    datasets.mkdir()
-    publish(ModelStore(store_dir), onnx_models["good"])
+def test_a_real_prometheus_scrapes_a_replica(tmp_path: Path, store_with_model) -> None:
+    store_dir, datasets = store_with_model
     with running_server(store_dir, datasets) as server:
         with Client(server.address) as client:
             client.predict(images(3))
