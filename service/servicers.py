@@ -76,19 +76,21 @@ class _Call:
     async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
                         traceback: object) -> bool:
         code = "OK"
+        if isinstance(error, asyncio.CancelledError):
+            code = "CANCELLED"
+        elif isinstance(error, grpc.aio.AbortError):  # the method aborted by itself
+            code = _code_name(self._context)
+        elif isinstance(error, Exception):  # the one place errors become status codes
+            code = status_of(error)[0].name
+        # Recorded before the status goes out, so a caller who has its answer finds it counted.
+        seconds = time.perf_counter() - self._started
+        self._metrics.observe(self._name, code, seconds)
+        log.debug("%s %s in %.2f ms", self._name, code, seconds * 1000,
+                  extra={"method": self._name, "code": code, "ms": round(seconds * 1000, 3)})
         try:
-            if isinstance(error, asyncio.CancelledError):
-                code = "CANCELLED"
-            elif isinstance(error, grpc.aio.AbortError):  # the method aborted by itself
-                code = _code_name(self._context)
-            elif isinstance(error, Exception):  # the one place errors become status codes
-                code = status_of(error)[0].name
+            if isinstance(error, Exception) and not isinstance(error, grpc.aio.AbortError):
                 await _abort(self._context, self._name, error)  # raises AbortError
         finally:
-            seconds = time.perf_counter() - self._started
-            self._metrics.observe(self._name, code, seconds)
-            log.debug("%s %s in %.2f ms", self._name, code, seconds * 1000,
-                      extra={"method": self._name, "code": code, "ms": round(seconds * 1000, 3)})
             with contextlib.suppress(ValueError):  # a stream may end in another context
                 REQUEST_ID.reset(self._token)
         return False
