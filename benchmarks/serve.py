@@ -3,18 +3,22 @@
     .venv/bin/python benchmarks/serve.py [--duration 10] [--out docs/serve-latest.md]
 
 1. Exports the ConvNet (10 classes) into a fresh store and starts `convserve serve` on 127.0.0.1.
-2. Measures the ceiling: ONNX Runtime in this process, same settings, closed loop, per batch size.
+2. Measures the ceiling right before and after each scenario: stock ONNX Runtime in this process
+   (`InferenceSession(path, providers)`, default SessionOptions), one thread, back to back.
 3. Drives the server with closed-loop gRPC clients in separate processes (each caller sends its
    next request when the previous reply is back): C = 1, 8, 64 single-image requests (float32
    3x32x32, and uint8 for comparison) and C = 4 with 32-image requests. Warm-up, then a fixed
    duration; every reply is checked (shape, rows summing to 1, the served version).
-4. Measures the ceiling again, and reports images/s, latency percentiles, errors, the ratio of
-   throughput to the ceiling at the request's batch size, and the server's RSS.
+4. Reports images/s, latency percentiles, errors, the ratio of throughput to the ceiling at the
+   request's batch size, and the server's RSS (all its processes, with `--server-arg=--workers=N`).
 5. Runs the same load against a *transport floor*: a gRPC server in the same stack (grpc.aio)
    whose Predict returns a canned reply without decoding or inference. It shows what Python gRPC
    alone costs on this machine. For every run, the CPU seconds the server and the clients spent
    per request are reported too: on a machine where they share the cores, those bound what any
    server in this stack can reach.
+6. Splits the server's CPU per request into the transport floor's, ONNX Runtime's (the ORT calls
+   and mean batch size the server's /metrics counted, times the CPU one such call costs with the
+   server's own session settings, measured alone) and the rest: convserve's own path.
 """
 
 from __future__ import annotations
@@ -160,41 +164,49 @@ async def floor_server() -> None:
     await server.wait_for_termination()
 
 
-# --- the ceiling: ONNX Runtime in this process ------------------------------------------------
+# --- the ceiling: stock ONNX Runtime in this process ------------------------------------------
 
-def ceilings(store: Path, server_args: list[str], batches: list[int], seconds: float = 2.0
-             ) -> tuple[dict[int, float], str]:
-    """Images/s of back-to-back calls at each batch size, in this process, loaded exactly as the
-    server loads it (same flags: providers, threads, spinning, I/O binding or CUDA graphs) and
-    with as many calling threads as the server runs batches at once."""
-    from concurrent.futures import ThreadPoolExecutor
+def ceilings(model_path: Path, batches: list[int], providers: list[str], seconds: float = 2.0
+             ) -> dict[int, float]:
+    """Images/s of back-to-back calls at each batch size, in this process, one calling thread, on
+    a session opened the way other model servers open it: `InferenceSession(path, providers)` with
+    default SessionOptions (spin-waiting on, one intra-op thread per core). This is the honest
+    reference: it owes nothing to convserve's own settings."""
+    import onnxruntime as ort
 
+    session = ort.InferenceSession(str(model_path), providers=providers)
+    name = session.get_inputs()[0].name
+    results = {}
+    for batch in batches:
+        pixels = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+        for _ in range(20):  # warm-up
+            session.run(None, {name: pixels})
+        runs, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            session.run(None, {name: pixels})
+            runs += 1
+        results[batch] = runs * batch / (time.perf_counter() - started)
+    del session
+    return results
+
+
+def ort_cpu_ms_per_call(store: Path, server_args: list[str], batch: int, calls: int = 300
+                        ) -> float:
+    """CPU ms one ORT call at `batch` images costs with the *server's* session settings (its
+    spinning and threads): what the server's own ORT calls cost, to split its CPU per request."""
     from service import config
     from service.loader import load_version
     from service.server import session_settings
     from service.store import ModelStore
 
-    server_config = config.parse(server_args)
-    model = load_version(ModelStore(store), 1, session_settings(server_config))
-    threads = server_config.max_concurrent_batches
-
-    def loop(pixels: np.ndarray, until: float) -> int:
-        runs = 0
-        while time.perf_counter() < until:
-            model.predict(pixels)
-            runs += 1
-        return runs
-
-    results = {}
-    with ThreadPoolExecutor(threads) as pool:
-        for batch in batches:
-            pixels = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
-            loop(pixels, time.perf_counter() + 0.2)  # warm-up
-            started = time.perf_counter()
-            runs = sum(pool.map(loop, [pixels] * threads, [started + seconds] * threads))
-            results[batch] = runs * batch / (time.perf_counter() - started)
-    return results, (f"{', '.join(model.providers)} via {type(model.runner).__name__}, "
-                     f"{threads} calling thread{'s' * (threads > 1)}")
+    model = load_version(ModelStore(store), 1, session_settings(config.parse(server_args)))
+    pixels = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+    for _ in range(20):
+        model.predict(pixels)
+    started = time.process_time()
+    for _ in range(calls):
+        model.predict(pixels)
+    return 1000 * (time.process_time() - started) / calls
 
 
 # --- orchestration -----------------------------------------------------------------------------
@@ -214,38 +226,63 @@ def make_store(root: Path) -> Path:
     return store.root
 
 
-def start_server(command: list[str]) -> tuple[subprocess.Popen, str]:
-    """Start `command`, wait for its ready line, return it and the address it listens on."""
-    from service.config import LISTENING_PREFIX
+@dataclass
+class Server:
+    process: subprocess.Popen
+    address: str
+    metrics_urls: list[str]  # one per serving process (--workers N prints N)
 
-    server = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)
-    for line in server.stdout:  # the metrics line may come first
+
+def start_server(command: list[str]) -> Server:
+    """Start `command`, wait for its ready line, return it with its address and metrics pages."""
+    from service.config import LISTENING_PREFIX, METRICS_PREFIX
+
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    metrics = []
+    for line in process.stdout:  # the metrics lines come first
+        if line.startswith(METRICS_PREFIX):
+            metrics.append(line.split()[-1])
         if line.startswith(LISTENING_PREFIX):
-            return server, line.split()[-1]
-    raise SystemExit(f"server did not start (exit code {server.wait()})")
+            return Server(process, line.split()[-1], metrics)
+    raise SystemExit(f"server did not start (exit code {process.wait()})")
 
 
 def convserve_command(store: Path, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "service.cli", "serve", "--store", str(store), "--port", "0",
-            "--metrics-port", "0",
-            "--log-level", "WARNING", *extra]
+            "--metrics-port", "0", "--log-level", "WARNING", *extra]
 
 
-def run_scenario(server_pid: int, address: str, scenario: Scenario, warmup: float,
-                 duration: float, tmp: Path) -> dict:
+def batches_served(server: Server) -> tuple[float, float]:
+    """(ORT calls, images) so far, summed over the server's processes, from /metrics."""
+    from urllib.request import urlopen
+
+    calls = images = 0.0
+    for url in server.metrics_urls:
+        text = urlopen(url, timeout=10).read().decode()
+        for line in text.splitlines():
+            if line.startswith("convserve_batch_size_count"):
+                calls += float(line.split()[-1])
+            elif line.startswith("convserve_batch_size_sum"):
+                images += float(line.split()[-1])
+    return calls, images
+
+
+def run_scenario(server: Server, scenario: Scenario, warmup: float, duration: float,
+                 tmp: Path) -> dict:
     # One client process per two cores (2 on the 2-core machine, where more would only contend).
     processes = 1 if scenario.callers == 1 else max(2, min(8, (os.cpu_count() or 2) // 2))
     per_process = [scenario.callers // processes + (i < scenario.callers % processes)
                    for i in range(processes)]
-    server_cpu_before = cpu_seconds(server_pid)
+    server_cpu_before = cpu_seconds(server.process.pid)
+    batches_before = batches_served(server) if server.metrics_urls else (0.0, 0.0)
     workers = []
     for index, callers in enumerate(per_process):
         result = tmp / f"latencies-{index}.npy"
         workers.append((result, subprocess.Popen(
-            [sys.executable, __file__, "--worker", "--address", address, "--callers", str(callers),
-             "--batch", str(scenario.batch), "--dtype", scenario.dtype, "--warmup", str(warmup),
-             "--duration", str(duration), "--result", str(result)],
+            [sys.executable, __file__, "--worker", "--address", server.address,
+             "--callers", str(callers), "--batch", str(scenario.batch), "--dtype", scenario.dtype,
+             "--warmup", str(warmup), "--duration", str(duration), "--result", str(result)],
             stdout=subprocess.PIPE, text=True)))
     errors = completed = 0
     client_cpu = 0.0
@@ -257,28 +294,47 @@ def run_scenario(server_pid: int, address: str, scenario: Scenario, warmup: floa
         completed += summary["completed"]
         client_cpu += summary["cpu_s"]
         latencies.append(np.load(result))
-    server_cpu = cpu_seconds(server_pid) - server_cpu_before
+    server_cpu = cpu_seconds(server.process.pid) - server_cpu_before
+    batches_after = batches_served(server) if server.metrics_urls else (0.0, 0.0)
+    calls, images = (after - before for after, before in zip(batches_after, batches_before,
+                                                             strict=True))
     merged = np.concatenate(latencies) * 1000
     return {"requests": len(merged), "images_per_s": len(merged) * scenario.batch / duration,
             "p50": np.percentile(merged, 50), "p90": np.percentile(merged, 90),
-            "p99": np.percentile(merged, 99), "errors": errors,
+            "p99": np.percentile(merged, 99), "errors": errors, "completed": completed,
             # CPU per request over the whole run (warm-up included, as are the clients' start-up
             # costs: a small overestimate for the clients).
             "server_cpu_ms": 1000 * server_cpu / max(completed, 1),
-            "client_cpu_ms": 1000 * client_cpu / max(completed, 1)}
+            "client_cpu_ms": 1000 * client_cpu / max(completed, 1),
+            "ort_calls": calls, "mean_batch": images / calls if calls else 0.0}
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a running process, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of a running process and its children (the workers), from /proc,
+    Linux only. Reaped children count too (cutime/cstime)."""
+    def own(one: int) -> float:
+        try:
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own(pid) + sum(own(child) for child in child_pids(pid))
+
+
+def child_pids(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        children += [int(c) for c in task.read_text().split()]
+    return children
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    total = 0.0
+    for one in (pid, *child_pids(pid)):
+        for line in Path(f"/proc/{one}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) / 1024
+    return total
 
 
 def versions() -> str:
@@ -294,7 +350,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     parser.add_argument("--server-arg", action="append", default=[],
-                        help="extra `convserve serve` flag (repeat), e.g. --server-arg=--max-batch-size=64")
+                        help="extra `convserve serve` flag (repeat), e.g. --server-arg=--workers=2")
     parser.add_argument("--scenario", action="append", default=[],
                         help="run only scenarios whose name starts with this (repeat), e.g. 'C=8'")
     parser.add_argument("--gpu", action="store_true",
@@ -320,37 +376,51 @@ def main() -> None:
     if not scenarios:
         parser.error(f"--scenario {args.scenario}: no scenario matches; "
                      f"names: {[s.name for s in offered]}")
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if args.gpu else [
+        "CPUExecutionProvider"]
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         store = make_store(tmp)
-        batches = sorted({s.compared_batch for s in scenarios})
-        before, providers = ceilings(store, args.server_arg, batches)
-        rows, rss = run_all(convserve_command(store, args.server_arg), scenarios, args, tmp)
-        after, _ = ceilings(store, args.server_arg, batches)
-        floor = ([] if args.no_floor else
-                 run_all([sys.executable, __file__, "--floor-server"], scenarios, args, tmp)[0])
+        model_path = store / "models" / "1" / "model.onnx"
+        server = start_server(convserve_command(store, args.server_arg))
+        rows = []
+        try:
+            for scenario in scenarios:
+                before = ceilings(model_path, [scenario.compared_batch], providers, 1.5)
+                result = run_scenario(server, scenario, args.warmup, args.duration, tmp)
+                after = ceilings(model_path, [scenario.compared_batch], providers, 1.5)
+                result["ceiling"] = (before[scenario.compared_batch],
+                                     after[scenario.compared_batch])
+                rows.append((scenario, result))
+            rss = rss_mb(server.process.pid)
+        finally:
+            server.process.terminate()
+            server.process.wait(timeout=60)
+        for _scenario, result in rows:  # the server's own ORT cost per request, measured alone
+            batch = max(1, round(result["mean_batch"])) if result["ort_calls"] else 0
+            per_call = ort_cpu_ms_per_call(store, args.server_arg, batch) if batch else 0.0
+            result["ort_cpu_ms"] = per_call * result["ort_calls"] / max(result["completed"], 1)
+        floor = {} if args.no_floor else dict(
+            run_all([sys.executable, __file__, "--floor-server"], scenarios, args, tmp))
 
-    table = report(rows, floor, before, after, providers, rss, args)
+    table = report(rows, floor, providers, rss, args)
     print(table)
     if args.out:
         args.out.write_text(table)
 
 
 def run_all(command: list[str], scenarios: list[Scenario], args: argparse.Namespace,
-            tmp: Path) -> tuple[list[tuple[Scenario, dict]], float]:
-    """Every scenario against one server process; also returns the server's RSS afterwards."""
-    server, address = start_server(command)
+            tmp: Path) -> list[tuple[Scenario, dict]]:
+    """Every scenario against one server process."""
+    server = start_server(command)
     try:
-        rows = [(s, run_scenario(server.pid, address, s, args.warmup, args.duration, tmp))
-                for s in scenarios]
-        return rows, rss_mb(server.pid)
+        return [(s, run_scenario(server, s, args.warmup, args.duration, tmp)) for s in scenarios]
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.process.terminate()
+        server.process.wait(timeout=30)
 
 
-def report(rows, floor, before, after, providers, rss, args) -> str:
-    ceiling = {b: (before[b] + after[b]) / 2 for b in before}
+def report(rows, floor, providers, rss, args) -> str:
     lines = [
         f"date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: {os.cpu_count()} cores, "
         f"{platform.processor() or platform.machine()}; {versions()}",
@@ -359,21 +429,29 @@ def report(rows, floor, before, after, providers, rss, args) -> str:
         + "".join(f" --scenario='{name}'" for name in args.scenario)
         + "".join(f" --server-arg={a}" for a in args.server_arg),
         "",
-        f"ceiling (in-process ONNX Runtime on {providers}, images/s, before / after): "
-        + "; ".join(
-            f"batch {b}: {before[b]:,.0f} / {after[b]:,.0f}" for b in sorted(before)),
+        f"ceiling: stock ONNX Runtime in-process (InferenceSession(path, providers={providers}), "
+        "default SessionOptions, one calling thread), measured right before and right after each "
+        "scenario; the ratio uses their mean.",
         "",
-        "| scenario | requests | images/s | p50 ms | p90 ms | p99 ms | errors | ratio to ceiling "
-        "| CPU ms/request: server / clients |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| scenario | requests | images/s | p50 ms | p90 ms | p99 ms | errors "
+        "| ceiling images/s (before / after) | ratio to ceiling "
+        "| CPU ms/request: server / clients | server CPU split: floor / ORT / own |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for scenario, r in rows:
-        ratio = r["images_per_s"] / ceiling[scenario.compared_batch]
+        before, after = r["ceiling"]
+        ratio = r["images_per_s"] / ((before + after) / 2)
+        split = "–"
+        if scenario in floor:
+            floor_ms = floor[scenario]["server_cpu_ms"]
+            own = r["server_cpu_ms"] - floor_ms - r["ort_cpu_ms"]
+            split = f"{floor_ms:.3f} / {r['ort_cpu_ms']:.3f} / {own:.3f}"
         lines.append(f"| {scenario.name} | {r['requests']:,} | {r['images_per_s']:,.0f} | "
                      f"{r['p50']:.3f} | {r['p90']:.3f} | {r['p99']:.3f} | {r['errors']} | "
-                     f"{ratio:.2f} (batch {scenario.compared_batch}) | "
-                     f"{r['server_cpu_ms']:.3f} / {r['client_cpu_ms']:.3f} |")
-    lines += ["", f"server RSS after the run: {rss:.0f} MB"]
+                     f"{before:,.0f} / {after:,.0f} (batch {scenario.compared_batch}) | "
+                     f"{ratio:.2f} | {r['server_cpu_ms']:.3f} / {r['client_cpu_ms']:.3f} | "
+                     f"{split} |")
+    lines += ["", f"server RSS after the run (all its processes): {rss:.0f} MB"]
     if floor:
         lines += [
             "", "transport floor (same load, a grpc.aio server answering a canned reply):", "",
@@ -382,7 +460,7 @@ def report(rows, floor, before, after, providers, rss, args) -> str:
         ]
         lines += [f"| {s.name} | {r['images_per_s']:,.0f} | {r['p50']:.3f} | {r['p99']:.3f} | "
                   f"{r['errors']} | {r['server_cpu_ms']:.3f} / {r['client_cpu_ms']:.3f} |"
-                  for s, r in floor]
+                  for s, r in floor.items()]
     return "\n".join(lines) + "\n"
 
 

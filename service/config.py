@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +30,17 @@ class ConfigError(ValueError):
     """An invalid configuration value; the message names the setting, the value and the range."""
 
 
+class PortInUse(ConfigError):
+    """A port the configuration names is taken by another process: exit 2, one line."""
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     store: Path = Path("store")
     datasets_root: Path = Path("datasets")
     host: str = "127.0.0.1"
     port: int = 50051                  # 0: any free port (tests)
+    workers: int = 1                   # serving processes sharing the port (SO_REUSEPORT)
     metrics_port: int = 9090           # Prometheus GET /metrics; 0: any free port, -1: off
     poll_interval_s: float = 0.5       # how often a replica reads the promoted pointer
     model_cache_size: int = 4          # pinned versions kept loaded
@@ -43,6 +50,7 @@ class ServerConfig:
     batch_timeout_s: float = 0.0       # wait for more requests once a batch has one (0: none)
     max_enqueued: int = 4096           # images waiting for a batch before RESOURCE_EXHAUSTED
     max_concurrent_batches: int = 1    # ORT calls in flight at once (Triton's instance count)
+    inline_max_images: int = 8         # idle fast path: a request this small runs on the loop
     allow_spinning: bool = False       # ORT spin-waiting: off when training shares the host
     graph_optimization: str = "all"    # disable | basic | extended | all
     max_queued_jobs: int = 8
@@ -74,6 +82,7 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", self.port, "0..65535")
+        _check(1 <= self.workers <= 64, "workers", self.workers, "1..64")
         _check(-1 <= self.metrics_port <= 65535, "metrics_port", self.metrics_port,
                "-1 (off) or 0..65535")
         _check(0.05 <= self.poll_interval_s <= 60, "poll_interval_s", self.poll_interval_s, "0.05..60")
@@ -88,6 +97,8 @@ class ServerConfig:
         _check(self.max_enqueued >= 1, "max_enqueued", self.max_enqueued, ">= 1")
         _check(1 <= self.max_concurrent_batches <= 64, "max_concurrent_batches",
                self.max_concurrent_batches, "1..64")
+        _check(0 <= self.inline_max_images <= 64, "inline_max_images", self.inline_max_images,
+               "0 (off)..64")
         _check(self.graph_optimization in ("disable", "basic", "extended", "all"),
                "graph_optimization", self.graph_optimization, "disable, basic, extended or all")
         _check(self.max_queued_jobs >= 1, "max_queued_jobs", self.max_queued_jobs, ">= 1")
@@ -122,6 +133,17 @@ class ServerConfig:
             value = getattr(self, field.name)
             lines.append(f"  {field.name} = {'<redacted>' if field.name in SECRETS and value else value}")
         return "\n".join(lines)
+
+    def to_json(self) -> str:
+        """Every setting as JSON (secrets included: for a worker process, never for a log)."""
+        return json.dumps({f.name: str(v) if isinstance(v := getattr(self, f.name), Path) else v
+                           for f in dataclasses.fields(self)})
+
+    @classmethod
+    def from_json(cls, text: str) -> ServerConfig:
+        values = json.loads(text)
+        return cls(**{f.name: Path(values[f.name]) if f.type in ("Path", Path) else values[f.name]
+                      for f in dataclasses.fields(cls) if f.name in values})
 
     def token(self) -> str:
         """The bearer token: the value, or the first line of the file ("" = no access control)."""
@@ -199,6 +221,26 @@ def _parse_bool(raw: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"{raw!r} is not a boolean (true/false)")
+
+
+def check_port_free(host: str, port: int, what: str) -> None:
+    """Refuse a port another process listens on, before any server binds it: gRPC's own
+    SO_REUSEPORT would otherwise let a second server start silently and take half the
+    connections of the first. Port 0 (any free port) always passes."""
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as error:
+        raise ConfigError(f"host={host!r} cannot be resolved: {error}") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "in use"
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise PortInUse(f"{what} port {port} on {host} is already in use ({error.strerror}); "
+                            f"stop the other server or choose another port") from None
 
 
 def _check(ok: bool, name: str, value: object, expected: str) -> None:

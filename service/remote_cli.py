@@ -69,12 +69,22 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         settings = config.from_sources(args)
+        # Before anything is logged: a port in use is one line and exit 2.
+        config.check_port_free(settings.host, settings.port, "gRPC")
     except config.ConfigError as error:
         print(f"convserve serve: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     logs.configure(settings.log_level, settings.log_format)
     logging.getLogger("convserve").info("configuration:\n%s", settings.describe())
-    asyncio.run(server.serve(settings))
+    try:
+        if settings.workers > 1:
+            from service import workers
+
+            return asyncio.run(workers.serve_workers(settings))
+        asyncio.run(server.serve(settings))
+    except config.ConfigError as error:  # e.g. a port in use: one line, no traceback
+        print(f"convserve serve: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
 
 

@@ -18,7 +18,13 @@ from grpc_reflection.v1alpha import reflection
 
 from service import auth, codec
 from service.batcher import BatchingConfig, DynamicBatcher
-from service.config import LISTENING_PREFIX, METRICS_PREFIX, ServerConfig
+from service.config import (
+    LISTENING_PREFIX,
+    METRICS_PREFIX,
+    PortInUse,
+    ServerConfig,
+    check_port_free,
+)
 from service.jobs import JobRunner, RunnerConfig, TrainParams
 from service.loader import SessionSettings
 from service.manager import ModelManager
@@ -39,6 +45,21 @@ SERVICE_NAMES = tuple(pb.DESCRIPTOR.services_by_name[name].full_name
 # replica without a model is not ready, but restarting it would not help).
 LIVENESS = "liveness"
 HEALTH_CHECK_INTERVAL_S = 0.1
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """This process is worker `index` of a replica started with `--workers N` (service.workers).
+    Worker 0 runs the replica's training jobs and answers the Training service on `jobs_socket`
+    (a Unix socket in a private directory) as well as on the shared port; every other worker
+    forwards Train, GetJob, ListJobs and CancelJob there, so each job is queued and run once."""
+
+    index: int
+    jobs_socket: str
+
+    @property
+    def runs_jobs(self) -> bool:
+        return self.index == 0
 
 
 @dataclass
@@ -107,29 +128,40 @@ def interceptors(config: ServerConfig) -> list[grpc.aio.ServerInterceptor]:
     return [auth.BearerTokenAuth(token, protected)]
 
 
-async def start(config: ServerConfig) -> Replica:
+async def start(config: ServerConfig, role: WorkerRole | None = None) -> Replica:
+    """Start a replica (or, with `role`, one worker of one). Raises PortInUse (a ConfigError)
+    when the gRPC or metrics port is taken."""
+    if role is None:  # workers share the port their parent checked and holds
+        check_port_free(config.host, config.port, "gRPC")
+    runs_jobs = role is None or role.runs_jobs
     store = ModelStore(config.store)
     manager = ModelManager(store, session_settings(config), poll_interval_s=config.poll_interval_s,
                            cache_size=config.model_cache_size)
     runner = JobRunner(store, runner_config(config))
-    recovered = await asyncio.to_thread(runner.recover)
-    if recovered:
-        log.warning("marked %d interrupted jobs FAILED: %s", len(recovered), ", ".join(recovered))
+    if runs_jobs:
+        recovered = await asyncio.to_thread(runner.recover)
+        if recovered:
+            log.warning("marked %d interrupted jobs FAILED: %s", len(recovered),
+                        ", ".join(recovered))
     await asyncio.to_thread(manager.refresh)  # serve the promoted model from the first call
 
     server = grpc.aio.server(interceptors=interceptors(config), options=[
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
+        # Only the workers of one replica share a port; a lone server owns it.
+        ("grpc.so_reuseport", 1 if role is not None else 0),
     ])
     limits = codec.Limits(max_images=config.max_images_per_request)
     batcher = DynamicBatcher(manager.current, BatchingConfig(
         max_batch_size=config.max_batch_size, batch_timeout_s=config.batch_timeout_s,
-        max_enqueued=config.max_enqueued, max_concurrent_batches=config.max_concurrent_batches))
+        max_enqueued=config.max_enqueued, max_concurrent_batches=config.max_concurrent_batches,
+        inline_max_images=config.inline_max_images))
     requests = RequestMetrics()
     pb_grpc.add_InferenceServicer_to_server(
         InferenceServicer(manager, store, limits, batcher, requests), server)
-    pb_grpc.add_TrainingServicer_to_server(TrainingServicer(runner, TrainParams(), requests),
-                                           server)
+    forward_to = "" if runs_jobs or role is None else f"unix:{role.jobs_socket}"
+    pb_grpc.add_TrainingServicer_to_server(
+        TrainingServicer(runner, TrainParams(), requests, forward_to=forward_to), server)
     pb_grpc.add_ModelsServicer_to_server(ModelsServicer(store, manager, requests), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -142,21 +174,29 @@ async def start(config: ServerConfig) -> Replica:
             config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file))
     else:
         port = server.add_insecure_port(listen)
-    await server.start()
+    if role is not None and role.runs_jobs:
+        server.add_insecure_port(f"unix:{role.jobs_socket}")  # the other workers' Training calls
 
     metrics_server = None
     if config.metrics_port >= 0:
-        metrics_server = serve_http(replica_registry(requests, batcher, manager, runner),
-                                    config.host, config.metrics_port)
+        try:
+            metrics_server = serve_http(replica_registry(requests, batcher, manager, runner),
+                                        config.host, config.metrics_port)
+        except OSError as error:
+            raise PortInUse(f"metrics port {config.metrics_port} on {config.host} is not "
+                            f"available ({error.strerror}); choose another --metrics-port, "
+                            "or -1 to turn metrics off") from None
+    await server.start()
     replica = Replica(config, server, port, store, manager, runner, health_servicer, batcher,
                       metrics_server)
     await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     await _set_health(replica, manager.live_version is not None)
     replica.tasks = [asyncio.create_task(batcher.run(replica.stopping), name="batcher"),
                      asyncio.create_task(manager.run(replica.stopping), name="model-manager"),
-                     asyncio.create_task(runner.run(replica.stopping), name="job-runner"),
-                     asyncio.create_task(_follow_health(replica), name="health"),
-                     asyncio.create_task(_recover_jobs(replica), name="job-recovery")]
+                     asyncio.create_task(_follow_health(replica), name="health")]
+    if runs_jobs:
+        replica.tasks += [asyncio.create_task(runner.run(replica.stopping), name="job-runner"),
+                          asyncio.create_task(_recover_jobs(replica), name="job-recovery")]
     log.info("serving on %s (model version %s)", replica.address, manager.live_version)
     return replica
 
@@ -177,9 +217,9 @@ async def stop(replica: Replica, grace_s: float | None = None) -> None:
         replica.metrics_server.server_close()
 
 
-async def serve(config: ServerConfig) -> None:
+async def serve(config: ServerConfig, role: WorkerRole | None = None) -> None:
     """Run until SIGTERM or SIGINT, then drain and return."""
-    replica = await start(config)
+    replica = await start(config, role)
     signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

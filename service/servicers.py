@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import re
 import time
@@ -33,6 +34,7 @@ from service.store import ModelStore
 from service.telemetry import RequestMetrics
 
 log = logging.getLogger("convserve.rpc")
+FORWARD_TIMEOUT_S = 60.0  # a forwarded call without a deadline of its own (cancel may wait)
 Reply = TypeVar("Reply")
 
 
@@ -97,11 +99,16 @@ class _Call:
 
 
 def _request_id(context: grpc.aio.ServicerContext) -> str:
-    """The caller's id when it is a sane token (it ends up in logs), otherwise a new one."""
+    """The caller's id when it is a sane token (it ends up in logs), otherwise a new one: this
+    process's random prefix and a counter (unique like a uuid4, without its urandom call)."""
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_HEADER and isinstance(value, str) and _REQUEST_ID_RE.fullmatch(value):
             return value
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
+
+
+_ID_PREFIX = uuid.uuid4().hex[:16]
+_ID_COUNTER = itertools.count(1)
 
 
 async def _abort(context: grpc.aio.ServicerContext, name: str, error: BaseException) -> None:
@@ -162,14 +169,37 @@ class InferenceServicer(_Measured, pb_grpc.InferenceServicer):
 
 
 class TrainingServicer(_Measured, pb_grpc.TrainingServicer):
+    """With `forward_to` (a worker of a `--workers N` replica that does not run jobs), Train,
+    GetJob, ListJobs and CancelJob go to the worker that does, so a job is queued once and
+    queue positions are that worker's; WatchJob reads the shared store here."""
+
     def __init__(self, runner: JobRunner, defaults: TrainParams,
-                 metrics: RequestMetrics | None = None) -> None:
+                 metrics: RequestMetrics | None = None, forward_to: str = "") -> None:
         super().__init__(metrics)
         self._runner = runner
         self._defaults = defaults
+        self._jobs_worker = (pb_grpc.TrainingStub(grpc.aio.insecure_channel(forward_to))
+                             if forward_to else None)
+
+    async def _forward(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """The same call on the jobs worker, with the caller's token, request id and deadline;
+        its status and message come back unchanged."""
+        assert self._jobs_worker is not None
+        metadata = [(REQUEST_ID_HEADER, REQUEST_ID.get())]
+        metadata += [(k, v) for k, v in context.invocation_metadata() or ()
+                     if k == "authorization"]
+        remaining = context.time_remaining()
+        try:
+            return await getattr(self._jobs_worker, method)(
+                request, metadata=metadata, wait_for_ready=True,
+                timeout=remaining if remaining is not None else FORWARD_TIMEOUT_S)
+        except grpc.aio.AioRpcError as error:
+            await context.abort(error.code(), error.details() or "")
 
     @rpc
     async def Train(self, request: pb.TrainRequest, context: grpc.aio.ServicerContext) -> pb.Job:
+        if self._jobs_worker is not None:
+            return await self._forward("Train", request, context)
         if request.resume_job:
             record = await asyncio.to_thread(self._runner.resume, request.resume_job)
             return messages.job(record, self._runner.queue_position(record.id))
@@ -179,12 +209,16 @@ class TrainingServicer(_Measured, pb_grpc.TrainingServicer):
 
     @rpc
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
+        if self._jobs_worker is not None:
+            return await self._forward("GetJob", request, context)
         record = await asyncio.to_thread(self._runner.get, _job_id(request.id))  # file reads
         return messages.job(record, self._runner.queue_position(record.id))
 
     @rpc
     async def ListJobs(self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext
                        ) -> pb.ListJobsResponse:
+        if self._jobs_worker is not None:
+            return await self._forward("ListJobs", request, context)
         records = await asyncio.to_thread(self._runner.list)  # reads every job.json
         return pb.ListJobsResponse(jobs=[messages.job(r, self._runner.queue_position(r.id))
                                          for r in records])
@@ -201,6 +235,8 @@ class TrainingServicer(_Measured, pb_grpc.TrainingServicer):
     @rpc
     async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext
                         ) -> pb.Job:
+        if self._jobs_worker is not None:
+            return await self._forward("CancelJob", request, context)
         record = await asyncio.to_thread(self._runner.cancel, _job_id(request.id))
         return messages.job(record)
 

@@ -30,7 +30,8 @@ class ServerProcess:
                 *extra]
         self.process = subprocess.Popen(args, cwd=REPO_ROOT, env=python_env(),
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.metrics_url: str | None = None
+        self.metrics_url: str | None = None  # the first (worker 0's with --workers N)
+        self.metrics_urls: list[str] = []
         self.address = self._wait_for_address()
         self.stderr_lines: list[str] = []
         # Drain stderr so a chatty server never blocks on a full pipe.
@@ -41,7 +42,8 @@ class ServerProcess:
         while time.monotonic() < deadline:
             line = self.process.stdout.readline()
             if line.startswith(METRICS_PREFIX):
-                self.metrics_url = line.split()[-1]
+                self.metrics_urls.append(line.split()[-1])
+                self.metrics_url = self.metrics_urls[0]
             if line.startswith(LISTENING_PREFIX):
                 return line.split()[-1]
             if not line and self.process.poll() is not None:
