@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serve as bench  # noqa: E402  (benchmarks/serve.py: the store, the server, the clients)
+import serve as bench  # benchmarks/serve.py: the store, the server, the clients
 
 # (stage, a substring of a frame): the first match wins, most specific first.
 STAGES = (
-    ("ONNX Runtime (Session.run, in its thread)", "Session.run ("),
+    ("ONNX Runtime (Session.run)", "Session.run ("),
     ("request decode + validation (codec.decode_images)", "decode_images ("),
     ("reply (codec.predict_response)", "predict_response ("),
     ("thread hand-off (to_thread, executor, wake-ups)", "concurrent/futures/"),
@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="recorded seconds")
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--server-arg", action="append", default=[])
+    parser.add_argument("--server-cwd", type=Path, default=bench.REPO,
+                        help="run the server from this checkout (e.g. a worktree of an older commit)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = parser.parse_args()
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
@@ -84,7 +86,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        server = bench.start_server(bench.convserve_command(bench.make_store(tmp), args.server_arg))
+        server = bench.start_server(bench.convserve_command(bench.make_store(tmp), args.server_arg),
+                                    args.server_cwd)
         try:
             load_s = args.seconds + 4
             clients = [subprocess.Popen(
@@ -113,7 +116,8 @@ def main() -> None:
 
     total = sum(counts.values()) or 1
     lines = [f"py-spy, {args.callers} callers, {args.seconds:g} s at {args.rate} Hz, server args "
-             f"{args.server_arg or 'defaults'}; {total:,} busy samples", "",
+             f"{args.server_arg or 'defaults'}, server from {args.server_cwd}; {total:,} busy "
+             "samples", "",
              "| stage | share of busy samples |", "|---|---|"]
     lines += [f"| {stage} | {100 * n / total:.1f} % |"
               for stage, n in sorted(counts.items(), key=lambda item: -item[1])]

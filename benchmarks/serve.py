@@ -198,8 +198,12 @@ def ort_cpu_ms_per_call(store: Path, server_args: list[str], batch: int, calls: 
     from service.loader import load_version
     from service.server import session_settings
     from service.store import ModelStore
+    from service.workers import worker_config
 
-    model = load_version(ModelStore(store), 1, session_settings(config.parse(server_args)))
+    settings = config.parse(server_args)
+    if settings.workers > 1:  # what each worker really runs with (its share of the cores)
+        settings = worker_config(settings, settings.port, 0)
+    model = load_version(ModelStore(store), 1, session_settings(settings))
     pixels = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
     for _ in range(20):
         model.predict(pixels)
@@ -233,11 +237,11 @@ class Server:
     metrics_urls: list[str]  # one per serving process (--workers N prints N)
 
 
-def start_server(command: list[str]) -> Server:
+def start_server(command: list[str], cwd: Path = REPO) -> Server:
     """Start `command`, wait for its ready line, return it with its address and metrics pages."""
     from service.config import LISTENING_PREFIX, METRICS_PREFIX
 
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True)
     metrics = []
     for line in process.stdout:  # the metrics lines come first
@@ -355,6 +359,13 @@ def main() -> None:
                         help="run only scenarios whose name starts with this (repeat), e.g. 'C=8'")
     parser.add_argument("--gpu", action="store_true",
                         help=f"also run {[s.name for s in GPU_SCENARIOS]} (for a GPU host)")
+    parser.add_argument("--server-cwd", type=Path, default=REPO,
+                        help="run the server from this checkout (e.g. a git worktree of an older "
+                             "commit, to re-measure it against the same ceiling)")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="also measure another server between the same ceilings, as "
+                             "LABEL@CHECKOUT[:FLAG,...] (repeat); e.g. 'workers=2@.:--workers=2', "
+                             "'before@/tmp/base' (a git worktree of an older commit)")
     parser.add_argument("--no-floor", action="store_true",
                         help="skip the transport-floor runs (halves the time)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -378,27 +389,33 @@ def main() -> None:
                      f"names: {[s.name for s in offered]}")
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if args.gpu else [
         "CPUExecutionProvider"]
+    variants = [Variant("convserve", args.server_cwd, args.server_arg),
+                *(Variant.parse(text) for text in args.variant)]
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         store = make_store(tmp)
         model_path = store / "models" / "1" / "model.onnx"
-        server = start_server(convserve_command(store, args.server_arg))
-        rows = []
+        servers = [start_server(convserve_command(store, v.args), v.cwd) for v in variants]
+        rows: list[tuple[Scenario, Variant, dict]] = []
         try:
-            for scenario in scenarios:
+            for scenario in scenarios:  # every variant between the same two ceilings
                 before = ceilings(model_path, [scenario.compared_batch], providers, 1.5)
-                result = run_scenario(server, scenario, args.warmup, args.duration, tmp)
+                measured = [(v, run_scenario(server, scenario, args.warmup, args.duration, tmp))
+                            for v, server in zip(variants, servers, strict=True)]
                 after = ceilings(model_path, [scenario.compared_batch], providers, 1.5)
-                result["ceiling"] = (before[scenario.compared_batch],
-                                     after[scenario.compared_batch])
-                rows.append((scenario, result))
-            rss = rss_mb(server.process.pid)
+                for variant, result in measured:
+                    result["ceiling"] = (before[scenario.compared_batch],
+                                         after[scenario.compared_batch])
+                    rows.append((scenario, variant, result))
+            rss = {v.label: rss_mb(server.process.pid) for v, server in zip(variants, servers,
+                                                                            strict=True)}
         finally:
-            server.process.terminate()
-            server.process.wait(timeout=60)
-        for _scenario, result in rows:  # the server's own ORT cost per request, measured alone
+            for server in servers:
+                server.process.terminate()
+                server.process.wait(timeout=60)
+        for _scenario, variant, result in rows:  # each server's ORT cost per request, alone
             batch = max(1, round(result["mean_batch"])) if result["ort_calls"] else 0
-            per_call = ort_cpu_ms_per_call(store, args.server_arg, batch) if batch else 0.0
+            per_call = ort_cpu_ms_per_call(store, variant.args, batch) if batch else 0.0
             result["ort_cpu_ms"] = per_call * result["ort_calls"] / max(result["completed"], 1)
         floor = {} if args.no_floor else dict(
             run_all([sys.executable, __file__, "--floor-server"], scenarios, args, tmp))
@@ -407,6 +424,24 @@ def main() -> None:
     print(table)
     if args.out:
         args.out.write_text(table)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A server to measure: a label, the checkout it runs from, its extra flags."""
+
+    label: str
+    cwd: Path
+    args: list[str]
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        """`LABEL@CHECKOUT[:FLAG,FLAG...]`, e.g. `workers=2@.:--workers=2` or `old@/tmp/base`."""
+        label, at, rest = text.partition("@")
+        where, _, flags = rest.partition(":")
+        if not label or not at or not where:
+            raise SystemExit(f"--variant {text!r}: expected LABEL@CHECKOUT[:FLAG,FLAG...]")
+        return cls(label, Path(where).resolve(), [f for f in flags.split(",") if f])
 
 
 def run_all(command: list[str], scenarios: list[Scenario], args: argparse.Namespace,
@@ -427,18 +462,20 @@ def report(rows, floor, providers, rss, args) -> str:
         f"command: .venv/bin/python benchmarks/serve.py --duration {args.duration:g} "
         f"--warmup {args.warmup:g}" + " --gpu" * args.gpu
         + "".join(f" --scenario='{name}'" for name in args.scenario)
-        + "".join(f" --server-arg={a}" for a in args.server_arg),
+        + "".join(f" --server-arg={a}" for a in args.server_arg)
+        + (f" --server-cwd={args.server_cwd}" if args.server_cwd != REPO else "")
+        + "".join(f" --variant='{v}'" for v in args.variant),
         "",
         f"ceiling: stock ONNX Runtime in-process (InferenceSession(path, providers={providers}), "
         "default SessionOptions, one calling thread), measured right before and right after each "
-        "scenario; the ratio uses their mean.",
+        "scenario (every server variant runs between the two); the ratio uses their mean.",
         "",
-        "| scenario | requests | images/s | p50 ms | p90 ms | p99 ms | errors "
+        "| scenario | server | requests | images/s | p50 ms | p90 ms | p99 ms | errors "
         "| ceiling images/s (before / after) | ratio to ceiling "
         "| CPU ms/request: server / clients | server CPU split: floor / ORT / own |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for scenario, r in rows:
+    for scenario, variant, r in rows:
         before, after = r["ceiling"]
         ratio = r["images_per_s"] / ((before + after) / 2)
         split = "–"
@@ -446,12 +483,13 @@ def report(rows, floor, providers, rss, args) -> str:
             floor_ms = floor[scenario]["server_cpu_ms"]
             own = r["server_cpu_ms"] - floor_ms - r["ort_cpu_ms"]
             split = f"{floor_ms:.3f} / {r['ort_cpu_ms']:.3f} / {own:.3f}"
-        lines.append(f"| {scenario.name} | {r['requests']:,} | {r['images_per_s']:,.0f} | "
-                     f"{r['p50']:.3f} | {r['p90']:.3f} | {r['p99']:.3f} | {r['errors']} | "
-                     f"{before:,.0f} / {after:,.0f} (batch {scenario.compared_batch}) | "
-                     f"{ratio:.2f} | {r['server_cpu_ms']:.3f} / {r['client_cpu_ms']:.3f} | "
-                     f"{split} |")
-    lines += ["", f"server RSS after the run (all its processes): {rss:.0f} MB"]
+        lines.append(f"| {scenario.name} | {variant.label} | {r['requests']:,} | "
+                     f"{r['images_per_s']:,.0f} | {r['p50']:.3f} | {r['p90']:.3f} | "
+                     f"{r['p99']:.3f} | {r['errors']} | {before:,.0f} / {after:,.0f} "
+                     f"(batch {scenario.compared_batch}) | {ratio:.2f} | "
+                     f"{r['server_cpu_ms']:.3f} / {r['client_cpu_ms']:.3f} | {split} |")
+    lines += ["", "server RSS after the run (all its processes): "
+              + ", ".join(f"{label} {mb:.0f} MB" for label, mb in rss.items())]
     if floor:
         lines += [
             "", "transport floor (same load, a grpc.aio server answering a canned reply):", "",

@@ -12,17 +12,19 @@ Knobs are named as in TF Serving: `max_batch_size`, `batch_timeout_s`, `max_enqu
 waiting; beyond it Predict answers RESOURCE_EXHAUSTED).
 
 The idle fast path (`inline_max_images`): a small request that finds the batcher idle (nothing
-queued, no batch running) and no batching delay to wait for runs at once, in the caller's own
-coroutine on the event loop. That skips the queue, the batch loop's wake-up and the worker-thread
-hop, which at one caller are most of the server's own cost. It blocks the loop only for one small
-ORT call (about 0.2 ms an image on a CPU core), and a request that arrives meanwhile queues and
-forms the next batch as usual. Measured in docs/benchmarks.md.
+queued, no batch running, no batching delay to wait for, and no other request within the last
+two inline runs) runs at once, in the caller's own coroutine on the event loop. That skips the
+queue, the batch loop's wake-up and the worker-thread hop, which at a few callers are a large
+part of the server's own cost. Under load it would be wrong: ORT would run on the loop's core
+instead of beside it, one image at a time, so requests that arrive close together always take
+the batch loop. Measured in docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,6 +70,11 @@ class DynamicBatcher:
         self._arrived = asyncio.Event()
         self._running = 0  # batches in flight (thread or inline)
         self.inline_batches = 0  # how many ran on the idle fast path (tests, metrics)
+        # Load detection for the fast path: the previous request's arrival, and a moving average
+        # of an inline run's duration. Requests arriving closer together than two inline runs
+        # mean callers are waiting on each other: they go through the batch loop instead.
+        self._last_arrival = 0.0
+        self._inline_seconds = 0.0
         self.batch_sizes = batch_sizes or Histogram(
             "convserve_batch_size", "Images per ONNX Runtime call", BATCH_SIZE_BUCKETS)
 
@@ -81,22 +88,30 @@ class DynamicBatcher:
             raise LimitExceeded(f"prediction queue is full ({self._waiting_images} images "
                                 f"waiting, limit {self._config.max_enqueued}); retry later")
         model = self._current_model()  # no model: answer now (NoModel), not from a batch
+        now = time.perf_counter()
+        since_last, self._last_arrival = now - self._last_arrival, now
         if (len(pixels) <= self._config.inline_max_images and not self._waiting
-                and not self._running and self._config.batch_timeout_s == 0):
-            # The idle fast path (module doc): no await between the check and the run, so no
-            # other batch can start meanwhile and max_concurrent_batches holds.
-            self.inline_batches += 1
-            self.batch_sizes.observe(len(pixels))
-            self._running += 1
-            try:
-                return model, model.predict(pixels)
-            finally:
-                self._running -= 1
+                and not self._running and self._config.batch_timeout_s == 0
+                and since_last > 2 * self._inline_seconds):
+            return model, self._run_inline(model, pixels)
         future = asyncio.get_running_loop().create_future()
         self._waiting.append(_Request(pixels, future))
         self._waiting_images += len(pixels)
         self._arrived.set()
         return await future
+
+    def _run_inline(self, model: LoadedModel, pixels: np.ndarray) -> np.ndarray:
+        """The idle fast path (module doc). No await between the caller's check and the run, so
+        no other batch starts meanwhile and max_concurrent_batches holds."""
+        self.inline_batches += 1
+        self.batch_sizes.observe(len(pixels))
+        self._running += 1
+        started = time.perf_counter()
+        try:
+            return model.predict(pixels)
+        finally:
+            self._running -= 1
+            self._inline_seconds += 0.2 * (time.perf_counter() - started - self._inline_seconds)
 
     async def run(self, stop: asyncio.Event) -> None:
         """The batch loop: runs until `stop` is set; fails what is still queued when it stops.

@@ -56,7 +56,7 @@ async def serve_workers(config: ServerConfig) -> int:
     with _hold_port(config.host, config.port) as port, \
             tempfile.TemporaryDirectory(prefix="convserve-workers-") as private:
         jobs_socket = str(Path(private) / JOBS_SOCKET)  # mkdtemp: a 0700 directory
-        workers = [await _spawn(_worker_config(config, port, index), index, jobs_socket)
+        workers = [await _spawn(worker_config(config, port, index), index, jobs_socket)
                    for index in range(config.workers)]
         try:
             ready = await asyncio.gather(*(_wait_ready(w) for w in workers))
@@ -84,9 +84,13 @@ def _hold_port(host: str, port: int):  # type: ignore[no-untyped-def]
         yield holder.getsockname()[1]
 
 
-def _worker_config(config: ServerConfig, port: int, index: int) -> ServerConfig:
+def worker_config(config: ServerConfig, port: int, index: int) -> ServerConfig:
     metrics = config.metrics_port + index if config.metrics_port > 0 else config.metrics_port
-    return dataclasses.replace(config, port=port, metrics_port=metrics, workers=1)
+    # ORT's default is one intra-op thread per core in *each* session: N workers would run
+    # N x cores threads. Unless set, each worker gets its share of the cores.
+    threads = config.intra_op_threads or max(1, (os.cpu_count() or 1) // config.workers)
+    return dataclasses.replace(config, port=port, metrics_port=metrics, workers=1,
+                               intra_op_threads=threads)
 
 
 async def _spawn(config: ServerConfig, index: int, jobs_socket: str

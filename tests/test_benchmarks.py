@@ -15,18 +15,23 @@ def test_serve_benchmark_writes_its_table(repo_root: Path, tmp_path: Path) -> No
     out = tmp_path / "serve.md"
     result = subprocess.run(
         [sys.executable, "benchmarks/serve.py", "--duration", "1", "--warmup", "0.3",
-         "--scenario", "C=1, uint8", "--scenario", "C=4", "--out", str(out)],
+         "--scenario", "C=1, uint8", "--scenario", "C=4", "--variant", "two@.:--workers=2",
+         "--out", str(out)],
         cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     table = out.read_text()
-    assert re.search(r"ceiling \(in-process ONNX Runtime on CPUExecutionProvider via PlainRunner",
-                     table)
-    rows = re.findall(r"^\| (C=[^|]+) \| ([\d,]+) \| ([\d,]+) \|.*\| (\d+) \| ([\d.]+) \(batch (\d+)\)",
-                      table, flags=re.MULTILINE)
-    assert [(name.strip(), int(batch)) for name, *_, batch in rows] == [
-        ("C=1, uint8", 1), ("C=4 x 32 images, float32", 32)]
-    for _name, requests, _images, errors, ratio, _batch in rows:
+    assert "ceiling: stock ONNX Runtime in-process (InferenceSession(path, providers=" \
+           "['CPUExecutionProvider']), default SessionOptions" in table
+    rows = re.findall(r"^\| (C=[^|]+) \| (\w+) \| ([\d,]+) \| ([\d,]+) \|.*\| (\d+) \| "
+                      r"[\d,]+ / [\d,]+ \(batch (\d+)\) \| ([\d.]+) \| [\d.]+ / [\d.]+ \| "
+                      r"([-\d.]+) / ([-\d.]+) / ([-\d.]+) \|$", table, flags=re.MULTILINE)
+    assert [(name.strip(), server, int(batch)) for name, server, *_, batch, _r, _f, _o, _n
+            in rows] == [("C=1, uint8", "convserve", 1), ("C=1, uint8", "two", 1),
+                         ("C=4 x 32 images, float32", "convserve", 32),
+                         ("C=4 x 32 images, float32", "two", 32)]
+    for _name, _server, requests, _images, errors, _batch, ratio, floor, ort, _own in rows:
         assert int(requests.replace(",", "")) > 0 and int(errors) == 0 and float(ratio) > 0
+        assert float(floor) > 0 and float(ort) > 0
     assert "transport floor" in table and "server RSS after the run" in table
 
 
