@@ -104,7 +104,7 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_HEADER and isinstance(value, str) and _REQUEST_ID_RE.fullmatch(value):
             return value
-    return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"  # 32 hex digits, as a uuid4().hex
 
 
 _ID_PREFIX = uuid.uuid4().hex[:16]
