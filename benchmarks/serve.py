@@ -313,6 +313,11 @@ def run_scenario(server: Server, scenario: Scenario, warmup: float, duration: fl
             "ort_calls": calls, "mean_batch": images / calls if calls else 0.0}
 
 
+def median_round(results: list[dict]) -> dict:
+    ordered = sorted(results, key=lambda r: r["images_per_s"])
+    return {**ordered[len(ordered) // 2], "rounds": len(results)}
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a running process and its children (the workers), from /proc,
     Linux only. Reaped children count too (cutime/cstime)."""
@@ -362,6 +367,9 @@ def main() -> None:
     parser.add_argument("--server-cwd", type=Path, default=REPO,
                         help="run the server from this checkout (e.g. a git worktree of an older "
                              "commit, to re-measure it against the same ceiling)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure each scenario this many times, alternating the variants; "
+                             "the median round is reported")
     parser.add_argument("--variant", action="append", default=[],
                         help="also measure another server between the same ceilings, as "
                              "LABEL@CHECKOUT[:FLAG,...] (repeat); e.g. 'workers=2@.:--workers=2', "
@@ -400,8 +408,14 @@ def main() -> None:
         try:
             for scenario in scenarios:  # every variant between the same two ceilings
                 before = ceilings(model_path, [scenario.compared_batch], providers, 1.5)
-                measured = [(v, run_scenario(server, scenario, args.warmup, args.duration, tmp))
-                            for v, server in zip(variants, servers, strict=True)]
+                # Rounds alternate the variants, so a slow spell of a shared machine hits them
+                # all alike; each variant's median round is reported.
+                rounds: dict[str, list[dict]] = {v.label: [] for v in variants}
+                for _ in range(args.rounds):
+                    for variant, server in zip(variants, servers, strict=True):
+                        rounds[variant.label].append(
+                            run_scenario(server, scenario, args.warmup, args.duration, tmp))
+                measured = [(v, median_round(rounds[v.label])) for v in variants]
                 after = ceilings(model_path, [scenario.compared_batch], providers, 1.5)
                 for variant, result in measured:
                     result["ceiling"] = (before[scenario.compared_batch],
@@ -460,7 +474,8 @@ def report(rows, floor, providers, rss, args) -> str:
         f"date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: {os.cpu_count()} cores, "
         f"{platform.processor() or platform.machine()}; {versions()}",
         f"command: .venv/bin/python benchmarks/serve.py --duration {args.duration:g} "
-        f"--warmup {args.warmup:g}" + " --gpu" * args.gpu
+        f"--warmup {args.warmup:g}" + f" --rounds {args.rounds}" * (args.rounds > 1)
+        + " --gpu" * args.gpu
         + "".join(f" --scenario='{name}'" for name in args.scenario)
         + "".join(f" --server-arg={a}" for a in args.server_arg)
         + (f" --server-cwd={args.server_cwd}" if args.server_cwd != REPO else "")
@@ -468,7 +483,9 @@ def report(rows, floor, providers, rss, args) -> str:
         "",
         f"ceiling: stock ONNX Runtime in-process (InferenceSession(path, providers={providers}), "
         "default SessionOptions, one calling thread), measured right before and right after each "
-        "scenario (every server variant runs between the two); the ratio uses their mean.",
+        "scenario (every server variant runs between the two); the ratio uses their mean."
+        + (f" Each row is the median of {args.rounds} rounds that alternate the variants."
+           if args.rounds > 1 else ""),
         "",
         "| scenario | server | requests | images/s | p50 ms | p90 ms | p99 ms | errors "
         "| ceiling images/s (before / after) | ratio to ceiling "

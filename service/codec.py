@@ -30,9 +30,17 @@ _ITEM_SHAPES = {pb.NHWC: IMAGE_SHAPE, pb.NCHW: NCHW_SHAPE}
 
 @dataclass(frozen=True)
 class Limits:
+    """What one request may ask of the decoder, all checked from the headers before any pixel is
+    decoded. Images decode one at a time, so the memory one encoded request holds while decoding
+    is bounded by one image: at most `max_decoded_pixels` in the file's mode (up to 4 bytes a
+    pixel) plus its RGB copy (3 bytes a pixel), 117 MiB at the defaults; JPEGs decode at a
+    reduced scale and hold far less."""
+
     max_images: int = 1024                   # per request; beyond: LimitExceeded
     max_encoded_image_bytes: int = 4 << 20   # per encoded image; beyond: LimitExceeded
     max_decoded_pixels: int = 4096 * 4096    # width*height before decoding: decompression-bomb guard
+    max_image_side: int = 4096               # width and height each: no 1 x 16M strips
+    max_request_pixels: int = 4 * 4096 * 4096  # all of one request's images: its decoding work
 
 
 # ------------------------------------------------------------------------------------ server side
@@ -115,27 +123,55 @@ def _unit_floats_to_uint8(values: np.ndarray) -> np.ndarray:
 
 
 def _decode_encoded(images: Sequence[bytes], limits: Limits) -> np.ndarray:
+    """Every header first (format, sides, pixels, and the request's total), then the pixels:
+    a request over any limit is refused before any image of it is decoded."""
     _check_count(len(images), limits, what="encoded images")
-    out = np.empty((len(images), *IMAGE_SHAPE), dtype=np.uint8)
-    for index, data in enumerate(images):
-        out[index] = _decode_one(data, f"encoded image {index + 1} of {len(images)}", limits)
-    return out
+    opened: list[tuple[str, Image.Image]] = []
+    try:
+        total = 0
+        for index, data in enumerate(images):
+            where = f"encoded image {index + 1} of {len(images)}"
+            image = _open(data, where, limits)
+            opened.append((where, image))
+            total += image.size[0] * image.size[1]
+            if total > limits.max_request_pixels:
+                raise LimitExceeded(
+                    f"encoded images: at most {limits.max_request_pixels} decoded pixels per "
+                    f"request (all images together), got more by image {index + 1} of "
+                    f"{len(images)}; send fewer or smaller images per request")
+        out = np.empty((len(images), *IMAGE_SHAPE), dtype=np.uint8)
+        for index, (where, image) in enumerate(opened):
+            out[index] = _pixels(image, where)
+        return out
+    finally:
+        for _, image in opened:
+            image.close()
 
 
-def _decode_one(data: bytes, where: str, limits: Limits) -> np.ndarray:
+def _open(data: bytes, where: str, limits: Limits) -> Image.Image:
+    """The image with only its header read (PIL decodes pixels lazily), checked."""
     if len(data) > limits.max_encoded_image_bytes:
         raise LimitExceeded(f"{where}: at most {limits.max_encoded_image_bytes} bytes, "
                             f"got {len(data)}")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            _check_header(image, where, limits)
-            return to_model_pixels(image)  # the same decoding as training's image folders
-    except InvalidInput:
-        raise
+        image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as error:  # PIL's own, larger guard fires inside open()
         raise InvalidInput(f"{where}: expected at most {limits.max_decoded_pixels} pixels, "
                            f"got more ({error})") from None
     except Exception as error:  # PIL raises many types for bad data; all mean "cannot decode"
+        raise InvalidInput(f"{where}: cannot decode ({type(error).__name__}: {error})") from None
+    try:
+        _check_header(image, where, limits)
+    except InvalidInput:
+        image.close()
+        raise
+    return image
+
+
+def _pixels(image: Image.Image, where: str) -> np.ndarray:
+    try:
+        return to_model_pixels(image)  # the same decoding as training's image folders
+    except Exception as error:  # truncated or corrupt data shows only when decoding
         raise InvalidInput(f"{where}: cannot decode ({type(error).__name__}: {error})") from None
 
 
@@ -147,6 +183,9 @@ def _check_header(image: Image.Image, where: str, limits: Limits) -> None:
     if width * height > limits.max_decoded_pixels:
         raise InvalidInput(f"{where}: expected at most {limits.max_decoded_pixels} pixels, got "
                            f"{width}x{height} = {width * height}")
+    if max(width, height) > limits.max_image_side:
+        raise InvalidInput(f"{where}: expected width and height of at most "
+                           f"{limits.max_image_side}, got {width}x{height}")
 
 
 def predict_response(version: int, classes: Sequence[str], probabilities: np.ndarray,

@@ -45,6 +45,9 @@ class ServerConfig:
     poll_interval_s: float = 0.5       # how often a replica reads the promoted pointer
     model_cache_size: int = 4          # pinned versions kept loaded
     max_images_per_request: int = 1024
+    max_image_side: int = 4096         # encoded images: width and height each
+    max_request_pixels: int = 4 * 4096 * 4096  # encoded images: decoded pixels per request
+    decode_threads: int = 2            # encoded images decode in this many threads, off the loop
     max_message_bytes: int = 64 << 20
     max_batch_size: int = 256          # images per ONNX Runtime call (dynamic batching)
     batch_timeout_s: float = 0.0       # wait for more requests once a batch has one (0: none)
@@ -89,6 +92,11 @@ class ServerConfig:
         _check(self.model_cache_size >= 1, "model_cache_size", self.model_cache_size, ">= 1")
         _check(1 <= self.max_images_per_request <= 65536, "max_images_per_request",
                self.max_images_per_request, "1..65536")
+        _check(32 <= self.max_image_side <= 65535, "max_image_side", self.max_image_side,
+               "32..65535")
+        _check(1024 <= self.max_request_pixels <= 1 << 32, "max_request_pixels",
+               self.max_request_pixels, "1024..4294967296")
+        _check(1 <= self.decode_threads <= 64, "decode_threads", self.decode_threads, "1..64")
         _check(1 << 20 <= self.max_message_bytes <= 1 << 30, "max_message_bytes",
                self.max_message_bytes, "1 MiB..1 GiB")
         _check(1 <= self.max_batch_size <= 65536, "max_batch_size", self.max_batch_size,

@@ -52,6 +52,13 @@ class Conflict(ConvserveError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class AlreadyExists(ConvserveError):
+    """A create whose key already names something different (an idempotency key reused with
+    other parameters)."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class Unavailable(ConvserveError):
     """The server is draining or cannot serve right now; a retry elsewhere may succeed."""
 

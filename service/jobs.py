@@ -45,7 +45,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from service.errors import Conflict, InvalidInput, LimitExceeded, NotFound, Unavailable
+from service.errors import AlreadyExists, Conflict, InvalidInput, LimitExceeded, NotFound, Unavailable
+from service.lifecycle import PARENT_PID_ENV
 from service.store import IntegrityError, InvalidJobId, ModelStore
 from training.config import AUGMENT_MODES, SCHEDULES, TrainConfig  # dataclasses only: no torch
 from training.gate import GateBounds, GateConfigError, GatePolicy
@@ -267,7 +268,15 @@ class JobRunner:
                     self._queue.append(job_id)
                     self._wake_worker()
                     return record
-        return self._existing(job_id)
+        existing = self._existing(job_id)
+        if existing.params != params:
+            changed = sorted(k for k, v in params.to_dict().items()
+                             if existing.params.to_dict().get(k) != v)
+            raise AlreadyExists(
+                f"idempotency key {idempotency_key!r} already names job {job_id}, created with "
+                f"other parameters ({', '.join(changed)} differ); resend the same parameters to "
+                "get that job, or use a new key for a new job")
+        return existing
 
     def resume(self, job_id: str) -> JobRecord:
         """Queue an INTERRUPTED job again on this replica; it continues from its checkpoint. Of
@@ -412,7 +421,7 @@ class JobRunner:
         with (job_dir / STDOUT_FILE).open("ab") as out, (job_dir / STDERR_FILE).open("ab") as err:
             process = await asyncio.create_subprocess_exec(
                 *command, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=err,
-                start_new_session=True, env={**os.environ, **(self._config.child_env or {})})
+                start_new_session=True, env=self._child_env())
         record.state, record.pid = JobState.RUNNING, process.pid
         record.started_at = record.heartbeat_at = _now()
         with self._lock:
@@ -465,6 +474,12 @@ class JobRunner:
         _signal_group(pid, signal.SIGKILL)
         await exited
 
+    def _child_env(self) -> dict[str, str]:
+        env = {**os.environ, **(self._config.child_env or {})}
+        if self._config.processes == 1:  # under torchrun the ranks' parent is torchrun
+            env[PARENT_PID_ENV] = str(os.getpid())  # the child dies with this replica
+        return env
+
     def _beat(self, record: JobRecord, tail: _EventTail) -> None:
         record.heartbeat_at = _now()
         self._absorb(record, tail)
@@ -516,12 +531,7 @@ class JobRunner:
             self._finish(record, JobState.INTERRUPTED, error=_stopped_message(record),
                          event=last_state != JobState.INTERRUPTED)
         elif code == 0 and last_state in (JobState.PROMOTED, JobState.REJECTED):
-            card = self._card(record.id)
-            record.gate = card.get("gate") if isinstance(card.get("gate"), dict) else None
-            version = card.get("version")
-            record.model_version = version if isinstance(version, int) else None
-            # The child wrote its final state event itself.
-            self._finish(record, JobState(last_state), event=False)
+            self._adopt_outcome(record, JobState(last_state))
         elif code == 0:
             self._finish(record, JobState.FAILED, error="training process exited with code 0 "
                          f"but its last state was {last_state!r}, not PROMOTED or REJECTED")
@@ -610,13 +620,40 @@ class JobRunner:
             if not gone and age <= self._config.stale_after_s:
                 continue
             if gone:
-                self._kill_orphan(record)
+                self._stop_orphan(record)
+            self._reconcile(record, last)
+            recovered.append(job_id)
+        return recovered
+
+    def _reconcile(self, record: JobRecord, last_heartbeat: str) -> None:
+        """Record what really happened to a job whose replica died, from its events: its child
+        may have finished on its own (published: PROMOTED with its version, or REJECTED), or
+        stopped cleanly when the replica died (INTERRUPTED: resumable), or nothing says."""
+        job_dir = self._store.job_dir(record.id)
+        last_state = _last_state(job_dir / EVENTS_FILE)
+        if last_state in (JobState.PROMOTED, JobState.REJECTED):
+            self._adopt_outcome(record, JobState(last_state))
+            log.warning("job %s: its replica died, but its child finished: %s", record.id,
+                        last_state)
+        elif last_state == JobState.INTERRUPTED:
+            self._finish(record, JobState.INTERRUPTED, event=False, error=(
+                f"interrupted: its replica ({record.replica}) stopped; resume it with "
+                f"`convserve resume {record.id}` (Train with resume_job)"))
+        else:
             who = "running" if record.state == JobState.RUNNING else "queuing"
             self._finish(record, JobState.FAILED, error=(
                 f"interrupted: the replica {who} it ({record.replica}) stopped (last heartbeat "
-                f"{last}); start a new Train to retry — checkpoints in jobs/{job_id}/checkpoints"))
-            recovered.append(job_id)
-        return recovered
+                f"{last_heartbeat}); start a new Train to retry — checkpoints in "
+                f"jobs/{record.id}/checkpoints"))
+
+    def _adopt_outcome(self, record: JobRecord, state: JobState) -> None:
+        """A final PROMOTED/REJECTED the child wrote itself: take its gate decision and version
+        from the job's card (the child wrote its final state event too)."""
+        card = self._card(record.id)
+        record.gate = card.get("gate") if isinstance(card.get("gate"), dict) else None
+        version = card.get("version")
+        record.model_version = version if isinstance(version, int) else None
+        self._finish(record, state, event=False)
 
     def _replica_gone(self, record: JobRecord) -> bool:
         host, _, pid = record.replica.rpartition(":")
@@ -632,19 +669,19 @@ class JobRunner:
             return False
         return False
 
-    @staticmethod
-    def _kill_orphan(record: JobRecord) -> None:
-        """SIGKILL the job's training process group if it still runs on this host (checked by
-        its command line, so a reused pid is left alone)."""
-        if not record.pid:
+    def _stop_orphan(self, record: JobRecord) -> None:
+        """Stop the job's training process group if it still runs on this host (checked by its
+        command line, so a reused pid is left alone): SIGTERM, so it records INTERRUPTED and
+        keeps its checkpoint, then SIGKILL after `cancel_grace_s`. (A child started by a
+        replica gets SIGTERM by itself when that replica dies: see service.lifecycle.)"""
+        if not record.pid or not _is_training_process(record.pid, record.id):
             return
-        try:
-            argv = Path(f"/proc/{record.pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            return
-        if b"training" in argv and record.id.encode() in argv:
-            log.warning("job %s: killing its orphaned training process %d", record.id, record.pid)
-            _signal_group(record.pid, signal.SIGKILL)
+        log.warning("job %s: stopping its orphaned training process %d", record.id, record.pid)
+        _signal_group(record.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self._config.cancel_grace_s
+        while time.monotonic() < deadline and _is_training_process(record.pid, record.id):
+            time.sleep(0.05)
+        _signal_group(record.pid, signal.SIGKILL)
 
     # --- files ------------------------------------------------------------------------------
 
@@ -755,6 +792,17 @@ async def _first_of(timeout: float, *awaitables: Any) -> None:
     finally:
         for task in tasks:
             task.cancel()
+
+
+def _is_training_process(pid: int, job_id: str) -> bool:
+    """A live (not zombie) process running this job's training, by its command line."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    zombie = stat.rsplit(")", 1)[-1].split()[:1] == ["Z"]
+    return not zombie and b"training" in argv and job_id.encode() in argv
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

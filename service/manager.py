@@ -14,11 +14,13 @@ import contextlib
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from service.errors import NoModel, NotFound
+from service.lifecycle import release_freed_memory
 from service.loader import LoadedModel, SessionSettings, load_version
 from service.store import ModelStore, VersionNotFound
 
@@ -53,6 +55,8 @@ class ModelManager:
         self._failure: _Failure | None = None
         self._reported: set[int] = set()  # versions whose load failure was logged already
         self._last_poll_error = ""
+        # Replaced models whose memory is handed back once their last batch lets go of them.
+        self._released: list[weakref.ref[LoadedModel]] = []
 
     # ------------------------------------------------------------------------------- serving
 
@@ -117,6 +121,8 @@ class ModelManager:
             if model is None:
                 return False
             self._live = model  # the swap: one reference; holders of the old one finish with it
+            if live is not None:
+                self._released.append(weakref.ref(live))
             self._failure = None
             self._reported.discard(target)
             log.info("version %d is live (was %s)", target, live.version if live else "none")
@@ -171,12 +177,22 @@ class ModelManager:
         except Exception:  # the swap stands; a listener's bug must not undo or hide it
             log.exception("on_live callback failed for version %d", model.version)
 
+    def release_replaced(self) -> bool:
+        """Once every replaced model has been freed (no batch holds it any more), return the
+        memory it used to the system; True when that happened now."""
+        if not self._released or any(ref() is not None for ref in self._released):
+            return False
+        self._released.clear()
+        release_freed_memory()
+        return True
+
     async def run(self, stop: asyncio.Event) -> None:
         """Poll the pointer every poll_interval_s (loading in a worker thread) until `stop`."""
         last_error = ""
         while not stop.is_set():
             try:
                 await asyncio.to_thread(self.refresh)
+                self.release_replaced()
                 last_error = ""
             except Exception as error:  # the loop must outlive any single refresh
                 if repr(error) != last_error:

@@ -9,12 +9,13 @@ import asyncio
 import contextlib
 import logging
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from service import auth, codec
 from service.batcher import BatchingConfig, DynamicBatcher
@@ -25,6 +26,7 @@ from service.config import (
     ServerConfig,
     check_port_free,
 )
+from service.guard import GuardedRegistration, count_unknown_methods
 from service.jobs import JobRunner, RunnerConfig, TrainParams
 from service.loader import SessionSettings
 from service.manager import ModelManager
@@ -75,6 +77,7 @@ class Replica:
     health: health.aio.HealthServicer
     batcher: DynamicBatcher
     metrics_server: ThreadingHTTPServer | None = None
+    decode_pool: ThreadPoolExecutor | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task] = field(default_factory=list)
 
@@ -145,29 +148,37 @@ async def start(config: ServerConfig, role: WorkerRole | None = None) -> Replica
                         ", ".join(recovered))
     await asyncio.to_thread(manager.refresh)  # serve the promoted model from the first call
 
+    requests = RequestMetrics()
     server = grpc.aio.server(interceptors=interceptors(config), options=[
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         # Only the workers of one replica share a port; a lone server owns it.
         ("grpc.so_reuseport", 1 if role is not None else 0),
     ])
-    limits = codec.Limits(max_images=config.max_images_per_request)
+    limits = codec.Limits(max_images=config.max_images_per_request,
+                          max_image_side=config.max_image_side,
+                          max_request_pixels=config.max_request_pixels)
+    decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
     batcher = DynamicBatcher(manager.current, BatchingConfig(
         max_batch_size=config.max_batch_size, batch_timeout_s=config.batch_timeout_s,
         max_enqueued=config.max_enqueued, max_concurrent_batches=config.max_concurrent_batches,
         inline_max_images=config.inline_max_images))
-    requests = RequestMetrics()
+    # Every service registers through a guard: an undecodable body is INVALID_ARGUMENT.
+    ours = GuardedRegistration(server, requests, checked_by_servicer=True)
+    others = GuardedRegistration(server, requests, checked_by_servicer=False)
     pb_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(manager, store, limits, batcher, requests), server)
+        InferenceServicer(manager, store, limits, batcher, requests, decode_pool), ours)
     forward_to = "" if runs_jobs or role is None else f"unix:{role.jobs_socket}"
     pb_grpc.add_TrainingServicer_to_server(
-        TrainingServicer(runner, TrainParams(), requests, forward_to=forward_to), server)
-    pb_grpc.add_ModelsServicer_to_server(ModelsServicer(store, manager, requests), server)
+        TrainingServicer(runner, TrainParams(), requests, forward_to=forward_to), ours)
+    pb_grpc.add_ModelsServicer_to_server(ModelsServicer(store, manager, requests), ours)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, others)
+    # What reflection.enable_server_reflection does for an aio server, through the guard.
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
+         reflection.SERVICE_NAME)), others)
+    count_unknown_methods(server, requests)
     listen = f"{config.host}:{config.port}"
     if config.tls_cert_file:
         port = server.add_secure_port(listen, auth.server_credentials(
@@ -188,7 +199,7 @@ async def start(config: ServerConfig, role: WorkerRole | None = None) -> Replica
                             "or -1 to turn metrics off") from None
     await server.start()
     replica = Replica(config, server, port, store, manager, runner, health_servicer, batcher,
-                      metrics_server)
+                      metrics_server, decode_pool)
     await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     await _set_health(replica, manager.live_version is not None)
     replica.tasks = [asyncio.create_task(batcher.run(replica.stopping), name="batcher"),
@@ -212,6 +223,8 @@ async def stop(replica: Replica, grace_s: float | None = None) -> None:
     for task in replica.tasks:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
+    if replica.decode_pool is not None:
+        replica.decode_pool.shutdown(wait=False, cancel_futures=True)
     if replica.metrics_server is not None:
         await asyncio.to_thread(replica.metrics_server.shutdown)
         replica.metrics_server.server_close()

@@ -18,13 +18,16 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 
 from service import codec, messages
 from service.batcher import DynamicBatcher
 from service.errors import InvalidInput, status_of
+from service.guard import Undecodable
 from service.jobs import JobRunner, JobState, TrainParams
 from service.logs import REQUEST_ID, REQUEST_ID_HEADER
 from service.manager import ModelManager
@@ -34,6 +37,8 @@ from service.store import ModelStore
 from service.telemetry import RequestMetrics
 
 log = logging.getLogger("convserve.rpc")
+# A raw request larger than this (about 80 float32 images) is converted off the loop too.
+INLINE_RAW_BYTES = 1 << 20
 FORWARD_TIMEOUT_S = 60.0  # a forwarded call without a deadline of its own (cancel may wait)
 Reply = TypeVar("Reply")
 
@@ -42,7 +47,7 @@ def rpc(method: Callable[..., Awaitable[Reply]]) -> Callable[..., Awaitable[Repl
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Reply:
         async with _Call(self.metrics, method.__name__, context):
-            return await method(self, request, context)
+            return await method(self, _decoded(request), context)
         raise AssertionError("unreachable: _Call re-raises")
 
     return wrapper
@@ -53,10 +58,17 @@ def rpc_stream(method: Callable[..., AsyncIterator[Reply]]) -> Callable[..., Asy
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext
                       ) -> AsyncIterator[Reply]:
         async with _Call(self.metrics, method.__name__, context):
-            async for reply in method(self, request, context):
+            async for reply in method(self, _decoded(request), context):
                 yield reply
 
     return wrapper
+
+
+def _decoded(request: Any) -> Any:
+    """The request, or InvalidInput when its body did not parse (see service.guard)."""
+    if isinstance(request, Undecodable):
+        raise InvalidInput(request.message)
+    return request
 
 
 class _Call:
@@ -134,18 +146,31 @@ class _Measured:
 
 
 class InferenceServicer(_Measured, pb_grpc.InferenceServicer):
+    """`decode_pool`: where encoded (PNG/JPEG) and large raw requests are decoded, off the event
+    loop, so a heavy request waits only on its own decoding; the pool's size bounds how many
+    decode at once (and so the memory decoding holds: see `codec.Limits`)."""
+
     def __init__(self, manager: ModelManager, store: ModelStore, limits: codec.Limits,
-                 batcher: DynamicBatcher, metrics: RequestMetrics | None = None) -> None:
+                 batcher: DynamicBatcher, metrics: RequestMetrics | None = None,
+                 decode_pool: Executor | None = None) -> None:
         super().__init__(metrics)
         self._manager = manager
         self._store = store
         self._limits = limits
         self._batcher = batcher
+        self._decode_pool = decode_pool
+
+    async def _decode(self, request: pb.PredictRequest) -> np.ndarray:
+        """Validated pixels; bad input stops here, before any queue."""
+        if request.WhichOneof("images") == "encoded" or len(request.raw.data) > INLINE_RAW_BYTES:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._decode_pool, codec.decode_images, request, self._limits)
+        return codec.decode_images(request, self._limits)  # small raw: a view, microseconds
 
     @rpc
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
                       ) -> pb.PredictResponse:
-        pixels = codec.decode_images(request, self._limits)  # bad input stops here, unqueued
+        pixels = await self._decode(request)
         if request.version:
             # A pinned version is rare and may need loading: its own call, off the event loop.
             model = await asyncio.to_thread(self._manager.get, request.version)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import logging
 import os
@@ -39,12 +38,12 @@ from service.config import (
     ServerConfig,
     check_port_free,
 )
+from service.lifecycle import PARENT_PID_ENV, die_with_parent
 
 log = logging.getLogger("convserve.workers")
 
 JOBS_SOCKET = "jobs.sock"
 STOP_MARGIN_S = 30.0  # beyond the grace period, before a worker that will not stop is killed
-_PR_SET_PDEATHSIG = 1
 
 
 async def serve_workers(config: ServerConfig) -> int:
@@ -96,7 +95,8 @@ def worker_config(config: ServerConfig, port: int, index: int) -> ServerConfig:
 async def _spawn(config: ServerConfig, index: int, jobs_socket: str
                  ) -> asyncio.subprocess.Process:
     # The configuration goes through the environment, not argv: it may hold the token.
-    env = {**os.environ, "CONVSERVE_WORKER_CONFIG": config.to_json()}
+    env = {**os.environ, "CONVSERVE_WORKER_CONFIG": config.to_json(),
+           PARENT_PID_ENV: str(os.getpid())}
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "service.workers", "--index", str(index), "--jobs-socket",
         jobs_socket, stdout=asyncio.subprocess.PIPE, env=env)
@@ -147,12 +147,6 @@ async def _stop_all(workers: list[asyncio.subprocess.Process], grace_s: float) -
         return list(await asyncio.gather(*(w.wait() for w in workers)))
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGTERM this worker when the parent dies, even by SIGKILL (no orphaned workers)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def main(argv: list[str] | None = None) -> int:
     """A worker: `python -m service.workers --index I --jobs-socket PATH`, started by the parent
     with its configuration in $CONVSERVE_WORKER_CONFIG."""
@@ -162,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--jobs-socket", required=True)
     args = parser.parse_args(argv)
-    _die_with_parent()
+    die_with_parent()  # SIGTERM drains this worker if the parent dies, even by SIGKILL
     config = ServerConfig.from_json(os.environ.pop("CONVSERVE_WORKER_CONFIG"))
     logs.configure(config.log_level, config.log_format)
     asyncio.run(server.serve(config, server.WorkerRole(args.index, args.jobs_socket)))

@@ -187,6 +187,28 @@ def test_large_declared_size_is_refused_before_decoding() -> None:
         codec.decode_images(encoded_request(bomb), LIMITS)
 
 
+def test_a_long_strip_is_refused_by_its_side_before_decoding() -> None:
+    # 1 x 16,777,216 pixels is within the pixel limit but decodes through huge row buffers
+    # (it raised a server's peak RSS by 587 MB): refused from the header by its width.
+    strip = image_bytes(Image.new("1", (16_777_216, 1)), "PNG")
+    assert len(strip) < 64_000
+    with pytest.raises(InvalidInput, match=r"expected width and height of at most 4096, got "
+                                           r"16777216x1"):
+        codec.decode_images(encoded_request(strip), LIMITS)
+
+
+def test_a_request_over_its_decode_budget_is_refused_before_any_image_decodes() -> None:
+    # Five 4096x4096 headers whose pixel data is cut off: had any been decoded, the answer
+    # would be "cannot decode"; the budget (4 x 4096 x 4096 pixels) refuses the request first.
+    full = image_bytes(Image.new("1", (4096, 4096)), "PNG")
+    header_only = full[:200]
+    with pytest.raises(LimitExceeded, match=r"at most 67108864 decoded pixels per request "
+                                            r"\(all images together\), got more by image 5 of 5"):
+        codec.decode_images(encoded_request(*[header_only] * 5), LIMITS)
+    with pytest.raises(InvalidInput, match="encoded image 1 of 4: cannot decode"):
+        codec.decode_images(encoded_request(*[header_only] * 4), LIMITS)
+
+
 def test_pil_decompression_bomb_guard_is_answered_as_invalid_input() -> None:
     bomb = image_bytes(Image.new("1", (14000, 14000)), "PNG")  # past PIL's own limit
     with pytest.raises(InvalidInput, match=r"encoded image 1 of 1: expected at most 16777216 pixels"):
@@ -295,3 +317,36 @@ def test_encoded_images_decode_exactly_as_training_reads_them(tmp_path) -> None:
                                  codec.Limits())
     np.testing.assert_array_equal(served, trained_on)
     assert served[0].max() > 200 and served[0].min() < 50  # 16-bit scaled, not clipped white
+
+
+def test_decoding_a_request_at_every_limit_holds_one_image_at_a_time(tmp_path) -> None:
+    """The memory bound stated in codec.Limits: the largest request the limits allow (4 RGBA
+    images of 4096x4096, the request's whole decode budget) raises peak RSS by at most one
+    image in its mode plus its RGB copy (7 bytes a pixel, 112 MiB), not by all four."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT, python_env
+
+    png = tmp_path / "big.png"
+    Image.new("RGBA", (4096, 4096), (10, 20, 30, 255)).save(png)
+    script = f"""
+import json, resource
+from pathlib import Path
+from service import codec
+from service.pb.convserve.v1 import convserve_pb2 as pb
+data = Path({str(png)!r}).read_bytes()
+request = pb.PredictRequest(encoded=pb.EncodedImages(images=[data] * 4))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+pixels = codec.decode_images(request, codec.Limits())
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"shape": list(pixels.shape), "grew_mib": (after - before) / 1024}}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=python_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["shape"] == [4, 32, 32, 3]
+    one_image_mib = 4096 * 4096 * (4 + 3) / 2**20
+    assert report["grew_mib"] <= one_image_mib + 16, report

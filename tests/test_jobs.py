@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from service.errors import Conflict, InvalidInput, LimitExceeded, NotFound
+from service.errors import AlreadyExists, Conflict, InvalidInput, LimitExceeded, NotFound
 from service.jobs import JobRecord, JobRunner, JobState, RunnerConfig, TrainParams
 from service.store import ModelStore
 from tests.conftest import REPO_ROOT
@@ -298,10 +298,16 @@ def test_an_idempotency_key_maps_to_one_job_across_replicas(store_dir: Path) -> 
     b = _runner(store_dir, "replica-b")
     job = a.submit(TrainParams(epochs=3), idempotency_key="retry-me")
     assert job.id.startswith("k") and len(job.id) == 21
-    again = b.submit(TrainParams(epochs=9), idempotency_key="retry-me")  # the key wins
-    assert again.id == job.id and again.params.epochs == 3 and again.replica == "replica-a"
-    assert a.submit(TrainParams(), idempotency_key="retry-me").id == job.id  # even when full
+    again = b.submit(TrainParams(epochs=3), idempotency_key="retry-me")  # a retry elsewhere
+    assert again.id == job.id and again.replica == "replica-a"
+    assert a.submit(TrainParams(epochs=3), idempotency_key="retry-me").id == job.id  # when full
     assert (a.queue_position(job.id), b.queue_position(job.id)) == (1, 0)
+    # The same key with other parameters is a conflict that names the job, not a silent reuse.
+    with pytest.raises(AlreadyExists, match=rf"idempotency key 'retry-me' already names job "
+                                            rf"{job.id}, created with other parameters "
+                                            r"\(epochs, lr differ\)"):
+        b.submit(TrainParams(epochs=9, lr=0.01), idempotency_key="retry-me")
+    assert _states(store_dir, job.id) == ["QUEUED"]
 
     # Racing retries on two replicas at once: mkdir lets exactly one create the job.
     c = _runner(store_dir, "replica-c")
@@ -383,7 +389,7 @@ def test_unknown_and_invalid_job_ids(store_dir: Path) -> None:
         asyncio.run(first_event())
 
 
-def test_recover_fails_jobs_of_gone_replicas_and_kills_their_orphans(store_dir: Path) -> None:
+def test_recover_fails_jobs_of_gone_replicas_and_stops_their_orphans(store_dir: Path) -> None:
     old = _runner(store_dir, "gone-host:1")
     here_dead = f"{socket.gethostname()}:{_dead_pid()}"
     stale, fresh, orphaned = (old.submit(TrainParams()) for _ in range(3))
@@ -405,7 +411,8 @@ def test_recover_fails_jobs_of_gone_replicas_and_kills_their_orphans(store_dir: 
     try:
         new = _runner(store_dir, "replica-new", stale_after_s=20)
         assert sorted(new.recover()) == sorted([stale.id, orphaned.id])
-        assert leftover.wait(timeout=10) == -signal.SIGKILL
+        # SIGTERM first (a real child then records INTERRUPTED and keeps its checkpoint).
+        assert leftover.wait(timeout=10) == -signal.SIGTERM
     finally:
         leftover.kill()
         leftover.wait()
@@ -452,3 +459,39 @@ def test_the_recipe_travels_from_the_request_to_the_training_command(store_dir: 
     config = config_from_args(build_parser().parse_args(command[command.index("training") + 1:]))
     assert (config.augment, config.schedule, config.label_smoothing, config.weight_decay) == (
         "crop+flip", "cosine", 0.0, 0.0)
+
+
+@pytest.mark.slow
+def test_recover_records_what_a_child_finished_after_its_replica_died(store_dir: Path) -> None:
+    """The child finished on its own (published or rejected) while its replica was dead: a
+    replica restarted on the store records the job's real outcome, not FAILED."""
+    runner = _runner(store_dir, "replica-a")
+    promoted = runner.submit(TrainParams(**TINY, gate={"min_accuracy": 0.0}))
+    rejected = runner.submit(TrainParams(**TINY, gate={"min_improvement": 1.0}))
+
+    async def scenario() -> None:
+        for job in (promoted, rejected):
+            await _until(lambda j=job: runner.get(j.id).state.final, f"{job.id} final")
+
+    _with_worker(runner, scenario)
+    assert runner.get(promoted.id).state == JobState.PROMOTED
+    version = runner.get(promoted.id).model_version
+    assert version == ModelStore(store_dir).promoted_version()
+    # What the store holds when the replica dies after its child's last event but before it
+    # recorded the outcome: the record still says RUNNING, under a replica that is gone.
+    dead = f"{socket.gethostname()}:{_dead_pid()}"
+    for job in (promoted, rejected):
+        path = ModelStore(store_dir).job_dir(job.id) / "job.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "state": "RUNNING",
+                                    "model_version": None, "gate": None, "finished_at": "",
+                                    "replica": dead, "pid": _dead_pid()}))
+    restarted = _runner(store_dir, "replica-b")
+    assert sorted(restarted.recover()) == sorted([promoted.id, rejected.id])
+    record = restarted.get(promoted.id)
+    assert (record.state, record.model_version) == (JobState.PROMOTED, version)
+    assert record.gate and record.gate["promoted"] is True and record.error == ""
+    record = restarted.get(rejected.id)
+    assert record.state == JobState.REJECTED and record.gate["promoted"] is False
+    # Their events already ended in the child's own final state: nothing is appended.
+    assert _states(store_dir, promoted.id)[-1] == "PROMOTED"
+    assert _states(store_dir, rejected.id)[-1] == "REJECTED"

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service.cli import OneLineParser
+from service.lifecycle import die_with_parent
 from service.store import ModelStore, StoreError
 from training.config import (
     AUGMENT_MODES,
@@ -141,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Under torchrun only rank 0 reports; the other ranks train their shard and exit.
     reporter = ProgressReporter(run_dir / "events.jsonl" if world.is_main else None)
     try:
+        # A job's child dies with its replica (SIGTERM: recorded INTERRUPTED, resumable); a
+        # replica restarted on the store then finds the job's true outcome (JobRunner.recover).
+        die_with_parent()
         distributed.start(world, resolve_device(config.device))
         outcome = run(config, run_dir, reporter, resume=args.resume, publication=publication,
                       world=world)
