@@ -113,6 +113,8 @@ class ServerConfig:
         _check(self.max_epochs >= 1, "max_epochs", self.max_epochs, ">= 1")
         for name in ("min_accuracy", "min_accuracy_floor"):
             _check(0.0 <= getattr(self, name) <= 1.0, name, getattr(self, name), "0..1")
+        _check(-1.0 <= self.min_improvement <= 1.0, "min_improvement", self.min_improvement,
+               "-1..1")
         _check(self.min_accuracy >= self.min_accuracy_floor, "min_accuracy", self.min_accuracy,
                f">= min_accuracy_floor ({self.min_accuracy_floor})")
         _check(self.intra_op_threads >= 0, "intra_op_threads", self.intra_op_threads, ">= 0")

@@ -524,7 +524,9 @@ class JobRunner:
         record.heartbeat_at = _now()
         self._absorb(record, tail)  # the last epoch's numbers
         last_state = _last_state(self._store.job_dir(record.id) / EVENTS_FILE)
-        if outcome == "cancelled":
+        if (outcome != "exited" or code != 0) and self._adopt_publication(record):
+            pass  # stopped or failed after its model was published: it was promoted
+        elif outcome == "cancelled":
             self._finish(record, JobState.CANCELLED, error="cancelled")
         elif outcome == "stopped":
             # The child (SIGTERM: KeyboardInterrupt) wrote INTERRUPTED itself when it could.
@@ -631,7 +633,10 @@ class JobRunner:
         stopped cleanly when the replica died (INTERRUPTED: resumable), or nothing says."""
         job_dir = self._store.job_dir(record.id)
         last_state = _last_state(job_dir / EVENTS_FILE)
-        if last_state in (JobState.PROMOTED, JobState.REJECTED):
+        if self._adopt_publication(record):
+            log.warning("job %s: its replica died, but its model was published as version %s",
+                        record.id, record.model_version)
+        elif last_state in (JobState.PROMOTED, JobState.REJECTED):
             self._adopt_outcome(record, JobState(last_state))
             log.warning("job %s: its replica died, but its child finished: %s", record.id,
                         last_state)
@@ -645,6 +650,25 @@ class JobRunner:
                 f"interrupted: the replica {who} it ({record.replica}) stopped (last heartbeat "
                 f"{last_heartbeat}); start a new Train to retry — checkpoints in "
                 f"jobs/{record.id}/checkpoints"))
+
+    def _adopt_publication(self, record: JobRecord) -> bool:
+        """If the store holds a version this job published, record the job PROMOTED with it,
+        whatever its events say (a stop can land between the publish and the child's last
+        event): the store is the truth. True when it did."""
+        for version in reversed(self._store.versions()):
+            try:
+                card = self._store.card(version)
+            except Exception:  # an unreadable card is the store's problem, not this job's
+                continue
+            if card.get("job_id") == record.id:
+                record.model_version = version
+                record.gate = card.get("gate") if isinstance(card.get("gate"), dict) else None
+                if _last_state(self._store.job_dir(record.id) / EVENTS_FILE) != JobState.PROMOTED:
+                    self._append_event(record.id, "state", state=JobState.PROMOTED.value,
+                                       version=version, reconciled=True)
+                self._finish(record, JobState.PROMOTED, event=False)
+                return True
+        return False
 
     def _adopt_outcome(self, record: JobRecord, state: JobState) -> None:
         """A final PROMOTED/REJECTED the child wrote itself: take its gate decision and version

@@ -115,7 +115,10 @@ def runner_config(config: ServerConfig) -> RunnerConfig:
         max_epochs=config.max_epochs,
         gate_defaults=GatePolicy(min_accuracy=config.min_accuracy,
                                  min_improvement=config.min_improvement),
+        # The operator's own min_improvement is always allowed, negative included (tolerate a
+        # small regression); requests may not go below it or 0, whichever is lower.
         gate_bounds=GateBounds(min_accuracy_floor=config.min_accuracy_floor,
+                               min_improvement_floor=min(0.0, config.min_improvement),
                                allow_class_change=config.allow_class_change_requests),
         heartbeat_s=config.job_heartbeat_s, stale_after_s=config.stale_job_after_s,
         processes=config.training_processes, **extra)

@@ -53,3 +53,19 @@ def test_serve_refuses_a_bad_value_with_one_line_and_exit_code_2(repo_root) -> N
     assert result.returncode == 2
     assert result.stderr.strip() == ("convserve serve: error: metrics_port=-5 is out of range: "
                                      "expected -1 (off) or 0..65535")
+
+
+def test_an_operators_negative_min_improvement_is_accepted_for_its_own_jobs(tmp_path: Path
+                                                                             ) -> None:
+    from service.errors import InvalidInput
+    from service.jobs import JobRunner, TrainParams
+    from service.server import runner_config
+    from service.store import ModelStore
+
+    settings = config.parse(["--min-improvement", "-0.02", "--store", str(tmp_path / "s")])
+    runner = JobRunner(ModelStore(settings.store), runner_config(settings))
+    policy = runner.validate(TrainParams())  # the server's own default: accepted
+    assert policy.min_improvement == -0.02
+    assert runner.validate(TrainParams(gate={"min_improvement": 0.01})).min_improvement == 0.01
+    with pytest.raises(InvalidInput, match="below this server.s floor -0.02"):
+        runner.validate(TrainParams(gate={"min_improvement": -0.5}))
