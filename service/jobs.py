@@ -879,4 +879,4 @@ def _age_s(iso_time: str, now: datetime) -> float:
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="microseconds")  # orders jobs made back to back

@@ -57,3 +57,16 @@ def test_train_benchmark_compares_both_loops(repo_root: Path, tmp_path: Path) ->
     ratio = float(re.search(r"ratio convserve / tutorial: ([\d.]+)", table).group(1))
     assert ratio == pytest.approx(int(rows["convserve"].replace(",", ""))
                                   / int(rows["tutorial"].replace(",", "")), rel=0.01)
+
+
+@pytest.mark.slow
+def test_the_profile_script_samples_a_live_server_per_stage(repo_root: Path, tmp_path: Path
+                                                            ) -> None:
+    out = tmp_path / "profile.md"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/profile_serve.py", "--callers", "8", "--seconds", "2",
+         "--out", str(out)], cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    shares = dict(re.findall(r"^\| ([^|]+?) \| ([\d.]+) % \|$", out.read_text(), re.MULTILINE))
+    assert "ONNX Runtime (Session.run)" in shares, shares
+    assert sum(map(float, shares.values())) == pytest.approx(100, abs=0.5)

@@ -201,8 +201,12 @@ def test_jobs_cancel_idempotency_queue_and_crash(store_dir, datasets) -> None:
     with running_server(store_dir, datasets, "--max-queued-jobs", "1") as server, \
             Client(server.address) as client:
         long_job = client.train("synthetic:5000", epochs=50, idempotency_key="long")
-        again = client.train("digits", epochs=1, idempotency_key="long")  # a retry
+        again = client.train("synthetic:5000", epochs=50, idempotency_key="long")  # a retry
         assert again.id == long_job.id
+        with pytest.raises(ClientError) as conflict:  # the key with other parameters
+            client.train("digits", epochs=1, idempotency_key="long")
+        assert conflict.value.code == grpc.StatusCode.ALREADY_EXISTS
+        assert long_job.id in conflict.value.details
         _wait_until(lambda: client.job(long_job.id).state == "RUNNING", 30)
         queued = client.train("digits", epochs=1)
         assert queued.state == "QUEUED" and queued.message.queue_position == 1
