@@ -6,6 +6,8 @@ import io
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from service import codec
@@ -350,3 +352,53 @@ print(json.dumps({{"shape": list(pixels.shape), "grew_mib": (after - before) / 1
     assert report["shape"] == [4, 32, 32, 3]
     one_image_mib = 4096 * 4096 * (4 + 3) / 2**20
     assert report["grew_mib"] <= one_image_mib + 16, report
+
+
+def _png_header(width: int, height: int, bit_depth: int, color_type: int) -> bytes:
+    """A PNG signature and IHDR chunk declaring any size, and no pixel data."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk
+            + struct.pack(">I", zlib.crc32(chunk)))
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(width=st.integers(1, 2**31 - 1), height=st.integers(1, 2**31 - 1),
+       depth_and_type=st.sampled_from([(1, 0), (8, 0), (16, 0), (8, 2), (16, 2), (8, 6), (4, 3)]),
+       tail=st.binary(max_size=64))
+def test_hostile_png_headers_are_refused_or_decoded_never_crash(width: int, height: int,
+                                                                  depth_and_type: tuple[int, int],
+                                                                  tail: bytes) -> None:
+    """Any declared size, mode and garbage after the header: a clear refusal (or, for a small
+    image whose data happens to decode, pixels); never another exception, never a huge
+    allocation (the limits are checked from the header first)."""
+    data = _png_header(width, height, *depth_and_type) + tail
+    try:
+        pixels = codec.decode_images(encoded_request(data), LIMITS)
+    except (InvalidInput, LimitExceeded) as error:
+        assert "encoded image" in str(error)
+    else:
+        assert pixels.shape == (1, 32, 32, 3) and width * height <= LIMITS.max_decoded_pixels
+
+
+@settings(max_examples=100, deadline=None, derandomize=True, database=None)
+@given(cut=st.integers(0, 2000), flips=st.lists(st.tuples(st.integers(0, 2000),
+                                                          st.integers(1, 255)), max_size=4))
+def test_truncated_and_corrupted_real_images_are_refused_cleanly(cut: int,
+                                                                  flips: list[tuple[int, int]]
+                                                                  ) -> None:
+    for fmt in ("PNG", "JPEG"):
+        data = bytearray(image_bytes(Image.fromarray(random_pixels(1, seed=5)[0]).resize((64, 48)),
+                                     fmt))
+        for where, mask in flips:
+            data[where % len(data)] ^= mask
+        data = data[:max(1, len(data) - cut)]
+        try:
+            pixels = codec.decode_images(encoded_request(bytes(data)), LIMITS)
+        except (InvalidInput, LimitExceeded) as error:
+            assert str(error).startswith("encoded image 1 of 1")
+        else:
+            assert pixels.shape == (1, 32, 32, 3)
