@@ -12,8 +12,8 @@ Knobs are named as in TF Serving: `max_batch_size`, `batch_timeout_s`, `max_enqu
 waiting; beyond it Predict answers RESOURCE_EXHAUSTED).
 
 The idle fast path (`inline_max_images`): a small request that finds the batcher idle (nothing
-queued, no batch running, no batching delay to wait for, and no other request within the last
-two inline runs) runs at once, in the caller's own coroutine on the event loop. That skips the
+queued, no batch running, no batching delay to wait for, and no other request arriving or
+running inline within the last inline run's duration) runs at once, in the caller's own coroutine on the event loop. That skips the
 queue, the batch loop's wake-up and the worker-thread hop, which at a few callers are a large
 part of the server's own cost. Under load it would be wrong: ORT would run on the loop's core
 instead of beside it, one image at a time, so requests that arrive close together always take
@@ -70,10 +70,10 @@ class DynamicBatcher:
         self._arrived = asyncio.Event()
         self._running = 0  # batches in flight (thread or inline)
         self.inline_batches = 0  # how many ran on the idle fast path (tests, metrics)
-        # Load detection for the fast path: the previous request's arrival, and a moving average
-        # of an inline run's duration. Requests arriving closer together than two inline runs
-        # mean callers are waiting on each other: they go through the batch loop instead.
-        self._last_arrival = 0.0
+        # Load detection for the fast path: when the last request arrived or ran inline, and a
+        # moving average of an inline run's duration. A request that comes less than one inline
+        # run after that found others arriving or waiting: it goes through the batch loop.
+        self._last_activity = 0.0
         self._inline_seconds = 0.0
         self.batch_sizes = batch_sizes or Histogram(
             "convserve_batch_size", "Images per ONNX Runtime call", BATCH_SIZE_BUCKETS)
@@ -89,10 +89,10 @@ class DynamicBatcher:
                                 f"waiting, limit {self._config.max_enqueued}); retry later")
         model = self._current_model()  # no model: answer now (NoModel), not from a batch
         now = time.perf_counter()
-        since_last, self._last_arrival = now - self._last_arrival, now
+        idle, self._last_activity = now - self._last_activity, now
         if (len(pixels) <= self._config.inline_max_images and not self._waiting
                 and not self._running and self._config.batch_timeout_s == 0
-                and since_last > 2 * self._inline_seconds):
+                and idle > self._inline_seconds):
             return model, self._run_inline(model, pixels)
         future = asyncio.get_running_loop().create_future()
         self._waiting.append(_Request(pixels, future))
@@ -111,7 +111,8 @@ class DynamicBatcher:
             return model.predict(pixels)
         finally:
             self._running -= 1
-            self._inline_seconds += 0.2 * (time.perf_counter() - started - self._inline_seconds)
+            self._last_activity = time.perf_counter()
+            self._inline_seconds += 0.2 * (self._last_activity - started - self._inline_seconds)
 
     async def run(self, stop: asyncio.Event) -> None:
         """The batch loop: runs until `stop` is set; fails what is still queued when it stops.

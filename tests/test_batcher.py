@@ -219,3 +219,43 @@ def test_batching_config_is_validated() -> None:
         BatchingConfig(max_batch_size=0)
     with pytest.raises(ValueError):
         BatchingConfig(batch_timeout_s=2)
+
+
+def test_a_lone_request_runs_at_once_on_the_loop_and_load_still_batches(loaded) -> None:
+    """The idle fast path: a request that finds the batcher idle runs in the caller's own
+    coroutine (no thread: the loop's thread makes the call); requests arriving together still
+    form batches in the worker thread, and every one gets its own rows."""
+    model = RecordingModel(loaded, delay_s=0.02)
+    threads: list[int] = []
+    original = model.predict
+
+    def predict(pixels: np.ndarray) -> np.ndarray:
+        threads.append(threading.get_ident())
+        return original(pixels)
+
+    model.predict = predict  # type: ignore[method-assign]
+    requests = [images(1, seed=n) for n in range(24)]
+
+    async def scenario(batcher):
+        loop_thread = threading.get_ident()
+        lone = await batcher.predict(requests[0])
+        assert threads == [loop_thread] and batcher.inline_batches == 1
+        burst = await asyncio.gather(*(batcher.predict(r) for r in requests[1:]))
+        return loop_thread, [lone, *burst]
+
+    (loop_thread, results), batcher = _run(scenario, model, BatchingConfig(inline_max_images=8))
+    for pixels, (_, probabilities) in zip(requests, results, strict=True):
+        np.testing.assert_allclose(probabilities, loaded.predict(pixels), rtol=1e-5, atol=1e-6)
+    # The burst: at most its first request ran inline; the rest formed batches off the loop.
+    assert batcher.inline_batches <= 2 and max(model.calls) > 1
+    assert any(thread != loop_thread for thread in threads)
+
+
+def test_requests_bigger_than_the_inline_limit_never_run_on_the_loop(loaded) -> None:
+    model = RecordingModel(loaded)
+
+    async def scenario(batcher):
+        return await batcher.predict(images(9))
+
+    _, batcher = _run(scenario, model, BatchingConfig(inline_max_images=8))
+    assert batcher.inline_batches == 0 and model.calls == [9]

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.request import urlopen
 
@@ -157,18 +158,24 @@ def test_sigterm_drains_every_worker_and_exits_zero(store_with_model) -> None:
         server.stop()
 
 
-@pytest.mark.parametrize("extra", [[], ["--workers", "2"]], ids=["one process", "two workers"])
-def test_a_busy_port_is_refused_with_one_line_and_exit_2(store_with_model, extra) -> None:
-    store, datasets = store_with_model
+def _serve_beside_a_listener(store: Path, datasets: Path, flags: Callable[[int], list[str]]
+                             ) -> tuple[int, subprocess.CompletedProcess[str]]:
+    """`convserve serve` with `flags(port)` while another socket listens on `port`."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         result = subprocess.run(
             [sys.executable, "-m", "service.cli", "serve", "--store", str(store),
-             "--datasets-root", str(datasets), "--port", str(port), "--metrics-port", "-1",
-             *extra], cwd=REPO_ROOT, env=python_env(), capture_output=True, text=True,
-            timeout=60)
+             "--datasets-root", str(datasets), *flags(port)], cwd=REPO_ROOT, env=python_env(),
+            capture_output=True, text=True, timeout=60)
+    return port, result
+
+
+@pytest.mark.parametrize("extra", [[], ["--workers", "2"]], ids=["one process", "two workers"])
+def test_a_busy_port_is_refused_with_one_line_and_exit_2(store_with_model, extra) -> None:
+    port, result = _serve_beside_a_listener(
+        *store_with_model, lambda port: ["--port", str(port), "--metrics-port", "-1", *extra])
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"convserve serve: error: gRPC port {port} on 127.0.0.1 is already in use (Address "
@@ -177,16 +184,9 @@ def test_a_busy_port_is_refused_with_one_line_and_exit_2(store_with_model, extra
 
 
 def test_a_busy_metrics_port_is_refused_with_one_line_naming_it(store_with_model) -> None:
-    store, datasets = store_with_model
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, "-m", "service.cli", "serve", "--store", str(store),
-             "--datasets-root", str(datasets), "--port", "0", "--metrics-port", str(port),
-             "--log-level", "WARNING"], cwd=REPO_ROOT, env=python_env(), capture_output=True,
-            text=True, timeout=60)
+    port, result = _serve_beside_a_listener(
+        *store_with_model,
+        lambda port: ["--port", "0", "--metrics-port", str(port), "--log-level", "WARNING"])
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"convserve serve: error: metrics port {port} on 127.0.0.1 is not available (Address "
