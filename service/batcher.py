@@ -12,12 +12,12 @@ Knobs are named as in TF Serving: `max_batch_size`, `batch_timeout_s`, `max_enqu
 waiting; beyond it Predict answers RESOURCE_EXHAUSTED).
 
 The idle fast path (`inline_max_images`): a small request that finds the batcher idle (nothing
-queued, no batch running, no batching delay to wait for, and no other request arriving or
-running inline within the last inline run's duration) runs at once, in the caller's own coroutine on the event loop. That skips the
-queue, the batch loop's wake-up and the worker-thread hop, which at a few callers are a large
-part of the server's own cost. Under load it would be wrong: ORT would run on the loop's core
-instead of beside it, one image at a time, so requests that arrive close together always take
-the batch loop. Measured in docs/benchmarks.md.
+queued, no batch running, no batching delay to wait for, and no request arriving, running
+inline or finishing a batch within the last inline run's duration) runs at once, in the
+caller's own coroutine on the event loop. That skips the queue, the batch loop's wake-up and
+the worker-thread hop, which at a few callers are a large part of the server's own cost. Under
+load it would be wrong: ORT would run on the loop's core instead of beside it, one image at a
+time, so requests that arrive close together always take the batch loop. Measured in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -153,6 +153,7 @@ class DynamicBatcher:
                     slots: asyncio.Semaphore) -> None:
         running.discard(task)
         self._running -= 1
+        self._last_activity = time.perf_counter()  # a batch just ended: callers are busy
         slots.release()
 
     async def _take_batch(self) -> list[_Request]:

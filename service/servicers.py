@@ -22,7 +22,6 @@ from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 import grpc
-import numpy as np
 
 from service import codec, messages
 from service.batcher import DynamicBatcher
@@ -160,17 +159,16 @@ class InferenceServicer(_Measured, pb_grpc.InferenceServicer):
         self._batcher = batcher
         self._decode_pool = decode_pool
 
-    async def _decode(self, request: pb.PredictRequest) -> np.ndarray:
-        """Validated pixels; bad input stops here, before any queue."""
-        if request.WhichOneof("images") == "encoded" or len(request.raw.data) > INLINE_RAW_BYTES:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._decode_pool, codec.decode_images, request, self._limits)
-        return codec.decode_images(request, self._limits)  # small raw: a view, microseconds
-
     @rpc
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
                       ) -> pb.PredictResponse:
-        pixels = await self._decode(request)
+        # Validated pixels: bad input stops here, before any queue. Small raw images are a view
+        # of the request's bytes (microseconds): on the loop; everything heavier: in the pool.
+        if request.WhichOneof("images") == "encoded" or len(request.raw.data) > INLINE_RAW_BYTES:
+            pixels = await asyncio.get_running_loop().run_in_executor(
+                self._decode_pool, codec.decode_images, request, self._limits)
+        else:
+            pixels = codec.decode_images(request, self._limits)
         if request.version:
             # A pinned version is rare and may need loading: its own call, off the event loop.
             model = await asyncio.to_thread(self._manager.get, request.version)
