@@ -525,7 +525,7 @@ class JobRunner:
         self._absorb(record, tail)  # the last epoch's numbers
         last_state = _last_state(self._store.job_dir(record.id) / EVENTS_FILE)
         if (outcome != "exited" or code != 0) and self._adopt_publication(record):
-            pass  # stopped or failed after its model was published: it was promoted
+            log.warning("job %s: stopped after its model was published: PROMOTED", record.id)
         elif outcome == "cancelled":
             self._finish(record, JobState.CANCELLED, error="cancelled")
         elif outcome == "stopped":
@@ -661,8 +661,7 @@ class JobRunner:
             except Exception:  # an unreadable card is the store's problem, not this job's
                 continue
             if card.get("job_id") == record.id:
-                record.model_version = version
-                record.gate = card.get("gate") if isinstance(card.get("gate"), dict) else None
+                record.model_version, record.gate = version, _gate_of(card)
                 if _last_state(self._store.job_dir(record.id) / EVENTS_FILE) != JobState.PROMOTED:
                     self._append_event(record.id, "state", state=JobState.PROMOTED.value,
                                        version=version, reconciled=True)
@@ -674,7 +673,7 @@ class JobRunner:
         """A final PROMOTED/REJECTED the child wrote itself: take its gate decision and version
         from the job's card (the child wrote its final state event too)."""
         card = self._card(record.id)
-        record.gate = card.get("gate") if isinstance(card.get("gate"), dict) else None
+        record.gate = _gate_of(card)
         version = card.get("version")
         record.model_version = version if isinstance(version, int) else None
         self._finish(record, state, event=False)
@@ -816,6 +815,11 @@ async def _first_of(timeout: float, *awaitables: Any) -> None:
     finally:
         for task in tasks:
             task.cancel()
+
+
+def _gate_of(card: dict[str, Any]) -> dict[str, Any] | None:
+    gate = card.get("gate")
+    return gate if isinstance(gate, dict) else None
 
 
 def _is_training_process(pid: int, job_id: str) -> bool:

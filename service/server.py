@@ -147,7 +147,7 @@ async def start(config: ServerConfig, role: WorkerRole | None = None) -> Replica
     if runs_jobs:
         recovered = await asyncio.to_thread(runner.recover)
         if recovered:
-            log.warning("marked %d interrupted jobs FAILED: %s", len(recovered),
+            log.warning("recovered %d jobs whose replica is gone (see their records): %s", len(recovered),
                         ", ".join(recovered))
     await asyncio.to_thread(manager.refresh)  # serve the promoted model from the first call
 
@@ -260,7 +260,7 @@ async def _recover_jobs(replica: Replica) -> None:
             log.exception("job recovery failed")
             continue
         if recovered:
-            log.warning("marked %d interrupted jobs FAILED: %s", len(recovered),
+            log.warning("recovered %d jobs whose replica is gone (see their records): %s", len(recovered),
                         ", ".join(recovered))
 
 
