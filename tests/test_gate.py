@@ -199,3 +199,48 @@ def test_concurrent_jobs_are_serialised_and_the_better_model_wins(tmp_path, mode
     else:
         assert results["bad"]["decision"]["champion_version"] == results["good"]["version"]
     assert len(store.versions()) == 1 + results["bad"]["promoted"]
+
+
+def _champion_claiming(store: ModelStore, model: Path, accuracy: float, recall: float) -> int:
+    """Publish `model` as the champion with a card whose numbers are made up: a gate that read
+    them instead of re-scoring the file would decide differently."""
+    card = {"metrics": {"onnx_val_accuracy": accuracy, "accuracy": accuracy,
+                        "per_class_recall": {str(i): recall for i in range(10)}}}
+    result = store.publish(model, card, lambda _: {"promoted": True, "reason": "test"},
+                           actor="test")
+    assert result.version is not None
+    return result.version
+
+
+@pytest.mark.parametrize("champion_name, claimed, candidate_name, promoted", [
+    ("good", 0.0, "bad", False),   # the card undersells a strong champion: still rejected
+    ("bad", 1.0, "good", True),    # the card oversells a weak champion: still promoted
+], ids=["card-undersells", "card-oversells"])
+def test_the_champion_is_rescored_on_the_candidates_split_not_read_from_its_card(
+        tmp_path, models, val_split, champion_name: str, claimed: float, candidate_name: str,
+        promoted: bool) -> None:
+    classes, images, labels = val_split
+    store = ModelStore(tmp_path)
+    _champion_claiming(store, models[champion_name], accuracy=claimed, recall=claimed)
+    rescored = OnnxClassifier(models[champion_name]).score(images, labels).accuracy
+    candidate = OnnxClassifier(models[candidate_name]).score(images, labels).accuracy
+    # The card's number and the re-scored one give opposite verdicts, each by several images.
+    assert (candidate >= rescored) is promoted and (candidate >= claimed) is not promoted
+    assert min(abs(candidate - rescored), abs(candidate - claimed)) > 4 / len(labels)
+
+    result = _publish(store, models[candidate_name], val_split, min_accuracy=0.0)
+    assert result.promoted is promoted, result.decision["reason"]
+    assert result.decision["champion_accuracy"] == pytest.approx(rescored)
+
+
+def test_the_per_class_recall_floor_uses_the_rescored_champion(tmp_path, models, val_split
+                                                                ) -> None:
+    """The champion's card claims zero recall everywhere, so no candidate could drop below it;
+    re-scored, the strong champion's recall is high and the weak candidate drops far below."""
+    store = ModelStore(tmp_path)
+    _champion_claiming(store, models["good"], accuracy=0.0, recall=0.0)
+    result = _publish(store, models["bad"], val_split, min_accuracy=0.0, min_improvement=-1.0,
+                      max_class_recall_drop=0.2)
+    assert not result.promoted
+    assert max(result.decision["class_recall_drops"].values()) > 0.2
+    assert "recall" in result.decision["reason"]
