@@ -7,6 +7,8 @@ import math
 import os
 import pickle
 import socket
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import python_env
 from training.data import DATASET_NAMES_HELP, Dataset, DatasetError, load_dataset
 
 DIGITS_TOTAL = 1797
@@ -476,14 +479,29 @@ def test_folder_skips_fifo_named_like_an_image(tmp_path: Path) -> None:
     assert len(ds.train_labels) + len(ds.val_labels) == 4
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
-                    reason="root ignores directory permissions")
 def test_folder_unlistable_class_dir_is_a_dataset_error(tmp_path: Path) -> None:
     make_class_tree(tmp_path / "ds", {"a": RED, "b": GREEN}, per_class=2)
     locked = tmp_path / "ds" / "b"
     locked.chmod(0)
     try:
-        expect_error("folder:ds", tmp_path, str(locked))
+        if os.geteuid() != 0:
+            expect_error("folder:ds", tmp_path, str(locked))
+            return
+        # Root passes permission bits through CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH (and CI
+        # runs as root): load in a child without them (util-linux's setpriv), so the refusal
+        # is real there too.
+        script = ("import sys; from pathlib import Path\n"
+                  "from training.data import DatasetError, load_dataset\n"
+                  "try:\n    load_dataset('folder:ds', Path(sys.argv[1]))\n"
+                  "except DatasetError as error:\n    print(error)\n"
+                  "else:\n    print('loaded: the locked directory was read')\n")
+        result = subprocess.run(
+            ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--",
+             sys.executable, "-c", script, str(tmp_path)],
+            env=python_env(), capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        message = result.stdout.strip()
+        assert "\n" not in message and str(locked) in message, message
     finally:
         locked.chmod(0o755)
 
