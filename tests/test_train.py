@@ -59,8 +59,21 @@ def test_cpu_training_is_repeatable_with_a_seed(tmp_path, small_data) -> None:
 
 
 def test_compiled_training_runs_on_cpu_and_reports_compile_time(tmp_path, small_data) -> None:
+    from torch._dynamo.utils import counters
+
+    # Dynamo's own counters prove the step went through torch.compile: one frame captured into
+    # one graph (no recompilation across the two epochs, no graph break), compiled by
+    # AOTAutograd and Inductor. The eager run captures nothing.
+    torch._dynamo.reset()
+    counters.clear()
     result = _train(tmp_path, small_data, epochs=2, compile="on")
+    captured = {name: dict(values) for name, values in counters.items()}
+    assert captured["stats"]["unique_graphs"] == 1 and captured["frames"]["ok"] >= 1, captured
+    assert captured["aot_autograd"]["ok"] >= 1 and "inductor" in captured, captured
+    assert not captured.get("graph_break"), captured
+    counters.clear()
     eager = _train(tmp_path / "eager", small_data, epochs=2, compile="off")
+    assert not counters["stats"] and not counters["frames"]
     assert result.compiled and not eager.compiled and result.device == "cpu"
     assert result.compile_seconds > 0
     # The compiled graph computes the same function: the first step's loss (same init, same
