@@ -177,8 +177,17 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("loader", ["device", "dataloader"])
-def test_the_cuda_fast_path_trains_compiled_in_bf16_like_cpu(tmp_path: Path, loader: str) -> None:
+def test_the_cuda_fast_path_trains_compiled_in_bf16_like_cpu(tmp_path: Path, loader: str,
+                                                             monkeypatch) -> None:
     data = load_dataset("synthetic:2000", Path("unused"), seed=0)
+    autocasts: list[tuple[str, torch.dtype]] = []
+    real_autocast = torch.autocast
+
+    def recording_autocast(device_type: str, dtype=None, **kwargs):  # the step's precision
+        autocasts.append((device_type, dtype))
+        return real_autocast(device_type, dtype=dtype, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", recording_autocast)
     runs = {}
     for device in ("cuda", "cpu"):
         config = TrainConfig(dataset="synthetic:2000", epochs=4, device=device, loader=loader,
@@ -189,4 +198,7 @@ def test_the_cuda_fast_path_trains_compiled_in_bf16_like_cpu(tmp_path: Path, loa
     gpu = runs["cuda"]
     assert gpu.compiled and gpu.device.startswith("cuda") and gpu.compile_seconds > 0
     assert gpu.net.conv5.weight.is_contiguous(memory_format=torch.channels_last)
+    assert ("cuda", torch.bfloat16) in autocasts  # the CUDA steps ran in bf16 autocast
+    checkpoint = torch.load(tmp_path / "cuda" / "checkpoints" / "last.pt", weights_only=True)
+    assert checkpoint["optimizer"]["param_groups"][0]["fused"] is True  # fused Adam(W)
     assert abs(gpu.validation.accuracy - runs["cpu"].validation.accuracy) <= 0.1
