@@ -319,6 +319,16 @@ def test_encoded_images_decode_exactly_as_training_reads_them(tmp_path) -> None:
                                  codec.Limits())
     np.testing.assert_array_equal(served, trained_on)
     assert served[0].max() > 200 and served[0].min() < 50  # 16-bit scaled, not clipped white
+    # Both sides above share service.images; check them against Pillow used directly, written
+    # out here step by step: 16-bit scaled to 8 (/257, rounded), JPEG decoded at a reduced
+    # scale, RGB, a bilinear resize to 32x32.
+    wide = np.asarray(Image.open(tmp_path / "set" / "val" / "a" / "wide.png")).astype(np.float64)
+    wide8 = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8))
+    photo = Image.open(tmp_path / "set" / "val" / "b" / "photo.jpg")
+    photo.draft("RGB", (32, 32))
+    expected = [np.asarray(image.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR))
+                for image in (wide8, photo)]
+    np.testing.assert_array_equal(served, np.stack(expected))
 
 
 def test_decoding_a_request_at_every_limit_holds_one_image_at_a_time(tmp_path) -> None:

@@ -526,13 +526,18 @@ def confined(tmp_path: Path) -> tuple[Path, Path]:
     return root, outside
 
 
-@pytest.mark.parametrize("relative", ["../outside", "/etc", "a/../../outside", "..",
-                                      "a/../../../etc", "a\\..\\..\\outside", "./../outside",
-                                      "nul\x00byte"])
-def test_folder_path_escapes_are_refused(confined: tuple[Path, Path], relative: str) -> None:
+@pytest.mark.parametrize("relative, why", [
+    ("../outside", "must not contain '..'"), ("/etc", "not an absolute path"),
+    ("a/../../outside", "must not contain '..'"), ("..", "must not contain '..'"),
+    ("a/../../../etc", "must not contain '..'"), ("a\\..\\..\\outside", "must not contain '..'"),
+    ("./../outside", "must not contain '..'"), ("nul\x00byte", "contains a NUL byte")])
+def test_folder_path_escapes_are_refused(confined: tuple[Path, Path], relative: str,
+                                         why: str) -> None:
     root, _ = confined
     (root / "a").mkdir()
-    expect_error(f"folder:{relative}", root)
+    # Refused for the reason given, not merely "not found" (an escape that happened to miss
+    # would pass that).
+    expect_error(f"folder:{relative}", root, why)
 
 
 def test_folder_absolute_path_to_valid_dataset_is_refused(confined: tuple[Path, Path]) -> None:
