@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -78,7 +79,6 @@ def test_a_sigkilled_replica_takes_its_training_child_along_and_the_job_resumes(
     import json
     import os
     import signal
-    import time
 
     from service.client import Client
     from service.store import ModelStore
@@ -138,3 +138,47 @@ def test_memory_is_handed_back_across_model_swaps() -> None:
     rss = result["rss_mb"]
     # The median of the last five samples: one sample can land between a swap and its trim.
     assert statistics.median(rss[-5:]) <= 1.2 * rss[0], rss
+
+
+def test_data_loss_and_internal_errors_over_grpc_leave_the_server_serving(store_with_model,
+                                                                          onnx_models) -> None:
+    """README's promises: a stored model whose sha256 no longer matches is DATA_LOSS; a bug (here
+    a hand-edited card whose `input` is not a mapping) is INTERNAL with its traceback in the log;
+    either way the replica goes on serving."""
+    import json
+    import os
+
+    from service.client import Client, ClientError
+    from service.store import ModelStore
+    from tests.servers import publish
+
+    store_dir, datasets = store_with_model
+    store = ModelStore(store_dir)
+    assert publish(store, onnx_models["bad"]) == 2  # promoted: version 1 is now only pinnable
+    model = store.model_path(1)
+    os.chmod(model, 0o644)
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    card = model.with_name("card.json")
+    os.chmod(card, 0o644)
+    card.write_text(json.dumps({**json.loads(card.read_text()), "input": "not a mapping"}))
+
+    with running_server(store_dir, datasets) as server, Client(server.address) as client:
+        with pytest.raises(ClientError) as lost:
+            client.predict(images(1), version=1)
+        assert lost.value.code == grpc.StatusCode.DATA_LOSS and "sha256" in lost.value.details
+        with pytest.raises(ClientError) as bug:
+            client.model(1)
+        assert bug.value.code == grpc.StatusCode.INTERNAL
+        assert bug.value.details == "internal error (AttributeError); see server log"
+        # Still serving, and the log has the bug's traceback under its request id.
+        assert client.predict(images(2)).version == 2 and client.model().version == 2
+        def traceback_logged() -> bool:
+            return any(bug.value.request_id in line and "Traceback" in line
+                       and "AttributeError" in line for line in server.stderr_lines)
+
+        deadline = time.monotonic() + 30  # the log is read from the server's stderr by a thread
+        while not traceback_logged():
+            assert time.monotonic() < deadline, server.stderr_lines[-5:]
+            time.sleep(0.05)
