@@ -23,7 +23,8 @@ START_TIMEOUT_S = 120
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", type=Path, default=Path("runs/demo/store"))
-    parser.add_argument("--port", type=int, default=50051)
+    parser.add_argument("--port", type=int, default=50051, help="0: any free port")
+    parser.add_argument("--metrics-port", type=int, default=9090, help="-1: no metrics")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--stop", action="store_true", help="stop the server at the end")
 
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from service.client import Client
     from service.remote_cli import follow
 
-    server, address = start_server(args.store, args.port)
+    server, address = start_server(args.store, args.port, args.metrics_port)
     print(f"server:   {address} (pid {server.pid}, store {args.store}, log "
           f"{args.store / 'server.log'})")
     try:
@@ -63,11 +64,13 @@ def run(args: argparse.Namespace) -> int:
             server.wait(timeout=30)
 
 
-def start_server(store: Path, port: int) -> tuple[subprocess.Popen, str]:
+def start_server(store: Path, port: int, metrics_port: int = 9090
+                 ) -> tuple[subprocess.Popen, str]:
     store.mkdir(parents=True, exist_ok=True)
     log = (store / "server.log").open("ab")
     server = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--store", str(store), "--port", str(port)],
+        [sys.executable, "-m", "service.cli", "serve", "--store", str(store), "--port", str(port),
+         "--metrics-port", str(metrics_port)],
         stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True,
         start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     deadline = time.monotonic() + START_TIMEOUT_S

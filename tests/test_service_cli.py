@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,8 @@ import pytest
 
 from service.cli import STORE_ENV, main
 from service.store import ModelStore
+from tests.conftest import REPO_ROOT, python_env
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 CARD = {"dataset": {"name": "digits"}, "metrics": {"onnx_val_accuracy": 0.9}}
 
 
@@ -256,3 +257,21 @@ def test_import_pulls_in_no_heavy_dependencies() -> None:
                           text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == []
+
+
+@pytest.mark.slow
+def test_the_quick_start_demo_trains_promotes_predicts_and_stops(tmp_path: Path) -> None:
+    """`make demo`'s command with a short run: it must end 0, having promoted and predicted, and
+    leave no server behind with --stop."""
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "demo", "--store", str(tmp_path / "store"),
+         "--port", "0", "--metrics-port", "-1", "--epochs", "2", "--stop"],
+        cwd=REPO_ROOT, env=python_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-2000:])
+    out = result.stdout
+    pid = int(re.search(r"server: +\S+ \(pid (\d+)", out).group(1))
+    assert re.search(r"job \S+: PROMOTED", out), out
+    correct = int(re.search(r"(\d)/8 correct", out).group(1))
+    assert correct >= 6, out  # digits after 2 epochs: well above chance (1 in 10)
+    assert "still running" not in out
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
