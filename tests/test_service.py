@@ -401,3 +401,20 @@ def test_cli_commands_against_a_server(store_dir, datasets, onnx_models, tmp_pat
     down = cli("health", "--address", "127.0.0.1:9", "--timeout", "2")
     assert down.returncode == 1 and "UNAVAILABLE" in down.stderr
     assert "Traceback" not in unreachable.stderr
+
+
+def test_health_watch_streams_serving_once_a_model_is_promoted(store_dir, datasets,
+                                                               onnx_models) -> None:
+    """grpc.health.v1 Watch, as a load balancer uses it: NOT_SERVING on a replica without a
+    model, then SERVING on the same stream once a promotion reaches it."""
+    with running_server(store_dir, datasets) as server, \
+            grpc.insecure_channel(server.address) as channel:
+        stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(),
+                                                           timeout=120)
+        first = next(stream)
+        assert first.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        publish(ModelStore(store_dir), onnx_models["good"])  # what a job's promotion does
+        assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
+        stream.cancel()
+        # The liveness service was SERVING throughout: the process answered.
+        assert _health(server.address, "liveness") == health_pb2.HealthCheckResponse.SERVING
