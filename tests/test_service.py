@@ -418,3 +418,37 @@ def test_health_watch_streams_serving_once_a_model_is_promoted(store_dir, datase
         stream.cancel()
         # The liveness service was SERVING throughout: the process answered.
         assert _health(server.address, "liveness") == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_is_dropped_by_the_server(
+        store_dir, datasets, onnx_models) -> None:
+    """The server honours deadlines itself, not only the client: a request queued behind a long
+    batch, whose deadline passes while it waits, never reaches ONNX Runtime (the batch-size
+    histogram counts one call) and is recorded CANCELLED."""
+    from urllib.request import urlopen
+
+    publish(ModelStore(store_dir), onnx_models["good"])
+    big = pb.PredictRequest(raw=pb.RawImages(data=images(1024).tobytes(), dtype=pb.UINT8,
+                                             layout=pb.NHWC, shape=[1024, 32, 32, 3]))
+    small = pb.PredictRequest(raw=pb.RawImages(data=images(1).tobytes(), dtype=pb.UINT8,
+                                               layout=pb.NHWC, shape=[1, 32, 32, 3]))
+    with running_server(store_dir, datasets, "--intra-op-threads", "1") as server, \
+            grpc.insecure_channel(server.address) as channel:
+        predict = pb_grpc.InferenceStub(channel).Predict
+        predict(small, timeout=30)  # connected and warm
+        long_call = predict.future(big, timeout=60)
+        time.sleep(0.05)  # the 1024-image batch is running (~0.2 s of ORT on one thread)
+        with pytest.raises(grpc.RpcError) as late:
+            predict(small, timeout=0.05)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert long_call.result().shape == [1024, 10]
+
+        def metric(name: str) -> float:
+            text = urlopen(server.metrics_url, timeout=10).read().decode()
+            return sum(float(v) for v in re.findall(rf"^{re.escape(name)} (\S+)$", text,
+                                                    flags=re.MULTILINE))
+
+        cancelled = 'convserve_request_seconds_count{method="Predict",code="CANCELLED"}'
+        _wait_until(lambda: metric(cancelled) == 1, 10)
+        assert metric("convserve_batch_size_count") == 2  # the warm-up call and the big one
+        assert metric("convserve_batch_size_sum") == 1 + 1024
