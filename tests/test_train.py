@@ -103,13 +103,33 @@ def test_tensorboard_scalars_read_back(small_run) -> None:
     assert 0 < rates[0] <= 1e-3 and rates[-1] == pytest.approx(0.0, abs=1e-9)
 
 
-def test_progress_events_carry_epochs_rates_and_eta(small_run) -> None:
+def test_progress_events_carry_epochs_rates_and_eta(small_run, tmp_path, small_data) -> None:
     events = read_events(small_run.run_dir / "events.jsonl")
     epochs = [e for e in events if e["type"] == "epoch"]
     assert [e["epoch"] for e in epochs] == [1, 2]
     assert {"train_loss", "val_loss", "train_accuracy", "val_accuracy"} <= set(epochs[0])
     states = [e["state"] for e in events if e["type"] == "state"]
     assert states == ["LOADING_DATA", "TRAINING", "EXPORTING"]
+
+    # Every step's progress (no rate limit): images/s measured, and an ETA that counts down.
+    reporter = ProgressReporter(tmp_path / "events.jsonl", min_interval_s=0.0)
+    try:
+        train(TrainConfig(dataset=SMALL_SYNTHETIC, epochs=3, compile="off"), small_data,
+              tmp_path, reporter)
+    finally:
+        reporter.close()
+    progress = [e for e in read_events(tmp_path / "events.jsonl") if e["type"] == "progress"]
+    steps = steps_per_epoch(len(small_data.train_labels), 64)
+    by_epoch = {epoch: [e for e in progress if e["epoch"] == epoch] for epoch in (1, 2, 3)}
+    for events in by_epoch.values():  # a rate needs a few steps: then one event per step
+        numbers = [e["step"] for e in events]
+        assert numbers == list(range(numbers[0], steps + 1)) and numbers[0] <= 3, numbers
+    assert all(e["images_per_s"] > 0 and e["eta_s"] is not None for e in progress)
+    etas = [e["eta_s"] for e in progress]
+    # Rate estimates wobble step to step, so the countdown is checked at the epochs' edges:
+    # each epoch starts with less left than the one before, and the run ends at about zero.
+    starts = [events[0]["eta_s"] for events in by_epoch.values()]
+    assert starts[0] > starts[1] > starts[2] and etas[-1] < min(starts) and etas[-1] < 0.5
 
 
 def test_resume_continues_the_epoch_count_and_matches_an_uninterrupted_run(
