@@ -9,6 +9,7 @@ import onnx
 import pytest
 import torch
 
+from tests.conftest import SMALL_SYNTHETIC
 from training.export import check_parity, export_onnx, serving_model
 from training.model import ConvNet, Preprocess
 from training.onnx_eval import OnnxClassifier
@@ -68,3 +69,54 @@ def test_parity_check_catches_a_model_that_differs_from_its_export(tmp_path) -> 
         net.conv7.bias.add_(torch.linspace(-2, 2, 10))  # the file no longer matches the model
     report = check_parity(model, path, images)
     assert not report.passed and report.max_abs_diff > 1e-3
+
+
+def test_a_run_whose_export_disagrees_with_torch_fails_and_publishes_nothing(tmp_path,
+                                                                             monkeypatch) -> None:
+    """README: "the run fails unless" parity holds. An exporter that writes a valid ONNX file
+    computing something else (the real export with one weight tensor scaled) must make the
+    whole run fail with ExportError, publish no version and leave the champion in place."""
+    from onnx import numpy_helper
+
+    from service.store import ModelStore
+    from tests.servers import publish
+    from training import gate, pipeline
+    from training.config import TrainConfig
+    from training.errors import ExportError
+    from training.progress import ProgressReporter, read_events
+
+    real_export = pipeline.export_onnx
+
+    def faulty_export(model, path, metadata):
+        written = real_export(model, path, metadata)
+        graph = onnx.load(str(written))
+        weight = next(t for t in graph.graph.initializer if len(t.dims) == 4)  # a conv kernel
+        weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5, weight.name))
+        onnx.save(graph, str(written))
+        return written
+
+    monkeypatch.setattr(pipeline, "export_onnx", faulty_export)
+    store = ModelStore(tmp_path / "store")
+    champion = publish(store, _untrained_model(tmp_path))
+    reporter = ProgressReporter(tmp_path / "run" / "events.jsonl")
+    with pytest.raises(ExportError, match="ONNX parity check failed"):
+        pipeline.run(TrainConfig(dataset=SMALL_SYNTHETIC, epochs=1, compile="off"),
+                     tmp_path / "run", reporter,
+                     publication=pipeline.Publication(store, gate.GatePolicy(min_accuracy=0.0),
+                                                      actor="test"))
+    reporter.close()
+    assert store.versions() == [champion] and store.promoted_version() == champion
+    card = json.loads((tmp_path / "run" / "card.json").read_text())
+    assert card["gate"]["promoted"] is False and "parity" in card["gate"]["reason"]
+    exported = [e for e in read_events(tmp_path / "run" / "events.jsonl") if e["type"] == "exported"]
+    assert exported and exported[0]["parity"]["max_abs_diff"] > exported[0]["parity"]["tolerance"]
+
+
+def _untrained_model(tmp_path):
+    """A champion to keep: the untrained ConvNet exported, with the classes of SMALL_SYNTHETIC."""
+    from training.data import load_dataset
+
+    classes = load_dataset(SMALL_SYNTHETIC, tmp_path, seed=0).classes
+    torch.manual_seed(0)
+    model = serving_model(ConvNet(len(classes)), Preprocess([0.5] * 3, [0.25] * 3))
+    return export_onnx(model, tmp_path / "champion" / "model.onnx", {"classes": list(classes)})
