@@ -112,6 +112,9 @@ def test_a_sigkilled_replica_takes_its_training_child_along_and_the_job_resumes(
     states = [e["state"] for e in map(json.loads, (job_dir / "events.jsonl").read_text()
                                       .splitlines()) if e.get("type") == "state"]
     assert states.count("INTERRUPTED") == 1 and states[-1] == "PROMOTED"
+    epochs = [e["epoch"] for e in map(json.loads, (job_dir / "events.jsonl").read_text()
+                                      .splitlines()) if e.get("type") == "epoch"]
+    assert epochs == [1, 2, 3, 4]  # resumed from its checkpoint: every epoch exactly once
     assert not os.path.exists(f"/proc/{child}") or not _alive(child)
 
 
