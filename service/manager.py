@@ -178,11 +178,12 @@ class ModelManager:
             log.exception("on_live callback failed for version %d", model.version)
 
     def release_replaced(self) -> bool:
-        """Once every replaced model has been freed (no batch holds it any more), return the
-        memory it used to the system; True when that happened now."""
-        if not self._released or any(ref() is not None for ref in self._released):
+        """When a replaced model has been freed (no batch holds it any more), return the memory
+        it used to the system; True when that happened now."""
+        alive = [ref for ref in self._released if ref() is not None]
+        if len(alive) == len(self._released):
             return False
-        self._released.clear()
+        self._released = alive
         release_freed_memory()
         return True
 

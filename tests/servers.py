@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from service.config import LISTENING_PREFIX, METRICS_PREFIX
+from service.pb.convserve.v1 import convserve_pb2 as pb
 from service.store import ModelStore
 from tests.conftest import REPO_ROOT, python_env
 
@@ -88,3 +89,9 @@ def publish(store: ModelStore, model: Path, accuracy: float = 0.5) -> int:
 
 def images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def predict_request(n: int, seed: int = 0) -> pb.PredictRequest:
+    """A Predict of `n` random uint8 NHWC images, for tests that use the raw gRPC stubs."""
+    return pb.PredictRequest(raw=pb.RawImages(data=images(n, seed).tobytes(), dtype=pb.UINT8,
+                                              layout=pb.NHWC, shape=[n, 32, 32, 3]))

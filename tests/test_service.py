@@ -22,7 +22,7 @@ from service.pb.convserve.v1 import convserve_pb2 as pb
 from service.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from service.store import ModelStore
 from tests.conftest import REPO_ROOT, python_env
-from tests.servers import images, publish, running_server
+from tests.servers import images, predict_request, publish, running_server
 from training.onnx_eval import OnnxClassifier
 
 pytestmark = pytest.mark.slow
@@ -334,10 +334,7 @@ def test_sigterm_drains_and_exits_zero(store_dir, datasets, onnx_models) -> None
     import signal
 
     publish(ModelStore(store_dir), onnx_models["good"])
-    big = pb.PredictRequest(raw=pb.RawImages(data=images(1024).tobytes(), dtype=pb.UINT8,
-                                             layout=pb.NHWC, shape=[1024, 32, 32, 3]))
-    small = pb.PredictRequest(raw=pb.RawImages(data=images(1).tobytes(), dtype=pb.UINT8,
-                                               layout=pb.NHWC, shape=[1, 32, 32, 3]))
+    big, small = predict_request(1024), predict_request(1)
     with running_server(store_dir, datasets, "--intra-op-threads", "1") as server, \
             grpc.insecure_channel(server.address) as channel:
         predict = pb_grpc.InferenceStub(channel).Predict
@@ -462,10 +459,7 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_dropped_by_the_server(
     from urllib.request import urlopen
 
     publish(ModelStore(store_dir), onnx_models["good"])
-    big = pb.PredictRequest(raw=pb.RawImages(data=images(1024).tobytes(), dtype=pb.UINT8,
-                                             layout=pb.NHWC, shape=[1024, 32, 32, 3]))
-    small = pb.PredictRequest(raw=pb.RawImages(data=images(1).tobytes(), dtype=pb.UINT8,
-                                               layout=pb.NHWC, shape=[1, 32, 32, 3]))
+    big, small = predict_request(1024), predict_request(1)
     with running_server(store_dir, datasets, "--intra-op-threads", "1") as server, \
             grpc.insecure_channel(server.address) as channel:
         predict = pb_grpc.InferenceStub(channel).Predict

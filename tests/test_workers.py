@@ -23,7 +23,7 @@ from service.pb.convserve.v1 import convserve_pb2 as pb
 from service.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from service.store import ModelStore
 from tests.conftest import REPO_ROOT, python_env
-from tests.servers import ServerProcess, images, running_server
+from tests.servers import ServerProcess, predict_request, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -66,9 +66,7 @@ def test_two_workers_on_one_port_both_answer_predict(store_with_model) -> None:
         channels = _connections_per_worker(server)
         for worker, channel in channels.items():
             before = _calls(server.metrics_urls[worker], "Predict")
-            raw = pb.RawImages(data=images(3).tobytes(), dtype=pb.UINT8, layout=pb.NHWC,
-                               shape=[3, 32, 32, 3])
-            reply = pb_grpc.InferenceStub(channel).Predict(pb.PredictRequest(raw=raw), timeout=30)
+            reply = pb_grpc.InferenceStub(channel).Predict(predict_request(3), timeout=30)
             assert reply.model_version == 1 and list(reply.shape) == [3, 10]
             assert _calls(server.metrics_urls[worker], "Predict") == before + 1
             channel.close()
@@ -120,14 +118,13 @@ def test_sigterm_drains_every_worker_and_exits_zero(store_with_model) -> None:
         outcomes: dict[int, list[str]] = {worker: [] for worker in channels}
         stop = threading.Event()
         details: list[str] = []
-        raw = pb.RawImages(data=images(1).tobytes(), dtype=pb.UINT8, layout=pb.NHWC,
-                           shape=[1, 32, 32, 3])
+        request = predict_request(1)
 
         def load(worker: int) -> None:  # calls in flight on each worker when SIGTERM lands
             stub = pb_grpc.InferenceStub(channels[worker])
             while not stop.is_set():
                 try:
-                    stub.Predict(pb.PredictRequest(raw=raw), timeout=30)
+                    stub.Predict(request, timeout=30)
                     outcomes[worker].append("OK")
                 except grpc.RpcError as error:
                     outcomes[worker].append(error.code().name)
