@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -333,7 +334,8 @@ def cpu_seconds(pid: int) -> float:
 def child_pids(pid: int) -> list[int]:
     children = []
     for task in Path(f"/proc/{pid}/task").glob("*/children"):
-        children += [int(c) for c in task.read_text().split()]
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread ended
+            children += [int(c) for c in task.read_text().split()]
     return children
 
 

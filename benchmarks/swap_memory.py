@@ -4,14 +4,15 @@
 
 Publishes two versions of the ConvNet into a fresh store, starts `convserve serve`, keeps two
 callers sending Predict, and promotes the other version N times, waiting each time until Predict
-is answered by it (the swap happened). Prints the server's RSS after the first swap and after
-every later one, and the ratio last / first (the goal: ≤ 1.2). tests/test_hostile.py runs it.
+is answered by it (the swap happened) and its memory released. Prints the server's RSS after the
+first swap and after every later one, and the ratio last / first (the goal: ≤ 1.2).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import threading
@@ -32,6 +33,25 @@ def two_versions(root: Path) -> Path:
     store.publish(model, store.card(1), lambda _: {"promoted": True, "reason": "second"},
                   actor="benchmark")
     return store_root
+
+
+def released(server: bench.Server) -> None:
+    """Wait until the replaced model's memory is handed back (its last batch let go and the next
+    poll trimmed the heap), as the server reports it. A checkout from before that metric gets
+    a fixed 0.6 s: the old session's last batches end and a 0.1 s poll frees it."""
+    from urllib.request import urlopen
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        text = urlopen(server.metrics_urls[0], timeout=10).read().decode()
+        pending = re.search(r"^convserve_replaced_models_unreleased (\S+)$", text, re.MULTILINE)
+        if pending is None:
+            time.sleep(0.6)
+            return
+        if float(pending.group(1)) == 0:
+            return
+        time.sleep(0.01)
+    raise SystemExit("a replaced model was not released within 60 s")
 
 
 def measure(swaps: int, server_args: list[str], cwd: Path) -> dict:
@@ -77,7 +97,7 @@ def measure(swaps: int, server_args: list[str], cwd: Path) -> dict:
                     if time.monotonic() > deadline:
                         raise SystemExit(f"swap {swap + 1}: version {target} not served in 60 s")
                     time.sleep(0.01)
-                time.sleep(0.6)  # the old session's last batches finish; the next poll frees it
+                released(server)
                 rss.append(bench.rss_mb(server.process.pid))
         finally:
             stop.set()

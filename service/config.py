@@ -70,6 +70,7 @@ class ServerConfig:
     training_python: str = ""          # interpreter for training jobs ("" = this one)
     training_processes: int = 1       # > 1: jobs run data-parallel under torchrun (one per GPU)
     job_heartbeat_s: float = 2.0
+    job_progress_interval_s: float = 1.0  # a job's progress events, at most one per interval
     stale_job_after_s: float = 20.0
     grace_period_s: float = 10.0       # calls in flight may finish this long after SIGTERM
     log_level: str = "INFO"
@@ -118,6 +119,8 @@ class ServerConfig:
         _check(self.min_accuracy >= self.min_accuracy_floor, "min_accuracy", self.min_accuracy,
                f">= min_accuracy_floor ({self.min_accuracy_floor})")
         _check(self.intra_op_threads >= 0, "intra_op_threads", self.intra_op_threads, ">= 0")
+        _check(0.0 <= self.job_progress_interval_s <= 60, "job_progress_interval_s",
+               self.job_progress_interval_s, "0..60")
         _check(1 <= self.training_processes <= 64, "training_processes", self.training_processes,
                "1..64")
         _check(self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",

@@ -193,6 +193,7 @@ class RunnerConfig:
     child_env: dict[str, str] | None = None   # extra environment for the child
     cancel_grace_s: float = 5.0               # SIGTERM, then SIGKILL after this long
     compile: str = "auto"                     # the child's --compile
+    progress_interval_s: float = 1.0          # the child's --progress-interval-s
     processes: int = 1                        # > 1: data-parallel under torchrun (one per GPU)
 
 
@@ -577,6 +578,7 @@ class JobRunner:
                 "--seed", str(p.seed), "--val-fraction", repr(float(p.val_fraction)),
                 "--out", str(self._store.job_dir(record.id)), "--store", str(self._store.root),
                 "--job-id", record.id, "--compile", c.compile,
+                "--progress-interval-s", repr(float(c.progress_interval_s)),
                 "--augment", p.augment, "--schedule", p.schedule,
                 "--label-smoothing", repr(float(p.label_smoothing)),
                 "--weight-decay", repr(float(p.weight_decay)),

@@ -177,6 +177,12 @@ class ModelManager:
         except Exception:  # the swap stands; a listener's bug must not undo or hide it
             log.exception("on_live callback failed for version %d", model.version)
 
+    @property
+    def replaced_unreleased(self) -> int:
+        """Replaced models whose memory is not yet handed back: a batch still holds them, or the
+        next poll's release_replaced() has not run yet."""
+        return len(self._released)
+
     def release_replaced(self) -> bool:
         """When a replaced model has been freed (no batch holds it any more), return the memory
         it used to the system; True when that happened now."""

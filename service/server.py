@@ -28,6 +28,7 @@ from service.config import (
 )
 from service.guard import GuardedRegistration, count_unknown_methods
 from service.jobs import JobRunner, RunnerConfig, TrainParams
+from service.lifecycle import map_large_blocks_separately
 from service.loader import SessionSettings
 from service.manager import ModelManager
 from service.metrics import serve_http
@@ -121,6 +122,7 @@ def runner_config(config: ServerConfig) -> RunnerConfig:
                                min_improvement_floor=min(0.0, config.min_improvement),
                                allow_class_change=config.allow_class_change_requests),
         heartbeat_s=config.job_heartbeat_s, stale_after_s=config.stale_job_after_s,
+        progress_interval_s=config.job_progress_interval_s,
         processes=config.training_processes, **extra)
 
 
@@ -235,6 +237,7 @@ async def stop(replica: Replica, grace_s: float | None = None) -> None:
 
 async def serve(config: ServerConfig, role: WorkerRole | None = None) -> None:
     """Run until SIGTERM or SIGINT, then drain and return."""
+    map_large_blocks_separately()  # before any session is loaded (service/lifecycle.py)
     replica = await start(config, role)
     signalled = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -4,6 +4,7 @@
     convserve_batch_size                     histogram: images per ONNX Runtime call
     convserve_queue_images                   gauge: images waiting for a batch
     convserve_model_version                  gauge: the live version (0: none)
+    convserve_replaced_models_unreleased     gauge: replaced models whose memory is not yet freed
     convserve_jobs{state}                    gauge: jobs in the shared store by state
     convserve_training_images_per_second     gauge: this replica's running job (0: none)
 """
@@ -40,6 +41,9 @@ def replica_registry(requests: RequestMetrics, batcher: DynamicBatcher, manager:
                        lambda: batcher.queued_images))
     registry.add(Gauge("convserve_model_version", "The version serving Predict (0: none)",
                        lambda: manager.live_version or 0))
+    registry.add(Gauge("convserve_replaced_models_unreleased",
+                       "Replaced models whose memory is not yet handed back to the system",
+                       lambda: manager.replaced_unreleased))
     registry.add(Gauge("convserve_jobs", "Training jobs in the shared store, by state",
                        lambda: _jobs_by_state(runner), label_names=("state",)))
     registry.add(Gauge("convserve_training_images_per_second",

@@ -1,10 +1,10 @@
 """Runs the real gate against a real store in its own process, for the concurrency test.
 
-    python tests/gate_worker.py STORE MODEL --start-at UNIX_TIME [--hold S]
+    python tests/gate_worker.py STORE MODEL --barrier DIR [--hold S]
 
-Scores MODEL on the small synthetic validation split, waits until --start-at so that several
-workers race, and publishes through `gate.decide_against`, holding the lock --hold seconds
-longer to widen the race window. Prints the PublishResult as JSON.
+Scores MODEL on the small synthetic validation split, waits at the barrier (tests/barrier.py)
+so that several workers race, and publishes through `gate.decide_against`, holding the lock
+--hold seconds longer to widen the race window. Prints the PublishResult as JSON.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from service.store import ModelStore
+from tests.barrier import arrive_and_wait
 from tests.conftest import SMALL_SYNTHETIC
 from training import gate
 from training.data import load_dataset
@@ -30,7 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("store", type=Path)
     parser.add_argument("model", type=Path)
-    parser.add_argument("--start-at", type=float, required=True)
+    parser.add_argument("--barrier", type=Path, required=True)
     parser.add_argument("--hold", type=float, default=0.5)
     args = parser.parse_args()
 
@@ -47,7 +48,7 @@ def main() -> None:
         time.sleep(args.hold)
         return decision
 
-    time.sleep(max(0.0, args.start_at - time.time()))
+    arrive_and_wait(args.barrier)
     result = store.publish(args.model, {"metrics": {"onnx_val_accuracy": candidate.accuracy}},
                            slow_decide, actor=f"job:{args.model.stem}")
     print(json.dumps(dataclasses.asdict(result)))

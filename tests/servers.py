@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.request import urlopen
 
 import numpy as np
 
@@ -51,6 +53,13 @@ class ServerProcess:
                 raise RuntimeError(f"server exited {self.process.returncode}: "
                                    f"{self.process.stderr.read()[-3000:]}")
         raise RuntimeError("server did not start within 90 s")
+
+    def metric(self, sample: str) -> float:
+        """The value of one exact sample (name plus labels) on worker 0's /metrics; 0 if absent."""
+        assert self.metrics_url, "the server was started without a metrics port"
+        text = urlopen(self.metrics_url, timeout=10).read().decode()
+        return sum(float(v) for v in re.findall(rf"^{re.escape(sample)} (\S+)$", text,
+                                                flags=re.MULTILINE))
 
     def _drain(self) -> None:
         for line in self.process.stderr:

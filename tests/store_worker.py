@@ -1,7 +1,7 @@
 """Publish one model into a store from a separate process; used by tests/test_store.py.
 
     python tests/store_worker.py <store_root> <model_file> <accuracy>
-        [--hold-seconds S] [--start-at EPOCH] [--job-id ID]
+        [--hold-seconds S] [--barrier DIR] [--job-id ID]
 
 decide() promotes iff ``accuracy`` beats the champion card's metrics.onnx_val_accuracy (or there
 is no champion). It records what it saw and when (monotonic clock, system-wide on Linux), so the
@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from service.store import ModelStore
+from tests.barrier import arrive_and_wait
 
 
 def main() -> None:
@@ -29,7 +30,8 @@ def main() -> None:
     parser.add_argument("model_file", type=Path)
     parser.add_argument("accuracy", type=float)
     parser.add_argument("--hold-seconds", type=float, default=0.0)
-    parser.add_argument("--start-at", type=float, default=None, help="time.time() to start at")
+    parser.add_argument("--barrier", type=Path, default=None,
+                        help="start together with the other workers (tests/barrier.py)")
     parser.add_argument("--job-id", default=None)
     args = parser.parse_args()
 
@@ -50,8 +52,8 @@ def main() -> None:
             "left": time.monotonic(),
         }
 
-    if args.start_at is not None:
-        time.sleep(max(0.0, args.start_at - time.time()))
+    if args.barrier is not None:
+        arrive_and_wait(args.barrier)
     requested = time.monotonic()
     result = store.publish(
         args.model_file,

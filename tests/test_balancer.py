@@ -25,6 +25,7 @@ from service.client import Client
 from service.store import ModelStore
 from tests.conftest import REPO_ROOT
 from tests.servers import ServerProcess, images
+from tests.waits import wait_until
 
 pytestmark = pytest.mark.slow
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
@@ -49,14 +50,12 @@ def nginx_in_front_of(replicas: list[ServerProcess], prefix: Path) -> Iterator[s
     process = subprocess.Popen([NGINX, "-c", str(prefix / "nginx.conf"), "-p", str(prefix),
                                 "-g", "daemon off;"], stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 10
-        while True:
+        def listening() -> bool:
             assert process.poll() is None, f"nginx exited: {process.stderr.read()}"
             with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert time.monotonic() < deadline, "nginx did not listen within 10 s"
-            time.sleep(0.05)
+                return probe.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_until(listening, "nginx to listen")
         yield f"127.0.0.1:{port}"
     finally:
         process.send_signal(signal.SIGQUIT)  # graceful stop, by its PID
@@ -92,9 +91,8 @@ def test_two_replicas_behind_nginx(tmp_path: Path, store_with_model) -> None:
             promoted = store.promoted_version()
 
             # Predict through the balancer: both replicas serve, all with the promoted version.
-            deadline = time.monotonic() + 10
-            while client.predict(images(1)).version != promoted:
-                assert time.monotonic() < deadline, "replicas did not converge on the promotion"
+            wait_until(lambda: client.predict(images(1)).version == promoted,
+                       "the replicas to converge on the promotion", interval=0)
             before = [_predict_count(r) for r in replicas]
             versions = {client.predict(images(2, seed=i)).version for i in range(40)}
             assert versions == {promoted}

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from service.store import ModelStore
+from tests.barrier import release_when_ready
 from tests.conftest import SMALL_SYNTHETIC, python_env
 from training import gate
 from training.data import load_dataset
@@ -178,11 +179,12 @@ def test_a_corrupted_champion_is_not_scored_and_blocks_promotion(tmp_path, model
 def test_concurrent_jobs_are_serialised_and_the_better_model_wins(tmp_path, models, python,
                                                                   repo_root) -> None:
     """Two processes gate and publish at once: whoever goes second is judged against the first."""
-    start_at = time.time() + 8  # both interpreters import torch first
+    barrier = Path(tempfile.mkdtemp(prefix="barrier-", dir=tmp_path.parent))
     workers = [subprocess.Popen([python, str(repo_root / "tests" / "gate_worker.py"),
-                                 str(tmp_path), str(models[name]), "--start-at", str(start_at)],
+                                 str(tmp_path), str(models[name]), "--barrier", str(barrier)],
                                 env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True) for name in ("bad", "good")]
+    release_when_ready(barrier, len(workers))
     results = {}
     for name, worker in zip(("bad", "good"), workers, strict=True):
         out, err = worker.communicate(timeout=120)

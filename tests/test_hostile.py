@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import io
+import sys
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -15,6 +15,7 @@ from PIL import Image
 from service.pb.convserve.v1 import convserve_pb2 as pb
 from service.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from tests.servers import ServerProcess, images, predict_request, running_server
+from tests.waits import process_alive, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +77,6 @@ def test_a_sigkilled_replica_takes_its_training_child_along_and_the_job_resumes(
     the kernel (its parent died), keeps its last epoch's checkpoint and records INTERRUPTED; a
     replica restarted on the store records the job INTERRUPTED, not FAILED, and resumes it."""
     import json
-    import os
     import signal
 
     from service.client import Client
@@ -88,17 +88,12 @@ def test_a_sigkilled_replica_takes_its_training_child_along_and_the_job_resumes(
         with Client(first.address) as client:
             job = client.train("synthetic:640", epochs=4, min_accuracy=0.0)
             job_dir = ModelStore(store).job_dir(job.id)
-            deadline = time.monotonic() + 240
-            while not (job_dir / "checkpoints" / "last.pt").exists():  # an epoch is done
-                assert time.monotonic() < deadline, "no checkpoint within 240 s"
-                time.sleep(0.2)
+            wait_until((job_dir / "checkpoints" / "last.pt").exists, "an epoch's checkpoint",
+                       timeout=300, interval=0.2)
             child = json.loads((job_dir / "job.json").read_text())["pid"]
         first.process.send_signal(signal.SIGKILL)
         first.process.wait(timeout=30)
-        deadline = time.monotonic() + 60
-        while _alive(child):
-            assert time.monotonic() < deadline, "the training child outlived its replica"
-            time.sleep(0.1)
+        wait_until(lambda: not process_alive(child), "the training child to die with its replica")
     finally:
         first.stop()
     with running_server(store, datasets) as second, Client(second.address) as client:
@@ -114,34 +109,21 @@ def test_a_sigkilled_replica_takes_its_training_child_along_and_the_job_resumes(
     epochs = [e["epoch"] for e in map(json.loads, (job_dir / "events.jsonl").read_text()
                                       .splitlines()) if e.get("type") == "epoch"]
     assert epochs == [1, 2, 3, 4]  # resumed from its checkpoint: every epoch exactly once
-    assert not os.path.exists(f"/proc/{child}") or not _alive(child)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+    assert not process_alive(child)
 
 
 def test_memory_is_handed_back_across_model_swaps() -> None:
-    """20 promotions flipped under load (benchmarks/swap_memory.py): RSS stays at its size after
-    the first swap. Without handing freed heap back (malloc_trim once an old session is gone)
-    it climbed to 1.7x in the same measurement."""
-    import statistics
-    import sys
-
+    """20 promotions flipped under load (benchmarks/swap_memory.py): RSS, sampled once each
+    replaced model's memory is released, stays at its size after the first swap. Without the
+    fixed mmap threshold and malloc_trim (service/lifecycle.py) the same measurement gave a
+    median of 1.2-1.3x and a peak of 1.4-1.8x; with malloc_trim alone, 1.2x under CPU load."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import swap_memory
 
     result = swap_memory.measure(20, [], swap_memory.bench.REPO)
     assert result["errors"] == []
     rss = result["rss_mb"]
-    # The median over all 20 swaps: a sample can land while a replaced session's memory still
-    # waits for release (up to ~1.25x here), but the level must not climb. Before the fix the
-    # median was 1.36x the first sample (a sawtooth up to 1.7x).
-    assert statistics.median(rss) <= 1.15 * rss[0], rss
+    assert max(rss) <= 1.15 * rss[0], rss  # measured with the fix: at most 1.03x
 
 
 def test_data_loss_and_internal_errors_over_grpc_leave_the_server_serving(store_with_model,
@@ -178,11 +160,6 @@ def test_data_loss_and_internal_errors_over_grpc_leave_the_server_serving(store_
         assert bug.value.details == "internal error (AttributeError); see server log"
         # Still serving, and the log has the bug's traceback under its request id.
         assert client.predict(images(2)).version == 2 and client.model().version == 2
-        def traceback_logged() -> bool:
-            return any(bug.value.request_id in line and "Traceback" in line
-                       and "AttributeError" in line for line in server.stderr_lines)
-
-        deadline = time.monotonic() + 30  # the log is read from the server's stderr by a thread
-        while not traceback_logged():
-            assert time.monotonic() < deadline, server.stderr_lines[-5:]
-            time.sleep(0.05)
+        wait_until(lambda: any(bug.value.request_id in line and "Traceback" in line
+                               and "AttributeError" in line for line in server.stderr_lines),
+                   "the bug's traceback in the server log")

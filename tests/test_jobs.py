@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
@@ -87,7 +88,7 @@ def _states(store_dir: Path, job_id: str) -> list[str]:
     return [e["state"] for e in _events(store_dir, job_id) if e["type"] == "state"]
 
 
-def _group_gone(pgid: int, timeout: float = 10.0) -> bool:
+def _group_gone(pgid: int, timeout: float = 60.0) -> bool:
     """True once no process is left in the group (an orphan is reaped by init a moment later)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -187,7 +188,8 @@ def test_a_child_killed_by_sigkill_fails_the_job_naming_the_signal(store_dir: Pa
 
 
 def test_cancel_ends_a_running_child_and_a_queued_job_another_replica_cancelled(
-        store_dir: Path) -> None:
+        store_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="convserve.jobs")
     a, b = _runner(store_dir, "replica-a"), _runner(store_dir, "replica-b")
     running, queued = a.submit(TrainParams(**LONG)), a.submit(TrainParams(**TINY))
 
@@ -195,9 +197,7 @@ def test_cancel_ends_a_running_child_and_a_queued_job_another_replica_cancelled(
         record = await _until(_running(a, running.id), "the child to start")
         # Not the owner: leaves the marker and answers with the record as it stands.
         asked = await asyncio.to_thread(b.cancel, queued.id)
-        started = time.monotonic()
         cancelled = await asyncio.to_thread(a.cancel, running.id)  # the owner: waits for the end
-        assert time.monotonic() - started < 3.0  # SIGTERM did it, no SIGKILL after the grace
         await _until(lambda: a.get(queued.id).state.final, "the queued job")
         return record, asked, cancelled
 
@@ -206,6 +206,7 @@ def test_cancel_ends_a_running_child_and_a_queued_job_another_replica_cancelled(
     with pytest.raises(ProcessLookupError):
         os.kill(started.pid, 0)
     assert _states(store_dir, running.id)[-1] == "CANCELLED"
+    assert "ignored SIGTERM" not in caplog.text  # SIGTERM did it, no SIGKILL after the grace
 
     assert asked.state == JobState.QUEUED
     other = a.get(queued.id)
@@ -221,7 +222,9 @@ def _stubborn_python(tmp_path: Path) -> str:
     return str(script)
 
 
-def test_a_child_ignoring_sigterm_is_killed_after_the_grace(store_dir: Path) -> None:
+def test_a_child_ignoring_sigterm_is_killed_after_the_grace(
+        store_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="convserve.jobs")
     runner = _runner(store_dir, python=_stubborn_python(store_dir.parent), cancel_grace_s=0.5)
     job = runner.submit(TrainParams())
 
@@ -231,6 +234,7 @@ def test_a_child_ignoring_sigterm_is_killed_after_the_grace(store_dir: Path) -> 
 
     started, cancelled = _with_worker(runner, scenario)
     assert cancelled.state == JobState.CANCELLED
+    assert "ignored SIGTERM for 0.5 s: SIGKILL" in caplog.text
     assert _group_gone(started.pid)  # the shell and its sleep: the whole group
 
 

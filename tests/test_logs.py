@@ -6,7 +6,6 @@ import io
 import json
 import logging
 import re
-import time
 
 import grpc
 import pytest
@@ -16,6 +15,7 @@ from service.client import Client, ClientError
 from service.pb.convserve.v1 import convserve_pb2 as pb
 from service.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from tests.servers import images, running_server
+from tests.waits import wait_until
 
 
 class _Terminal(io.StringIO):
@@ -89,9 +89,12 @@ def test_the_server_logs_and_echoes_the_sdks_request_id(store_with_model) -> Non
             _, call = stub.GetModel.with_call(pb.GetModelRequest(), timeout=10,
                                               metadata=(("x-request-id", "no spaces allowed"),))
             assert re.fullmatch(r"[0-9a-f]{32}", dict(call.trailing_metadata())["x-request-id"])
-        time.sleep(0.5)  # let the drain thread catch up with stderr
-        calls = {(e.get("request_id"), e.get("method"), e.get("code"))
-                 for e in _json_lines(server.stderr_lines) if "method" in e}
-    assert (ok_id, "Predict", "OK") in calls
-    assert (refused.value.request_id, "Predict", "NOT_FOUND") in calls
-    assert ("caller-7", "GetModel", "OK") in calls
+        expected = {(ok_id, "Predict", "OK"), (refused.value.request_id, "Predict", "NOT_FOUND"),
+                    ("caller-7", "GetModel", "OK")}
+
+        def logged_calls() -> set[tuple]:
+            return {(e.get("request_id"), e.get("method"), e.get("code"))
+                    for e in _json_lines(server.stderr_lines) if "method" in e}
+
+        # The log reaches stderr_lines through a reader thread: wait for the lines, not a time.
+        wait_until(lambda: expected <= logged_calls(), "the three calls' log lines")

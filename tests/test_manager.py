@@ -312,29 +312,40 @@ def test_pinned_cache_is_a_bounded_lru(store: ModelStore, first: Path,
     np.testing.assert_array_equal(one.predict(pixels(2)), again.predict(pixels(2)))  # evicted ≠ dead
 
 
-def test_run_picks_up_a_promotion_within_a_second(store: ModelStore, first: Path,
-                                                  second: Path) -> None:
+def test_run_picks_up_a_promotion_at_its_next_poll(store: ModelStore, first: Path,
+                                                   second: Path) -> None:
+    """How soon is the poll interval's business (0.5 s by default); what is checked is that the
+    loop keeps polling and that the first poll after a promotion swaps it in."""
     publish(store, first)
     manager = ModelManager(store, SETTINGS, poll_interval_s=0.1)
+    polls = 0
+    refresh = manager.refresh
 
-    async def wait_for_version(version: int) -> float:
-        start = time.monotonic()
+    def counted_refresh() -> bool:
+        nonlocal polls
+        polls += 1
+        return refresh()
+
+    manager.refresh = counted_refresh  # type: ignore[method-assign]
+
+    async def until_live(version: int) -> None:
+        deadline = time.monotonic() + 60  # bounds a failure only
         while manager.live_version != version:
-            assert time.monotonic() - start < 5, f"version {version} never became live"
+            assert time.monotonic() < deadline, f"version {version} never became live"
             await asyncio.sleep(0.01)
-        return time.monotonic() - start
 
-    async def scenario() -> float:
+    async def scenario() -> int:
         stop = asyncio.Event()
         task = asyncio.create_task(manager.run(stop))
-        await wait_for_version(1)
+        await until_live(1)
         await asyncio.to_thread(publish, store, second)
-        elapsed = await wait_for_version(2)
+        published_at = polls  # a poll under way now may already see version 2
+        await until_live(2)
         stop.set()
-        await asyncio.wait_for(task, timeout=2)
-        return elapsed
+        await asyncio.wait_for(task, timeout=30)
+        return polls - published_at
 
-    assert asyncio.run(scenario()) < 1.0
+    assert asyncio.run(scenario()) <= 1
 
 
 def test_serving_modules_do_not_import_torch() -> None:

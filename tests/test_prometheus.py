@@ -7,7 +7,6 @@ import re
 import shutil
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -21,6 +20,7 @@ from service.metrics import Gauge, Histogram, Registry, serve_http
 from service.pb.convserve.v1 import convserve_pb2 as pb
 from service.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from tests.servers import images, running_server
+from tests.waits import wait_until
 
 
 def test_a_labelled_histogram_renders_one_series_per_label_set() -> None:
@@ -132,19 +132,16 @@ def test_a_real_prometheus_scrapes_a_replica(tmp_path: Path, store_with_model) -
              f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address={web}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
-            deadline = time.monotonic() + 60
-            while True:
+            def scraped() -> bool:
                 assert prometheus.poll() is None, prometheus.stderr.read()[-2000:]
-                assert time.monotonic() < deadline, "prometheus did not scrape within 60 s"
                 try:
-                    version = _query(web, "convserve_model_version")
-                    predicts = _query(web, 'convserve_request_seconds_count{method="Predict"}')
-                    up = _query(web, 'up{job="convserve"}')
+                    return (_query(web, "convserve_model_version") == 1
+                            and _query(web, 'convserve_request_seconds_count{method="Predict"}')
+                            == 1 and _query(web, 'up{job="convserve"}') == 1)
                 except OSError:
-                    version = predicts = up = None
-                if version == 1 and predicts == 1 and up == 1:
-                    break
-                time.sleep(0.5)
+                    return False
+
+            wait_until(scraped, "prometheus to scrape the replica", interval=0.5)
         finally:
             prometheus.terminate()
             prometheus.wait(timeout=30)

@@ -22,6 +22,7 @@ def test_a_flag_wins_over_its_environment_variable_which_wins_over_the_default()
     (["--max-batch-size", "0"], "max_batch_size=0 is out of range"),
     (["--batch-timeout-s", "2"], "batch_timeout_s=2.0 is out of range: expected 0..1"),
     (["--port", "many"], "--port='many' is not a valid int"),
+    (["--job-progress-interval-s", "-1"], "job_progress_interval_s=-1.0 is out of range: expected 0..60"),
 ])
 def test_an_invalid_value_is_one_clear_error(argv: list[str], message: str) -> None:
     with pytest.raises(config.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -23,6 +23,7 @@ from service.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from service.store import ModelStore
 from tests.conftest import REPO_ROOT, python_env
 from tests.servers import images, predict_request, publish, running_server
+from tests.waits import wait_until
 from training.onnx_eval import OnnxClassifier
 
 pytestmark = pytest.mark.slow
@@ -37,15 +38,6 @@ def store_dir(tmp_path: Path) -> Path:
 def datasets(tmp_path: Path) -> Path:
     (tmp_path / "datasets").mkdir()
     return tmp_path / "datasets"
-
-
-def _wait_until(condition, timeout: float, interval: float = 0.05) -> float:
-    """Seconds until `condition()` held; fails the test after `timeout`."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout, f"not within {timeout} s"
-        time.sleep(interval)
-    return time.monotonic() - started
 
 
 def _health(address: str, service: str = "") -> int:
@@ -80,7 +72,8 @@ def test_train_watch_promote_then_predict_from_the_new_version(store_dir, datase
         final = client.job(job.id)
         assert final.state == "PROMOTED" and final.model_version == 1
         assert final.message.gate.promoted and final.message.gate.candidate_accuracy >= 0.5
-        _wait_until(lambda: _health(server.address) == health_pb2.HealthCheckResponse.SERVING, 5)
+        wait_until(lambda: _health(server.address) == health_pb2.HealthCheckResponse.SERVING,
+                   "health SERVING")
 
         batch = images(5)
         prediction = client.predict(batch, top_k=3)
@@ -107,11 +100,78 @@ def test_a_rejected_candidate_never_changes_what_is_served(store_dir, datasets,
         final = client.wait(job.id, timeout=300)
         assert final.state == "REJECTED" and final.model_version == 0
         assert "min_improvement" in final.gate_reason
-        time.sleep(0.5)  # two poll intervals: a wrong swap would have happened by now
+        # The store holds only version 1, so no poll can swap anything in.
+        assert ModelStore(store_dir).versions() == [1]
         after = client.predict(batch)
         assert after.version == before.version == 1
         np.testing.assert_array_equal(after.probabilities, before.probabilities)
         assert ModelStore(store_dir).versions() == [1]
+
+
+def _run_in_terminal(args: list[str], timeout: float = 300) -> tuple[int, str]:
+    """Run a command whose stdout is a pseudo-terminal, as at a person's shell; return its exit
+    code and everything it drew."""
+    import os
+    import pty
+    import select
+
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(args, stdout=follower, stderr=follower, stdin=subprocess.DEVNULL,
+                               cwd=REPO_ROOT, env=python_env())
+    os.close(follower)
+    screen, deadline = bytearray(), time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([leader], [], [], 1.0)[0]:
+                try:
+                    data = os.read(leader, 65536)
+                except OSError:  # EIO: the last writer closed the terminal
+                    break
+                if not data:
+                    break
+                screen += data
+    finally:
+        os.close(leader)
+        if process.poll() is None:
+            process.kill()
+    return process.wait(timeout=30), screen.decode()
+
+
+BAR = re.compile(r"\r\[[#.]{30}\] epoch (\d+)/(\d+) step (\d+)/(\d+) ([\d,]+) img/s ETA "
+                 r"(\d+:\d\d(?::\d\d)?)")
+
+
+def test_progress_reaches_callers_as_rate_and_eta_and_a_bar_on_a_terminal(store_dir,
+                                                                         datasets) -> None:
+    """Progress every step (--job-progress-interval-s 0): the CLI draws its bar on a terminal,
+    prints plain lines to a pipe, and WatchJob's events carry images/s and a falling ETA."""
+    with running_server(store_dir, datasets, "--job-progress-interval-s", "0") as server:
+        cli = [sys.executable, "-m", "service.cli"]
+        code, screen = _run_in_terminal([*cli, "train", "--dataset", "digits", "--epochs", "3",
+                                         "--min-accuracy", "0", "--watch",
+                                         "--address", server.address])
+        assert code == 0, screen
+        job_id = re.search(r"job (\S+): (QUEUED|RUNNING)", screen).group(1)
+        assert re.search(rf"job {job_id}: PROMOTED \(promoted as version 1\)", screen), screen
+        bars = BAR.findall(screen)
+        assert {int(epoch) for epoch, *_ in bars} == {1, 2, 3}, screen[-2000:]
+        assert all(epochs == "3" and int(step) <= int(steps) and int(rate.replace(",", "")) > 0
+                   for _, epochs, step, steps, rate, _ in bars)
+        assert "\r\x1b[K" in screen  # an event's line first clears the bar it overwrites
+
+        piped = subprocess.run([*cli, "watch", job_id, "--address", server.address],
+                               cwd=REPO_ROOT, env=python_env(), capture_output=True, text=True,
+                               timeout=120, check=False)
+        assert piped.returncode == 0, piped.stderr
+        assert "\r" not in piped.stdout and "img/s" not in piped.stdout  # lines, no bar
+        assert f"job {job_id}: PROMOTED" in piped.stdout
+
+        with Client(server.address) as client:
+            progress = [e for e in client.watch(job_id) if e.type == "progress"]
+    assert progress and all(e.images_per_s > 0 and e.HasField("eta_s") for e in progress)
+    by_epoch = {epoch: [e.eta_s for e in progress if e.epoch == epoch] for epoch in (1, 2, 3)}
+    # Step-to-step estimates wobble; each epoch starts with less left than the one before.
+    assert by_epoch[1][0] > by_epoch[2][0] > by_epoch[3][0] > by_epoch[3][-1]
 
 
 # --- zero-downtime swaps -----------------------------------------------------------------------
@@ -121,7 +181,7 @@ def test_predict_under_load_across_a_promotion_loses_nothing(store_dir, datasets
     store = ModelStore(store_dir)
     publish(store, onnx_models["bad"], accuracy=0.1)
     with running_server(store_dir, datasets) as server:
-        results: list[tuple[float, int]] = []
+        seen: dict[int, list[int]] = {i: [] for i in range(16)}  # versions, per caller, in order
         failures: list[BaseException] = []
         stop = threading.Event()
 
@@ -132,25 +192,27 @@ def test_predict_under_load_across_a_promotion_loses_nothing(store_dir, datasets
                     try:
                         reply = client.predict(batch)
                         np.testing.assert_allclose(reply.probabilities.sum(), 1.0, atol=1e-5)
-                        results.append((time.monotonic(), reply.version))
+                        seen[seed].append(reply.version)
                     except BaseException as error:  # any failure at all is the finding
                         failures.append(error)
 
-        threads = [threading.Thread(target=caller, args=(i,)) for i in range(16)]
+        threads = [threading.Thread(target=caller, args=(i,)) for i in seen]
         for thread in threads:
             thread.start()
-        _wait_until(lambda: len(results) > 50, 30)
+        wait_until(lambda: all(len(versions) >= 5 for versions in seen.values()),
+                   "every caller to be answered by version 1")
         publish(store, onnx_models["good"], accuracy=0.9)
-        promoted_at = time.monotonic()
-        _wait_until(lambda: any(v == 2 for _, v in results), 5)
-        time.sleep(2.5)
+        # Then every caller gets well into version 2, however long the swap takes here.
+        wait_until(lambda: all(versions[-20:] == [2] * 20 for versions in seen.values()),
+                   "every caller to be answered by version 2 twenty times")
         stop.set()
         for thread in threads:
             thread.join(timeout=15)
 
     assert failures == []
-    assert {v for _, v in results} == {1, 2}
-    assert all(v == 2 for t, v in results if t > promoted_at + 2.0)
+    for versions in seen.values():  # each caller: version 1, then 2 for good, never back
+        switch = versions.index(2)
+        assert set(versions[:switch]) == {1} and set(versions[switch:]) == {2}
 
 
 def test_two_replicas_share_jobs_and_promotions(store_dir, datasets, onnx_models) -> None:
@@ -173,7 +235,7 @@ def test_two_replicas_share_jobs_and_promotions(store_dir, datasets, onnx_models
         # Both replicas serve the new version: each polls the pointer every 0.2 s here; the
         # bound is generous for a shared machine (how fast is benchmarks', not a test's, job).
         for client in (a, b):
-            _wait_until(lambda c=client: c.predict(images(1)).version == 2, 30)
+            wait_until(lambda c=client: c.predict(images(1)).version == 2, "version 2 served")
         assert [j.id for j in a.jobs()] == [j.id for j in b.jobs()]
 
 
@@ -211,7 +273,7 @@ def test_jobs_cancel_idempotency_queue_and_crash(store_dir, datasets) -> None:
             client.train("digits", epochs=1, idempotency_key="long")
         assert conflict.value.code == grpc.StatusCode.ALREADY_EXISTS
         assert long_job.id in conflict.value.details
-        _wait_until(lambda: client.job(long_job.id).state == "RUNNING", 30)
+        wait_until(lambda: client.job(long_job.id).state == "RUNNING", "the long job to run")
         queued = client.train("digits", epochs=1)
         assert queued.state == "QUEUED" and queued.message.queue_position == 1
         with pytest.raises(ClientError) as full:
@@ -342,18 +404,20 @@ def test_sigterm_drains_and_exits_zero(store_dir, datasets, onnx_models) -> None
         # Four 1024-image requests run one after another (the queue holds up to 4096 images):
         # about a second of work on one thread.
         in_flight = [predict.future(big, timeout=60) for _ in range(4)]
-        time.sleep(0.1)
+        # All four reached the server: the images it has started plus those still queued.
+        wait_until(lambda: server.metric("convserve_batch_size_sum")
+                   + server.metric("convserve_queue_images") == 1 + 4 * 1024, "four calls queued")
         server.process.send_signal(signal.SIGTERM)
-        refused = None
-        deadline = time.monotonic() + 10
-        while refused is None:  # new calls, on new connections, until the drain refuses them
-            assert time.monotonic() < deadline, "no call was refused within 10 s of SIGTERM"
+        def refusal() -> grpc.RpcError | None:  # a new call, on a new connection
             with grpc.insecure_channel(server.address) as fresh:
                 try:
                     health_pb2_grpc.HealthStub(fresh).Check(health_pb2.HealthCheckRequest(),
                                                             timeout=5)
                 except grpc.RpcError as error:
-                    refused = error
+                    return error
+            return None
+
+        refused = wait_until(refusal, "a new call to be refused during the drain", interval=0)
         still_running = sum(not call.done() for call in in_flight)
         # Refused by gRPC's core: UNAVAILABLE when the connection is refused, CANCELLED when it
         # was accepted just as the shutdown began (never an answer from a half-stopped server).
@@ -369,7 +433,7 @@ def test_sigterm_interrupts_a_training_job_that_another_replica_resumes(store_di
     continues it from the last finished epoch to a promoted model."""
     with running_server(store_dir, datasets) as first, Client(first.address) as client:
         job = client.train("digits", epochs=4, min_accuracy=0.0)
-        _wait_until(lambda: client.job(job.id).epoch >= 1, timeout=180, interval=0.2)
+        wait_until(lambda: client.job(job.id).epoch >= 1, "one epoch", timeout=300, interval=0.2)
         assert first.stop() == 0
     record = json.loads((store_dir / "jobs" / job.id / "job.json").read_text())
     assert record["state"] == "INTERRUPTED" and "convserve resume" in record["error"]
@@ -453,30 +517,24 @@ def test_health_watch_streams_serving_once_a_model_is_promoted(store_dir, datase
 
 def test_a_request_whose_deadline_passes_in_the_queue_is_dropped_by_the_server(
         store_dir, datasets, onnx_models) -> None:
-    """The server honours deadlines itself, not only the client: a request queued behind a long
-    batch, whose deadline passes while it waits, never reaches ONNX Runtime (the batch-size
-    histogram counts one call) and is recorded CANCELLED."""
-    from urllib.request import urlopen
-
+    """The server honours deadlines itself, not only the client: a request queued behind long
+    batches, whose deadline passes while it waits, never reaches ONNX Runtime (the batch-size
+    histogram never counts it) and is recorded CANCELLED."""
     publish(ModelStore(store_dir), onnx_models["good"])
     big, small = predict_request(1024), predict_request(1)
     with running_server(store_dir, datasets, "--intra-op-threads", "1") as server, \
             grpc.insecure_channel(server.address) as channel:
         predict = pb_grpc.InferenceStub(channel).Predict
         predict(small, timeout=30)  # connected and warm
-        long_call = predict.future(big, timeout=60)
-        time.sleep(0.05)  # the 1024-image batch is running (~0.2 s of ORT on one thread)
+        long_calls = [predict.future(big, timeout=60) for _ in range(4)]
+        # Batches run and at least one more waits: ~0.2 s of ORT each, on one thread.
+        wait_until(lambda: server.metric("convserve_queue_images") >= 1024, "a batch queued")
         with pytest.raises(grpc.RpcError) as late:
             predict(small, timeout=0.05)
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert long_call.result().shape == [1024, 10]
-
-        def metric(name: str) -> float:
-            text = urlopen(server.metrics_url, timeout=10).read().decode()
-            return sum(float(v) for v in re.findall(rf"^{re.escape(name)} (\S+)$", text,
-                                                    flags=re.MULTILINE))
+        assert [call.result().shape for call in long_calls] == [[1024, 10]] * 4
 
         cancelled = 'convserve_request_seconds_count{method="Predict",code="CANCELLED"}'
-        _wait_until(lambda: metric(cancelled) == 1, 10)
-        assert metric("convserve_batch_size_count") == 2  # the warm-up call and the big one
-        assert metric("convserve_batch_size_sum") == 1 + 1024
+        wait_until(lambda: server.metric(cancelled) == 1, "the dropped call counted")
+        assert server.metric("convserve_batch_size_count") == 5  # the warm-up and the big ones
+        assert server.metric("convserve_batch_size_sum") == 1 + 4 * 1024

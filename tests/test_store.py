@@ -9,7 +9,7 @@ import signal
 import stat
 import subprocess
 import sys
-import time
+import tempfile
 from datetime import datetime
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from service.store import (
     VersionNotFound,
     format_versions_table,
 )
+from tests.barrier import release_when_ready
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "store_worker.py"
@@ -100,18 +101,19 @@ def run_worker(
 
 
 def start_workers(root: Path, jobs: list[tuple[Path, float]], hold: float) -> list[dict]:
-    """Start workers together (common --start-at) and return their parsed results."""
-    start_at = time.time() + 0.5  # leaves time for every interpreter to start
+    """Start workers together (one barrier) and return their parsed results."""
+    barrier = Path(tempfile.mkdtemp(prefix="barrier-", dir=root.parent))
     procs = [
         subprocess.Popen(
             [sys.executable, str(WORKER), str(root), str(model), str(acc),
-             "--hold-seconds", str(hold), "--start-at", str(start_at)],
+             "--hold-seconds", str(hold), "--barrier", str(barrier)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
         for model, acc in jobs
     ]  # fmt: skip
+    release_when_ready(barrier, len(procs))
     results = []
     for proc in procs:
         out, err = proc.communicate(timeout=30)

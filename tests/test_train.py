@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import SMALL_SYNTHETIC, python_env
+from tests.waits import wait_until
 from training.batches import steps_per_epoch
 from training.config import TrainConfig
 from training.data import load_dataset
@@ -169,12 +169,12 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, python) -> None
             "--out", str(run_dir)]
     child = subprocess.Popen(args, env=python_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
+    def checkpointed() -> bool:
+        assert child.poll() is None, "training ended before its first checkpoint"
+        return checkpoint_path(run_dir).exists()
+
     try:
-        while not checkpoint_path(run_dir).exists():
-            assert child.poll() is None, "training ended before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint within 120 s"
-            time.sleep(0.05)
+        wait_until(checkpointed, "the first checkpoint", timeout=300)
         child.send_signal(signal.SIGKILL)
     finally:
         child.wait()

@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run directory (default: runs/<UTC time>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--progress-interval-s", type=float, default=1.0,
+                        help="at most one progress event per this many seconds (0: every step)")
     store = parser.add_argument_group("model store and gate (see README: 'Model store and gate')")
     store.add_argument("--store", type=Path, default=None,
                        help="gate the candidate and publish it to this model store if promoted")
@@ -122,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(error))
     if args.resume and args.out is None:
         parser.error("--resume needs --out, the run directory to continue")
+    if not 0 <= args.progress_interval_s <= 60:
+        parser.error(f"--progress-interval-s: expected 0..60, got {args.progress_interval_s}")
     run_dir = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: events and exit code say so
     # Imported here so that `--help` and argument errors answer without loading torch.
@@ -140,7 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         publication = Publication(ModelStore(args.store), policy, actor=actor, job_id=args.job_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     # Under torchrun only rank 0 reports; the other ranks train their shard and exit.
-    reporter = ProgressReporter(run_dir / "events.jsonl" if world.is_main else None)
+    reporter = ProgressReporter(run_dir / "events.jsonl" if world.is_main else None,
+                                min_interval_s=args.progress_interval_s)
     try:
         # A job's child dies with its replica (SIGTERM: recorded INTERRUPTED, resumable); a
         # replica restarted on the store then finds the job's true outcome (JobRunner.recover).
