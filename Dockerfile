@@ -18,12 +18,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
-# Dependencies first (pyproject's runtime list, pinned by the lock), so a code change does not
-# reinstall torch; the dev tools (pytest, ruff, ...) stay out of the image.
+# Dependencies first (pyproject's base list plus the serve and train extras, pinned by the lock),
+# so a code change does not reinstall torch; the dev tools (pytest, ruff, ...) stay out.
 WORKDIR /opt/convserve
 COPY pyproject.toml requirements.lock ./
 RUN python3 -m venv /opt/venv \
-    && python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+    && python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; extra = p['optional-dependencies']; print(*p['dependencies'], *extra['serve'], *extra['train'], sep='\n')" \
        > /tmp/runtime.txt \
     && pip install --constraint requirements.lock --requirement /tmp/runtime.txt \
     && rm /tmp/runtime.txt

@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+LAYOUT := build/layout
 # A CPU-only machine still installs the registry's standard (CUDA) torch build: see pyproject.toml.
 PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: venv demo test lint protos image clean
+.PHONY: venv demo test lint layout protos image clean
 
 venv: $(STAMP)
 
@@ -14,7 +15,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) --upgrade pip
 	# requirements.lock pins every package exactly; pyproject.toml pins the direct ones by minor.
-	$(PIP_INSTALL) --constraint requirements.lock --editable '.[dev]'
+	$(PIP_INSTALL) --constraint requirements.lock --editable '.[all,dev]'
 	touch $(STAMP)
 
 ## demo: start a server on a local store, train on digits through it, predict with the result
@@ -29,13 +30,22 @@ test: venv lint
 protos: venv
 	$(BIN)/python protos/generate.py
 
-lint: venv
+lint: venv layout
 	$(BIN)/ruff check .
 	$(BIN)/hadolint Dockerfile
+	cd $(LAYOUT) && $(CURDIR)/$(BIN)/lint-imports $(CURDIR)/pyproject.toml
+	cd $(LAYOUT) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml
+
+## layout: the package as the wheel lays it out (service/ is convserve, training/ convserve.training),
+## for the tools that read files instead of importing through the editable install
+layout:
+	rm -rf $(LAYOUT) && mkdir -p $(LAYOUT)
+	cp -r service $(LAYOUT)/convserve && cp -r training $(LAYOUT)/convserve/training
+	find $(LAYOUT) -name __pycache__ -prune -exec rm -rf {} +
 
 ## image: build the container with podman from a local Debian base (no Docker engine needed)
 image:
 	../shared/tools/podman-build . -- --format docker --build-arg BASE_IMAGE=localhost/debian-python:bookworm
 
 clean:
-	rm -rf runs .pytest_cache .ruff_cache
+	rm -rf runs build .pytest_cache .ruff_cache

@@ -72,7 +72,7 @@ GPU_SCENARIOS = (Scenario("C=256, uint8", 256, 1, "uint8", ceiling_batch=256),)
 # --- the load generator (runs in client processes) -------------------------------------------
 
 def payload(batch: int, dtype: str) -> bytes:
-    from service.pb.convserve.v1 import convserve_pb2 as pb
+    from convserve.pb.convserve.v1 import convserve_pb2 as pb
 
     rng = np.random.default_rng(batch)
     if dtype == "float32":
@@ -90,7 +90,7 @@ async def drive(address: str, callers: int, batch: int, dtype: str, warmup_s: fl
                 duration_s: float) -> dict:
     import grpc
 
-    from service.pb.convserve.v1 import convserve_pb2 as pb
+    from convserve.pb.convserve.v1 import convserve_pb2 as pb
 
     request = payload(batch, dtype)
     latencies: list[float] = []
@@ -133,7 +133,7 @@ def worker_main(args: argparse.Namespace) -> None:
 
 def canned_replies() -> dict[int, bytes]:
     """Request size in bytes -> a valid serialised reply for that request's batch."""
-    from service.codec import predict_response
+    from convserve.codec import predict_response
 
     replies = {}
     for batch in {s.batch for s in SCENARIOS + GPU_SCENARIOS}:
@@ -147,7 +147,7 @@ def canned_replies() -> dict[int, bytes]:
 async def floor_server() -> None:
     import grpc
 
-    from service.config import LISTENING_PREFIX
+    from convserve.config import LISTENING_PREFIX
 
     replies = canned_replies()
 
@@ -195,11 +195,11 @@ def ort_cpu_ms_per_call(store: Path, server_args: list[str], batch: int, calls: 
                         ) -> float:
     """CPU ms one ORT call at `batch` images costs with the *server's* session settings (its
     spinning and threads): what the server's own ORT calls cost, to split its CPU per request."""
-    from service import config
-    from service.loader import load_version
-    from service.server import session_settings
-    from service.store import ModelStore
-    from service.workers import worker_config
+    from convserve import config
+    from convserve.loader import load_version
+    from convserve.server import session_settings
+    from convserve.store import ModelStore
+    from convserve.workers import worker_config
 
     settings = config.parse(server_args)
     if settings.workers > 1:  # what each worker really runs with (its share of the cores)
@@ -218,9 +218,9 @@ def ort_cpu_ms_per_call(store: Path, server_args: list[str], batch: int, calls: 
 
 def make_store(root: Path) -> Path:
     """A store under `root` with the (untrained) ConvNet published and promoted as version 1."""
-    from service.store import ModelStore
-    from training.export import export_onnx, serving_model
-    from training.model import ConvNet, Preprocess
+    from convserve.store import ModelStore
+    from convserve.training.export import export_onnx, serving_model
+    from convserve.training.model import ConvNet, Preprocess
 
     model = export_onnx(serving_model(ConvNet(10), Preprocess([0.5] * 3, [0.25] * 3)),
                         root / "candidate" / "model.onnx",
@@ -240,7 +240,7 @@ class Server:
 
 def start_server(command: list[str], cwd: Path = REPO) -> Server:
     """Start `command`, wait for its ready line, return it with its address and metrics pages."""
-    from service.config import LISTENING_PREFIX, METRICS_PREFIX
+    from convserve.config import LISTENING_PREFIX, METRICS_PREFIX
 
     process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True)
@@ -254,7 +254,7 @@ def start_server(command: list[str], cwd: Path = REPO) -> Server:
 
 
 def convserve_command(store: Path, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "service.cli", "serve", "--store", str(store), "--port", "0",
+    return [sys.executable, "-m", "convserve.cli", "serve", "--store", str(store), "--port", "0",
             "--metrics-port", "0", "--log-level", "WARNING", *extra]
 
 

@@ -25,7 +25,7 @@ import serve as bench  # benchmarks/serve.py: the store, the server, RSS
 
 def two_versions(root: Path) -> Path:
     """A store with the untrained ConvNet as versions 1 and 2 (2 promoted)."""
-    from service.store import ModelStore
+    from convserve.store import ModelStore
 
     store_root = bench.make_store(root)
     store = ModelStore(store_root)
@@ -58,9 +58,9 @@ def measure(swaps: int, server_args: list[str], cwd: Path) -> dict:
     import grpc
     import numpy as np
 
-    from service.pb.convserve.v1 import convserve_pb2 as pb
-    from service.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
-    from service.store import ModelStore
+    from convserve.pb.convserve.v1 import convserve_pb2 as pb
+    from convserve.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
+    from convserve.store import ModelStore
 
     with tempfile.TemporaryDirectory() as tmp:
         store_root = two_versions(Path(tmp))

@@ -9,7 +9,7 @@ Both loops train the same ConvNet on the same synthetic CIFAR-shaped images (`sy
   that turns each uint8 image into a PIL image and through `transforms.ToTensor()` (what
   torchvision's CIFAR10 does per item), the model ending in softmax, `loss.item()` every batch,
   then a training-accuracy pass, a validation pass and a validation-accuracy pass, eager.
-- convserve: `training.train.train` with its defaults (data on the device once, on-device
+- convserve: `convserve.training.train.train` with its defaults (data on the device once, on-device
   augmentation, compiled step on CUDA, metrics kept on the device), TensorBoard and checkpoints
   included, at `--batch-size`.
 
@@ -39,11 +39,11 @@ from torchvision import transforms
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from training.config import TrainConfig  # noqa: E402
-from training.data import Dataset, load_dataset  # noqa: E402
-from training.model import ConvNet  # noqa: E402
-from training.progress import ProgressReporter  # noqa: E402
-from training.train import resolve_device, train  # noqa: E402
+from convserve.contracts.spec import TrainConfig  # noqa: E402
+from convserve.training.data import Dataset, load_dataset  # noqa: E402
+from convserve.training.model import ConvNet  # noqa: E402
+from convserve.training.progress import ProgressReporter  # noqa: E402
+from convserve.training.train import resolve_device, train  # noqa: E402
 
 
 class TutorialImages(torch.utils.data.Dataset):

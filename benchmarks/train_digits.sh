@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 make -s venv
 out=$(mktemp -d)
-.venv/bin/python -m training --dataset digits --epochs 10 --out "$out" > /dev/null
+.venv/bin/python -m convserve.training --dataset digits --epochs 10 --out "$out" > /dev/null
 .venv/bin/python - "$out/card.json" <<'PY'
 import json, platform, sys
 card = json.load(open(sys.argv[1]))

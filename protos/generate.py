@@ -3,7 +3,7 @@
     python protos/generate.py [OUT_DIR]
 
 grpc_tools writes `from convserve.v1 import convserve_pb2`, an import that only works with the
-output folder on sys.path; the generated files are rewritten to import through `service.pb`.
+output folder on sys.path; the generated files are rewritten to import through `convserve.pb`.
 The stub-freshness test generates into a temporary folder and compares the bytes.
 """
 
@@ -30,7 +30,7 @@ def generate(out_dir: Path) -> list[Path]:
     generated = sorted(p for p in out_dir.rglob("*") if p.suffix in (".py", ".pyi"))
     for path in generated:
         text = path.read_text()
-        fixed = text.replace("from convserve.v1 import", "from service.pb.convserve.v1 import")
+        fixed = text.replace("from convserve.v1 import", "from convserve.pb.convserve.v1 import")
         if fixed != text:
             path.write_text(fixed)
     for path in generated:  # every folder from out_dir down is a regular package

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.errors import LimitExceeded
-from service.loader import LoadedModel
-from service.metrics import Histogram
+from convserve.errors import LimitExceeded
+from convserve.loader import LoadedModel
+from convserve.metrics import Histogram
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 

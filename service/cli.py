@@ -15,7 +15,7 @@ Every models command takes ``--store DIR`` (default: $CONVSERVE_STORE; the flag 
 Exit codes: 0 done; 1 the operation failed (store or integrity error, no store at DIR);
 2 usage error. An error is always one line on stderr, never a traceback.
 
-Standard library and service.store only: this module is the server's entry point and the serving
+Standard library and convserve.store only: this module is the server's entry point and the serving
 path must never import torch, numpy or onnxruntime. A command that needs them imports them inside
 its handler, so `--help` and argument errors stay fast.
 
@@ -34,30 +34,24 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
-from service import demo, remote_cli
-from service.errors import ClientError
-from service.store import HistoryEntry, IntegrityError, ModelStore, StoreError, format_versions_table
+from convserve import demo, remote_cli
+from convserve.contracts.commands import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    OneLineParser,
+)
+from convserve.errors import ClientError
+from convserve.store import HistoryEntry, IntegrityError, ModelStore, StoreError, format_versions_table
 
 PROG = "convserve"
 STORE_ENV = "CONVSERVE_STORE"
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 
 class UsageError(Exception):
     """A bad invocation only detectable after parsing (e.g. no store given); exit 2."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (and exit 2), not usage + error.
-    Also used by `python -m training`."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
 Handler = Callable[[argparse.Namespace], int]
@@ -295,6 +289,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(EXIT_FAILED, str(error))
     except KeyboardInterrupt:
         return _fail(EXIT_INTERRUPTED, "interrupted")
+    except ModuleNotFoundError as error:  # a bare install (the SDK only) asked to serve or train
+        extra = EXTRA_OF_MODULE.get((error.name or "").split(".")[0])
+        if extra is None:
+            raise
+        return _fail(EXIT_FAILED, f"this command needs convserve's '{extra}' packages (no module "
+                                  f"named {error.name!r}): pip install 'convserve[{extra}]'")
+
+
+# The install extra that brings each module a bare `pip install convserve` lacks (pyproject.toml).
+EXTRA_OF_MODULE = {"onnxruntime": "serve", "grpc_reflection": "serve", "PIL": "serve",
+                   "torch": "train", "torchvision": "train", "onnx": "train",
+                   "onnxscript": "train", "tensorboard": "train", "sklearn": "train"}
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""Proto <-> numpy for Predict, shared by the server and the client SDK.
+"""The server's side of Predict: request -> uint8 pixels, probabilities -> reply.
 
 The server decodes and validates a whole request here before it reaches any queue (one bad input
-never fails its neighbours in a batch); the client encodes with the same rules, so a wrong array is
-refused before it is sent. Raw images are decoded without copying (uint8 NHWC, the model's native
-input) or with one vectorised conversion; only encoded images (PNG/JPEG) go through PIL, one by one.
+never fails its neighbours in a batch); the client encodes with the same rules (convserve.arrays),
+so a wrong array is refused before it is sent. Raw images are decoded without copying (uint8 NHWC,
+the model's native input) or with one vectorised conversion; only encoded images (PNG/JPEG) go
+through PIL, one by one.
 """
 
 from __future__ import annotations
@@ -16,15 +17,14 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from service.errors import InvalidInput, LimitExceeded
-from service.images import to_model_pixels
-from service.pb.convserve.v1 import convserve_pb2 as pb
+from convserve.arrays import IMAGE_SHAPE, NCHW_SHAPE
+from convserve.errors import InvalidInput, LimitExceeded
+from convserve.images import to_model_pixels
+from convserve.pb.convserve.v1 import convserve_pb2 as pb
 
-IMAGE_SHAPE = (32, 32, 3)                  # H, W, C: the model's input, NHWC
-NCHW_SHAPE = (3, 32, 32)
 MAX_TOP_K = 1000
 ENCODED_FORMATS = ("PNG", "JPEG")
-_LITTLE_ENDIAN = {pb.UINT8: np.dtype("u1"), pb.FLOAT32: np.dtype("<f4")}
+_LITTLE_ENDIAN: dict[int, np.dtype] = {pb.UINT8: np.dtype("u1"), pb.FLOAT32: np.dtype("<f4")}
 _ITEM_SHAPES = {pb.NHWC: IMAGE_SHAPE, pb.NCHW: NCHW_SHAPE}
 
 
@@ -215,39 +215,3 @@ def _top_k(probs: np.ndarray, k: int) -> list[pb.TopK]:
     values = np.take_along_axis(probs, order, axis=1)
     return [pb.TopK(class_index=i, probability=p)
             for i, p in zip(order.tolist(), values.tolist(), strict=True)]
-
-
-# ------------------------------------------------------------------------------------ client side
-
-def encode_raw(images: np.ndarray) -> pb.RawImages:
-    """uint8 or float32 images, [32,32,3] / [3,32,32] (one) or [N,32,32,3] / [N,3,32,32]."""
-    array = np.asarray(images)
-    native = array.dtype.newbyteorder("=")
-    if native not in (np.uint8, np.float32):
-        raise InvalidInput(f"images: expected dtype uint8 or float32, got {array.dtype}")
-    if array.ndim == 3:
-        array = array[np.newaxis]
-    if array.ndim != 4 or array.shape[1:] not in (IMAGE_SHAPE, NCHW_SHAPE):
-        raise InvalidInput("images: expected shape [32, 32, 3], [3, 32, 32], [N, 32, 32, 3] or "
-                           f"[N, 3, 32, 32], got {list(np.shape(images))}")
-    if array.shape[0] < 1:
-        raise InvalidInput(f"images: expected at least 1 image, got shape {list(array.shape)}")
-    # 32 != 3, so where the 3 sits tells the layout unambiguously.
-    layout = pb.NHWC if array.shape[-1] == 3 else pb.NCHW
-    wire = np.ascontiguousarray(array, dtype=native.newbyteorder("<"))
-    return pb.RawImages(
-        data=wire.tobytes(),
-        dtype=pb.UINT8 if native == np.uint8 else pb.FLOAT32,
-        layout=layout,
-        shape=list(wire.shape),
-    )
-
-
-def probabilities_of(response: pb.PredictResponse) -> np.ndarray:
-    """float32 [N, C] viewing the response's bytes (read-only; copy it to modify)."""
-    shape = list(response.shape)
-    data = response.probabilities
-    if len(shape) != 2 or min(shape) < 0 or math.prod(shape) * 4 != len(data):
-        raise ValueError(f"malformed PredictResponse: expected {len(data)} bytes of float32 to "
-                         f"match a 2-d shape, got shape {shape}")
-    return np.frombuffer(data, dtype="<f4").reshape(shape)

@@ -155,8 +155,10 @@ class ServerConfig:
     @classmethod
     def from_json(cls, text: str) -> ServerConfig:
         values = json.loads(text)
-        return cls(**{f.name: Path(values[f.name]) if f.type in ("Path", Path) else values[f.name]
-                      for f in dataclasses.fields(cls) if f.name in values})
+        fields: dict[str, Any] = {f.name: Path(values[f.name]) if f.type in ("Path", Path)
+                                  else values[f.name]
+                                  for f in dataclasses.fields(cls) if f.name in values}
+        return cls(**fields)
 
     def token(self) -> str:
         """The bearer token: the value, or the first line of the file ("" = no access control)."""

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from service.config import LISTENING_PREFIX
+from convserve.config import LISTENING_PREFIX
 
 START_TIMEOUT_S = 120
 
@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.client import Client
-    from service.remote_cli import follow
+    from convserve.client import Client
+    from convserve.remote_cli import follow
 
     server, address = start_server(args.store, args.port, args.metrics_port)
     print(f"server:   {address} (pid {server.pid}, store {args.store}, log "
@@ -69,11 +69,12 @@ def start_server(store: Path, port: int, metrics_port: int = 9090
     store.mkdir(parents=True, exist_ok=True)
     log = (store / "server.log").open("ab")
     server = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--store", str(store), "--port", str(port),
+        [sys.executable, "-m", "convserve.cli", "serve", "--store", str(store), "--port", str(port),
          "--metrics-port", str(metrics_port)],
         stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True,
         start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     deadline = time.monotonic() + START_TIMEOUT_S
+    assert server.stdout is not None  # stdout=PIPE
     while time.monotonic() < deadline:
         line = server.stdout.readline()
         if line.startswith(LISTENING_PREFIX):
@@ -89,7 +90,7 @@ def sample_digits(count: int) -> tuple[list[bytes], list[int]]:
     """Validation digits (never trained on, same split as the job) as PNG files."""
     from PIL import Image
 
-    from training.data import load_dataset
+    from convserve.training.data import load_dataset
 
     data = load_dataset("digits", Path("."), seed=0)
     pngs = []

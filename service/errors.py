@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import grpc
 
-from service.store import IntegrityError, InvalidJobId, StoreError, VersionNotFound
+from convserve.store import IntegrityError, InvalidJobId, StoreError, VersionNotFound
 
 
 class ConvserveError(Exception):

@@ -6,7 +6,7 @@ log, and the call never reached the status map or the metrics. `GuardedRegistrat
 for the server while services register (convserve's, health, reflection) and gives every method
 a deserializer that never raises: a body that does not parse becomes an `Undecodable` value,
 answered INVALID_ARGUMENT with a message the caller can act on, without a log line, and counted.
-convserve's servicers check for it in their one call wrapper (`service.servicers.rpc`); the
+convserve's servicers check for it in their one call wrapper (`convserve.servicers.rpc`); the
 methods of other services (health, reflection) get a small wrapper that does. Calls to methods
 the server does not have are counted too (gRPC answers them UNIMPLEMENTED), under one label, so
 hostile method names cannot grow the metrics without bound.
@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from service.telemetry import RequestMetrics
+from convserve.telemetry import RequestMetrics
 
 UNKNOWN_METHOD = "unknown"
 
@@ -120,22 +120,24 @@ def _answering_undecodable(handler: Any, method: str, metrics: RequestMetrics) -
     kind = ("stream_" if handler.request_streaming else "unary_") + (
         "stream" if handler.response_streaming else "unary")
     original = getattr(handler, kind)
-    if handler.request_streaming:
-        async def requests_checked(requests: AsyncIterator[Any],
-                                   context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async for request in requests:
-                yield await check(request, context)
 
-        async def arguments(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            return requests_checked(requests, context)
-    else:
-        arguments = check
+    async def requests_checked(requests: AsyncIterator[Any],
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for request in requests:
+            yield await check(request, context)
+
+    async def arguments(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if handler.request_streaming:
+            return requests_checked(request, context)
+        return await check(request, context)
+
+    async def streamed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for reply in original(await arguments(request, context), context):
+            yield reply
+
+    async def answered(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await original(await arguments(request, context), context)
+
     # gRPC tells async handlers by their kind of function: keep the original's kind.
-    if inspect.isasyncgenfunction(original):
-        async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async for reply in original(await arguments(request, context), context):
-                yield reply
-    else:
-        async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            return await original(await arguments(request, context), context)
+    behaviour = streamed if inspect.isasyncgenfunction(original) else answered
     return handler._replace(**{kind: behaviour})

@@ -1,6 +1,6 @@
 """One way to turn any decoded picture into the model's pixels, for training and serving alike.
 
-`training.data` (image-folder datasets) and `service.codec` (encoded images sent to Predict) both
+`convserve.training.data` (image-folder datasets) and `convserve.codec` (encoded images sent to Predict) both
 call `to_model_pixels`, so a PNG or JPEG becomes the same uint8 32x32 RGB array whether it is
 trained on or served: no training/serving skew in decoding. numpy and Pillow only.
 """

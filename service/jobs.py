@@ -12,7 +12,7 @@ Any replica sharing the store can answer GetJob/WatchJob/ListJobs for any job by
 files. A final state is appended to events.jsonl *before* the record turns final, so a watcher
 that sees a final record and then reads the file to its end has seen every event.
 
-Each replica runs one job at a time (`python -m training`, in its own process group so a cancel
+Each replica runs one job at a time (`python -m convserve.training`, in its own process group so a cancel
 ends everything it started), FIFO over the jobs it accepted; the queue itself lives in memory and
 the owner heartbeats its queued and running records. A job whose replica died is noticed by its
 stale heartbeat (or, on the same host, by the replica's pid being gone) and marked FAILED by
@@ -24,9 +24,9 @@ torch-free: the serving process imports this; only the child imports torch.
 from __future__ import annotations
 
 import asyncio
+import builtins  # JobRunner.list shadows the builtin inside the class
 import contextlib
 import dataclasses
-import enum
 import hashlib
 import json
 import logging
@@ -45,20 +45,28 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from service.errors import AlreadyExists, Conflict, InvalidInput, LimitExceeded, NotFound, Unavailable
-from service.lifecycle import PARENT_PID_ENV
-from service.store import IntegrityError, InvalidJobId, ModelStore
-from training.config import AUGMENT_MODES, SCHEDULES, TrainConfig  # dataclasses only: no torch
-from training.gate import GateBounds, GateConfigError, GatePolicy
+from convserve.contracts.gate_policy import GateBounds, GateConfigError, GatePolicy
+from convserve.contracts.job_dir import (
+    CANCEL_MARKER,
+    CARD_FILE,
+    EVENTS_FILE,
+    RECORD_FILE,
+    STDERR_FILE,
+    STDOUT_FILE,
+    EventTail,
+    JobState,
+    append_event,
+    checkpoint_path,
+    last_state,
+    timestamp,
+)
+from convserve.contracts.spec import AUGMENT_MODES, SCHEDULES, TrainConfig  # dataclasses only: no torch
+from convserve.errors import AlreadyExists, Conflict, InvalidInput, LimitExceeded, NotFound, Unavailable
+from convserve.lifecycle import PARENT_PID_ENV
+from convserve.store import IntegrityError, InvalidJobId, ModelStore
 
 log = logging.getLogger("convserve.jobs")
 
-RECORD_FILE = "job.json"
-EVENTS_FILE = "events.jsonl"
-CANCEL_MARKER = "cancel.requested"
-CARD_FILE = "card.json"
-STDOUT_FILE = "stdout.log"
-STDERR_FILE = "stderr.log"
 ERROR_TAIL_LINES = 15
 ERROR_MAX_CHARS = 4000
 MAX_IDEMPOTENCY_KEY = 256
@@ -67,24 +75,6 @@ MAX_SEED = 2**32 - 1  # the child derives per-epoch seeds as seed * 1_000_003 + 
 DATASET_RE = re.compile(r"digits|cifar10|synthetic(:[0-9]{1,9})?|folder:[A-Za-z0-9._/-]{1,200}")
 DATASET_FORMS = "digits, cifar10, synthetic, synthetic:<n>, folder:<relative path>"
 _GATE_NUMBERS = ("min_accuracy", "min_improvement", "max_class_recall_drop")
-
-
-class JobState(enum.StrEnum):  # a str: values are the names, as in the proto's JobState
-    QUEUED = "QUEUED"
-    RUNNING = "RUNNING"
-    PROMOTED = "PROMOTED"
-    REJECTED = "REJECTED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-    INTERRUPTED = "INTERRUPTED"  # stopped with its replica; `resume` continues it
-
-    @property
-    def final(self) -> bool:
-        return self in FINAL
-
-
-FINAL = frozenset({JobState.PROMOTED, JobState.REJECTED, JobState.FAILED, JobState.CANCELLED,
-                   JobState.INTERRUPTED})
 
 
 # --- records ------------------------------------------------------------------------------------
@@ -260,8 +250,8 @@ class JobRunner:
                         raise Unavailable(f"job id {job_id} collided; retry") from None
                 else:
                     record = JobRecord(id=job_id, state=JobState.QUEUED, params=params,
-                                       created_at=_now(), replica=self._config.replica_id,
-                                       heartbeat_at=_now(), idempotency_key=idempotency_key)
+                                       created_at=timestamp(), replica=self._config.replica_id,
+                                       heartbeat_at=timestamp(), idempotency_key=idempotency_key)
                     self._append_event(job_id, "state", state=JobState.QUEUED.value,
                                        replica=self._config.replica_id,
                                        gate_policy=policy.to_dict())
@@ -300,7 +290,7 @@ class JobRunner:
             record.resumes += 1
             record.state, record.error, record.finished_at, record.pid = (
                 JobState.QUEUED, "", "", None)
-            record.replica, record.heartbeat_at = self._config.replica_id, _now()
+            record.replica, record.heartbeat_at = self._config.replica_id, timestamp()
             self._append_event(job_id, "state", state=JobState.QUEUED.value,
                                replica=self._config.replica_id, resumed=record.resumes)
             self._write(record)
@@ -370,7 +360,7 @@ class JobRunner:
         `after_sequence` (sequence = 1-based line number), following the file as it grows, until
         the record is final and every line has been read. NotFound before the first yield."""
         self.get(job_id)
-        tail = _EventTail(self._store.job_dir(job_id) / EVENTS_FILE)
+        tail = EventTail(self._store.job_dir(job_id) / EVENTS_FILE)
         while True:
             # The record first: a final state's event is appended before the record turns final.
             final = self.get(job_id).state.final
@@ -424,11 +414,11 @@ class JobRunner:
                 *command, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=err,
                 start_new_session=True, env=self._child_env())
         record.state, record.pid = JobState.RUNNING, process.pid
-        record.started_at = record.heartbeat_at = _now()
+        record.started_at = record.heartbeat_at = timestamp()
         with self._lock:
             self._write(record)
         log.info("job %s: started pid %d", job_id, process.pid)
-        tail = _EventTail(job_dir / EVENTS_FILE)
+        tail = EventTail(job_dir / EVENTS_FILE)
         try:
             outcome = await self._supervise(process, record, stop, tail)
         except asyncio.CancelledError:  # the server cancelled the worker task: leave no orphan
@@ -440,7 +430,7 @@ class JobRunner:
         self._conclude(record, process.returncode, outcome, tail)
 
     async def _supervise(self, process: asyncio.subprocess.Process, record: JobRecord,
-                         stop: asyncio.Event, tail: _EventTail) -> str:
+                         stop: asyncio.Event, tail: EventTail) -> str:
         """Heartbeat while the child runs. Returns "exited", "cancelled" or "stopped"."""
         assert self._wake is not None
         marker = self._store.job_dir(record.id) / CANCEL_MARKER
@@ -481,13 +471,13 @@ class JobRunner:
             env[PARENT_PID_ENV] = str(os.getpid())  # the child dies with this replica
         return env
 
-    def _beat(self, record: JobRecord, tail: _EventTail) -> None:
-        record.heartbeat_at = _now()
+    def _beat(self, record: JobRecord, tail: EventTail) -> None:
+        record.heartbeat_at = timestamp()
         self._absorb(record, tail)
         with self._lock:
             self._write(record)
 
-    def _absorb(self, record: JobRecord, tail: _EventTail) -> None:
+    def _absorb(self, record: JobRecord, tail: EventTail) -> None:
         """Take epoch and val_accuracy from the "epoch" events written since the last call, and
         the training rate from the latest "progress" event."""
         for _, event in tail.read():
@@ -515,16 +505,16 @@ class JobRunner:
                         self._queue.remove(job_id)
                         self._finish(record, JobState.CANCELLED, error="cancelled while queued")
                     else:
-                        record.heartbeat_at = _now()
+                        record.heartbeat_at = timestamp()
                         self._write(record)
                 except Exception:
                     log.exception("job %s: queued heartbeat failed", job_id)
 
     def _conclude(self, record: JobRecord, code: int | None, outcome: str,
-                  tail: _EventTail) -> None:
-        record.heartbeat_at = _now()
+                  tail: EventTail) -> None:
+        record.heartbeat_at = timestamp()
         self._absorb(record, tail)  # the last epoch's numbers
-        last_state = _last_state(self._store.job_dir(record.id) / EVENTS_FILE)
+        final_event = last_state(self._store.job_dir(record.id) / EVENTS_FILE)
         if (outcome != "exited" or code != 0) and self._adopt_publication(record):
             log.warning("job %s: stopped after its model was published: PROMOTED", record.id)
         elif outcome == "cancelled":
@@ -532,17 +522,17 @@ class JobRunner:
         elif outcome == "stopped":
             # The child (SIGTERM: KeyboardInterrupt) wrote INTERRUPTED itself when it could.
             self._finish(record, JobState.INTERRUPTED, error=_stopped_message(record),
-                         event=last_state != JobState.INTERRUPTED)
-        elif code == 0 and last_state in (JobState.PROMOTED, JobState.REJECTED):
-            self._adopt_outcome(record, JobState(last_state))
+                         event=final_event != JobState.INTERRUPTED)
+        elif code == 0 and final_event in (JobState.PROMOTED, JobState.REJECTED):
+            self._adopt_outcome(record, JobState(final_event))
         elif code == 0:
             self._finish(record, JobState.FAILED, error="training process exited with code 0 "
-                         f"but its last state was {last_state!r}, not PROMOTED or REJECTED")
+                         f"but its last state was {final_event!r}, not PROMOTED or REJECTED")
         else:
             # The child writes a FAILED state itself when it fails cleanly (exit 1 or 2); a
             # signal (crash, OOM kill) leaves that to us.
             self._finish(record, JobState.FAILED, error=self._failure(record.id, code),
-                         event=last_state != JobState.FAILED)
+                         event=final_event != JobState.FAILED)
         log.info("job %s: %s", record.id, record.state.value)
 
     def _failure(self, job_id: str, code: int | None) -> str:
@@ -563,15 +553,15 @@ class JobRunner:
             lines.append(f"training process exited with code {code}")
         return "\n".join(lines)[-ERROR_MAX_CHARS:]
 
-    def command(self, record: JobRecord) -> list[str]:
+    def command(self, record: JobRecord) -> builtins.list[str]:
         """The child's command line for this job."""
         p, c = record.params, self._config
         policy = c.gate_bounds.apply(c.gate_defaults, p.gate)
-        launcher = [c.python, "-m", "training"]
+        launcher = [c.python, "-m", "convserve.training"]
         if c.processes > 1:
             # torchrun in the child's process group: a cancel's killpg reaches every rank.
             launcher = [c.python, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc-per-node", str(c.processes), "-m", "training"]
+                        "--nproc-per-node", str(c.processes), "-m", "convserve.training"]
         args = [*launcher, "--dataset", p.dataset,
                 "--datasets-root", str(c.datasets_root), "--epochs", str(p.epochs),
                 "--batch-size", str(p.batch_size), "--lr", repr(float(p.lr)),
@@ -588,13 +578,13 @@ class JobRunner:
             args += ["--max-class-recall-drop", repr(float(policy.max_class_recall_drop))]
         if policy.allow_class_change:
             args.append("--allow-class-change")
-        if record.resumes and (self._store.job_dir(record.id) / "checkpoints" / "last.pt").exists():
+        if record.resumes and checkpoint_path(self._store.job_dir(record.id)).exists():
             args.append("--resume")  # no checkpoint yet (stopped in epoch 1): start over
         return args
 
     # --- recovery -----------------------------------------------------------------------------
 
-    def recover(self) -> list[str]:
+    def recover(self) -> builtins.list[str]:
         """At start-up: mark FAILED every unfinished job whose replica is gone; returns the ids.
 
         Gone means: its heartbeat (or, never heartbeaten, its creation) is older than
@@ -634,15 +624,15 @@ class JobRunner:
         may have finished on its own (published: PROMOTED with its version, or REJECTED), or
         stopped cleanly when the replica died (INTERRUPTED: resumable), or nothing says."""
         job_dir = self._store.job_dir(record.id)
-        last_state = _last_state(job_dir / EVENTS_FILE)
+        final_event = last_state(job_dir / EVENTS_FILE)
         if self._adopt_publication(record):
             log.warning("job %s: its replica died, but its model was published as version %s",
                         record.id, record.model_version)
-        elif last_state in (JobState.PROMOTED, JobState.REJECTED):
-            self._adopt_outcome(record, JobState(last_state))
+        elif final_event in (JobState.PROMOTED, JobState.REJECTED):
+            self._adopt_outcome(record, JobState(final_event))
             log.warning("job %s: its replica died, but its child finished: %s", record.id,
-                        last_state)
-        elif last_state == JobState.INTERRUPTED:
+                        final_event)
+        elif final_event == JobState.INTERRUPTED:
             self._finish(record, JobState.INTERRUPTED, event=False, error=(
                 f"interrupted: its replica ({record.replica}) stopped; resume it with "
                 f"`convserve resume {record.id}` (Train with resume_job)"))
@@ -664,7 +654,7 @@ class JobRunner:
                 continue
             if card.get("job_id") == record.id:
                 record.model_version, record.gate = version, _gate_of(card)
-                if _last_state(self._store.job_dir(record.id) / EVENTS_FILE) != JobState.PROMOTED:
+                if last_state(self._store.job_dir(record.id) / EVENTS_FILE) != JobState.PROMOTED:
                     self._append_event(record.id, "state", state=JobState.PROMOTED.value,
                                        version=version, reconciled=True)
                 self._finish(record, JobState.PROMOTED, event=False)
@@ -698,7 +688,7 @@ class JobRunner:
         """Stop the job's training process group if it still runs on this host (checked by its
         command line, so a reused pid is left alone): SIGTERM, so it records INTERRUPTED and
         keeps its checkpoint, then SIGKILL after `cancel_grace_s`. (A child started by a
-        replica gets SIGTERM by itself when that replica dies: see service.lifecycle.)"""
+        replica gets SIGTERM by itself when that replica dies: see convserve.lifecycle.)"""
         if not record.pid or not _is_training_process(record.pid, record.id):
             return
         log.warning("job %s: stopping its orphaned training process %d", record.id, record.pid)
@@ -726,7 +716,7 @@ class JobRunner:
             if event:
                 self._append_event(record.id, "state", state=state.value,
                                    **({"error": error} if error else {}))
-            record.state, record.finished_at, record.error = state, _now(), error
+            record.state, record.finished_at, record.error = state, timestamp(), error
             self._write(record)
         return record
 
@@ -744,16 +734,7 @@ class JobRunner:
                 partial.unlink()
 
     def _append_event(self, job_id: str, kind: str, **fields: Any) -> None:
-        line = json.dumps({"time": _now(), "type": kind, **fields}).encode() + b"\n"
-        fd = os.open(self._store.job_dir(job_id) / EVENTS_FILE,
-                     os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                line = b"\n" + line  # a child killed mid-line: keep our line whole
-            os.write(fd, line)  # one write in O_APPEND mode: never interleaved with the child's
-        finally:
-            os.close(fd)
+        append_event(self._store.job_dir(job_id) / EVENTS_FILE, kind, **fields)
 
     def _card(self, job_id: str) -> dict[str, Any]:
         try:
@@ -767,46 +748,6 @@ class JobRunner:
         if loop is not None and wake is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(wake.set)
-
-
-class _EventTail:
-    """Follows an events.jsonl file: complete lines only, numbered from 1 (None: unreadable)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._offset = 0
-        self._sequence = 0
-        self._partial = b""
-
-    def read(self) -> list[tuple[int, dict[str, Any] | None]]:
-        try:
-            with self.path.open("rb") as handle:
-                handle.seek(self._offset)
-                chunk = handle.read()
-        except FileNotFoundError:
-            return []
-        self._offset += len(chunk)
-        lines = (self._partial + chunk).split(b"\n")
-        self._partial = lines.pop()  # an unfinished line waits for its newline
-        found = []
-        for line in lines:
-            self._sequence += 1
-            found.append((self._sequence, _parse_event(line)))
-        return found
-
-
-def _parse_event(line: bytes) -> dict[str, Any] | None:
-    try:
-        event = json.loads(line)
-    except ValueError:
-        return None
-    return event if isinstance(event, dict) else None
-
-
-def _last_state(path: Path) -> str | None:
-    states = [e.get("state") for _, e in _EventTail(path).read()
-              if e is not None and e.get("type") == "state"]
-    return str(states[-1]) if states else None
 
 
 async def _first_of(timeout: float, *awaitables: Any) -> None:
@@ -832,7 +773,7 @@ def _is_training_process(pid: int, job_id: str) -> bool:
     except OSError:
         return False
     zombie = stat.rsplit(")", 1)[-1].split()[:1] == ["Z"]
-    return not zombie and b"training" in argv and job_id.encode() in argv
+    return not zombie and b"convserve.training" in argv and job_id.encode() in argv
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
@@ -882,7 +823,3 @@ def _age_s(iso_time: str, now: datetime) -> float:
     if then.tzinfo is None:
         then = then.replace(tzinfo=UTC)
     return (now - then).total_seconds()
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")  # orders jobs made back to back

@@ -1,10 +1,10 @@
 """One ONNX Runtime session for one store version: verified, signature-checked and warmed up.
 
-The loader knows nothing about which version is live (that is `service.manager`); it turns a
+The loader knows nothing about which version is live (that is `convserve.manager`); it turns a
 version number into a `LoadedModel` or a clear error. Providers are chosen CUDA -> CPU: "auto"
 asks for CUDA only when this onnxruntime build has it *and* the driver reports a device, so a
 CPU host with the GPU wheel does not even try (and does not print CUDA library errors).
-How a session runs a batch (plain run, I/O binding, CUDA graphs) is `service.runners`.
+How a session runs a batch (plain run, I/O binding, CUDA graphs) is `convserve.runners`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 
-from service.codec import IMAGE_SHAPE
-from service.errors import ConvserveError
-from service.runners import (
+from convserve.arrays import IMAGE_SHAPE
+from convserve.contracts.model_metadata import read_metadata  # numpy + onnxruntime only: safe without torch
+from convserve.errors import ConvserveError
+from convserve.runners import (
     BoundRunner,
     GraphRunner,
     PlainRunner,
@@ -31,8 +32,7 @@ from service.runners import (
     buckets_up_to,
     check_buckets,
 )
-from service.store import ModelStore
-from training.onnx_eval import read_metadata  # numpy + onnxruntime only: safe without torch
+from convserve.store import ModelStore
 
 log = logging.getLogger("convserve.loader")
 
@@ -100,12 +100,12 @@ class LoadedModel:
     def __post_init__(self) -> None:
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
-        if self.runner is None:
-            self.runner = PlainRunner(self.session, self.input_name, self.output_name)
+        self._run: Runner = self.runner or PlainRunner(self.session, self.input_name,
+                                                       self.output_name)
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 [N, 32, 32, 3] -> float32 [N, C]. Thread-safe (every runner is)."""
-        return self.runner(pixels)
+        return self._run(pixels)
 
 
 def load_version(store: ModelStore, version: int, settings: SessionSettings) -> LoadedModel:

@@ -39,8 +39,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        if getattr(record, "request_id", ""):
-            entry["request_id"] = record.request_id
+        request_id = getattr(record, "request_id", "")
+        if request_id:
+            entry["request_id"] = request_id
         entry |= {k: v for k, v in vars(record).items() if k not in _STANDARD}
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)

@@ -19,10 +19,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from service.errors import NoModel, NotFound
-from service.lifecycle import release_freed_memory
-from service.loader import LoadedModel, SessionSettings, load_version
-from service.store import ModelStore, VersionNotFound
+from convserve.errors import NoModel, NotFound
+from convserve.lifecycle import release_freed_memory
+from convserve.loader import LoadedModel, SessionSettings, load_version
+from convserve.store import ModelStore, VersionNotFound
 
 log = logging.getLogger("convserve.manager")
 

@@ -11,8 +11,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from service.jobs import JobRecord, JobState, TrainParams
-from service.pb.convserve.v1 import convserve_pb2 as pb
+from convserve.contracts.job_dir import JobState
+from convserve.jobs import JobRecord, TrainParams
+from convserve.pb.convserve.v1 import convserve_pb2 as pb
 
 _NUMERIC_METRICS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy")
 

@@ -1,5 +1,5 @@
 """`convserve serve | train | watch | jobs | cancel | predict | promote`: the commands that run or
-talk to a server, built on the client SDK. Registered in `service.cli.COMMANDS`.
+talk to a server, built on the client SDK. Registered in `convserve.cli.COMMANDS`.
 
 grpc, numpy and the SDK are imported inside the handlers, so `convserve --help` stays instant.
 """
@@ -12,13 +12,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from convserve.contracts.commands import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+
 if TYPE_CHECKING:
-    from service.client import Client
+    from convserve.client import Client
 
 ADDRESS_ENV = "CONVSERVE_ADDRESS"
 TOKEN_ENV = "CONVSERVE_TOKEN"
 DEFAULT_ADDRESS = "127.0.0.1:50051"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def default_address(environ: dict[str, str] | None = None) -> str:
@@ -46,7 +47,7 @@ def add_address(parser: argparse.ArgumentParser) -> None:
 
 def connect(args: argparse.Namespace, **options: Any) -> Client:
     """The SDK client for the connection flags every remote command takes."""
-    from service.client import Client
+    from convserve.client import Client
 
     return Client(args.address, timeout=args.timeout, token=args.token, tls=args.tls,
                   tls_ca_file=args.tls_ca, tls_cert_file=args.tls_cert,
@@ -56,7 +57,7 @@ def connect(args: argparse.Namespace, **options: Any) -> Client:
 # --- serve -----------------------------------------------------------------------------------
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    from service import config
+    from convserve import config
 
     config.add_arguments(parser)
 
@@ -65,7 +66,7 @@ def serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from service import config, logs, server
+    from convserve import config, logs, server
 
     try:
         settings = config.from_sources(args)
@@ -78,7 +79,7 @@ def serve(args: argparse.Namespace) -> int:
     logging.getLogger("convserve").info("configuration:\n%s", settings.describe())
     try:
         if settings.workers > 1:
-            from service import workers
+            from convserve import workers
 
             return asyncio.run(workers.serve_workers(settings))
         asyncio.run(server.serve(settings))
@@ -166,9 +167,9 @@ def resume(args: argparse.Namespace) -> int:
         return follow(client, job.id) if args.watch else EXIT_OK
 
 
-def follow(client, job_id: str) -> int:
+def follow(client: Client, job_id: str) -> int:
     """Stream a job's events; a progress bar with ETA on a terminal, event lines otherwise."""
-    from training.progress import render_bar
+    from convserve.progress_bar import render_bar
 
     tty = sys.stdout.isatty()
     for event in client.watch(job_id):

@@ -12,33 +12,34 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from service import auth, codec
-from service.batcher import BatchingConfig, DynamicBatcher
-from service.config import (
+from convserve import auth, codec
+from convserve.batcher import BatchingConfig, DynamicBatcher
+from convserve.config import (
     LISTENING_PREFIX,
     METRICS_PREFIX,
     PortInUse,
     ServerConfig,
     check_port_free,
 )
-from service.guard import GuardedRegistration, count_unknown_methods
-from service.jobs import JobRunner, RunnerConfig, TrainParams
-from service.lifecycle import map_large_blocks_separately
-from service.loader import SessionSettings
-from service.manager import ModelManager
-from service.metrics import serve_http
-from service.pb.convserve.v1 import convserve_pb2 as pb
-from service.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
-from service.runners import buckets_up_to
-from service.servicers import InferenceServicer, ModelsServicer, TrainingServicer
-from service.store import ModelStore
-from service.telemetry import RequestMetrics, replica_registry
-from training.gate import GateBounds, GatePolicy
+from convserve.contracts.gate_policy import GateBounds, GatePolicy
+from convserve.guard import GuardedRegistration, count_unknown_methods
+from convserve.jobs import JobRunner, RunnerConfig, TrainParams
+from convserve.lifecycle import map_large_blocks_separately
+from convserve.loader import SessionSettings
+from convserve.manager import ModelManager
+from convserve.metrics import serve_http
+from convserve.pb.convserve.v1 import convserve_pb2 as pb
+from convserve.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
+from convserve.runners import buckets_up_to
+from convserve.servicers import InferenceServicer, ModelsServicer, TrainingServicer
+from convserve.store import ModelStore
+from convserve.telemetry import RequestMetrics, replica_registry
 
 log = logging.getLogger("convserve.server")
 
@@ -52,7 +53,7 @@ HEALTH_CHECK_INTERVAL_S = 0.1
 
 @dataclass(frozen=True)
 class WorkerRole:
-    """This process is worker `index` of a replica started with `--workers N` (service.workers).
+    """This process is worker `index` of a replica started with `--workers N` (convserve.workers).
     Worker 0 runs the replica's training jobs and answers the Training service on `jobs_socket`
     (a Unix socket in a private directory) as well as on the shared port; every other worker
     forwards Train, GetJob, ListJobs and CancelJob there, so each job is queued and run once."""
@@ -110,7 +111,7 @@ def session_settings(config: ServerConfig) -> SessionSettings:
 
 
 def runner_config(config: ServerConfig) -> RunnerConfig:
-    extra = {"python": config.training_python} if config.training_python else {}
+    extra: dict[str, Any] = {"python": config.training_python} if config.training_python else {}
     return RunnerConfig(
         datasets_root=config.datasets_root, max_queue=config.max_queued_jobs,
         max_epochs=config.max_epochs,

@@ -1,10 +1,10 @@
 """The RPC methods: decode, one call into the service, encode. Nothing else lives here.
 
 Every method is wrapped by `rpc`/`rpc_stream`, the single place where an exception becomes a
-status code (through `service.errors.status_of`); an unexpected one is logged with its traceback
+status code (through `convserve.errors.status_of`); an unexpected one is logged with its traceback
 and answered INTERNAL, and the server keeps serving. The wrappers also give each call its request
 id (logged, echoed to the caller) and record its latency and status code
-(`service.telemetry.RequestMetrics`; a stream's latency is its whole duration).
+(`convserve.telemetry.RequestMetrics`; a stream's latency is its whole duration).
 """
 
 from __future__ import annotations
@@ -23,17 +23,18 @@ from typing import Any, TypeVar
 
 import grpc
 
-from service import codec, messages
-from service.batcher import DynamicBatcher
-from service.errors import InvalidInput, status_of
-from service.guard import Undecodable
-from service.jobs import JobRunner, JobState, TrainParams
-from service.logs import REQUEST_ID, REQUEST_ID_HEADER
-from service.manager import ModelManager
-from service.pb.convserve.v1 import convserve_pb2 as pb
-from service.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
-from service.store import ModelStore
-from service.telemetry import RequestMetrics
+from convserve import codec, messages
+from convserve.batcher import DynamicBatcher
+from convserve.contracts.job_dir import JobState
+from convserve.errors import InvalidInput, status_of
+from convserve.guard import Undecodable
+from convserve.jobs import JobRunner, TrainParams
+from convserve.logs import REQUEST_ID, REQUEST_ID_HEADER
+from convserve.manager import ModelManager
+from convserve.pb.convserve.v1 import convserve_pb2 as pb
+from convserve.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
+from convserve.store import ModelStore
+from convserve.telemetry import RequestMetrics
 
 log = logging.getLogger("convserve.rpc")
 # A raw request larger than this (about 80 float32 images) is converted off the loop too.
@@ -64,7 +65,7 @@ def rpc_stream(method: Callable[..., AsyncIterator[Reply]]) -> Callable[..., Asy
 
 
 def _decoded(request: Any) -> Any:
-    """The request, or InvalidInput when its body did not parse (see service.guard)."""
+    """The request, or InvalidInput when its body did not parse (see convserve.guard)."""
     if isinstance(request, Undecodable):
         raise InvalidInput(request.message)
     return request

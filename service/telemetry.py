@@ -11,10 +11,11 @@
 
 from __future__ import annotations
 
-from service.batcher import DynamicBatcher
-from service.jobs import JobRunner, JobState
-from service.manager import ModelManager
-from service.metrics import Gauge, Histogram, Registry
+from convserve.batcher import DynamicBatcher
+from convserve.contracts.job_dir import JobState
+from convserve.jobs import JobRunner
+from convserve.manager import ModelManager
+from convserve.metrics import Gauge, Histogram, Registry
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    5.0, 10.0, 30.0)
@@ -53,7 +54,7 @@ def replica_registry(requests: RequestMetrics, batcher: DynamicBatcher, manager:
 
 
 def _jobs_by_state(runner: JobRunner) -> dict[tuple[str, ...], float]:
-    counts = {(state.name,): 0.0 for state in JobState}
+    counts: dict[tuple[str, ...], float] = {(state.name,): 0.0 for state in JobState}
     for record in runner.list():
         counts[(record.state.name,)] += 1
     return counts

@@ -4,7 +4,7 @@ One Python event loop answers about 3,000 requests/s whatever the host, so a man
 host needs more than one. The parent does no serving itself; it
 
 1. refuses a port another process holds (one line, exit 2), and for port 0 picks one;
-2. holds the port with SO_REUSEPORT and starts N workers (`python -m service.workers`), fresh
+2. holds the port with SO_REUSEPORT and starts N workers (`python -m convserve.workers`), fresh
    interpreters that each open their own ONNX Runtime session and batcher and bind the same port
    with SO_REUSEPORT: the kernel spreads connections over them;
 3. prints each worker's metrics line and then one listening line, once every worker listens;
@@ -14,7 +14,7 @@ host needs more than one. The parent does no serving itself; it
    restarts it whole; a worker whose parent dies gets SIGTERM from the kernel.
 
 Jobs: worker 0 runs the replica's training jobs, one at a time as a single process would; the
-others forward the Training calls to it over a Unix socket (`service.server.WorkerRole`).
+others forward the Training calls to it over a Unix socket (`convserve.server.WorkerRole`).
 Metrics: worker i serves /metrics on metrics_port + i (0 stays "any free port"; -1 off).
 """
 
@@ -32,13 +32,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from service.config import (
+from convserve.config import (
     LISTENING_PREFIX,
     METRICS_PREFIX,
     ServerConfig,
     check_port_free,
 )
-from service.lifecycle import PARENT_PID_ENV, die_with_parent
+from convserve.lifecycle import PARENT_PID_ENV, die_with_parent
 
 log = logging.getLogger("convserve.workers")
 
@@ -98,7 +98,7 @@ async def _spawn(config: ServerConfig, index: int, jobs_socket: str
     env = {**os.environ, "CONVSERVE_WORKER_CONFIG": config.to_json(),
            PARENT_PID_ENV: str(os.getpid())}
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service.workers", "--index", str(index), "--jobs-socket",
+        sys.executable, "-m", "convserve.workers", "--index", str(index), "--jobs-socket",
         jobs_socket, stdout=asyncio.subprocess.PIPE, env=env)
 
 
@@ -148,9 +148,9 @@ async def _stop_all(workers: list[asyncio.subprocess.Process], grace_s: float) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    """A worker: `python -m service.workers --index I --jobs-socket PATH`, started by the parent
+    """A worker: `python -m convserve.workers --index I --jobs-socket PATH`, started by the parent
     with its configuration in $CONVSERVE_WORKER_CONFIG."""
-    from service import logs, server
+    from convserve import logs, server
 
     parser = argparse.ArgumentParser(prog="convserve worker")
     parser.add_argument("--index", type=int, required=True)

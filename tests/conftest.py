@@ -33,9 +33,9 @@ def python() -> str:
 def small_run(tmp_path_factory: pytest.TempPathFactory):
     """One real 2-epoch run on small synthetic data (train → export → parity), shared by tests
     that only read its outputs."""
-    from training.config import TrainConfig
-    from training.pipeline import run
-    from training.progress import ProgressReporter
+    from convserve.contracts.spec import TrainConfig
+    from convserve.training.pipeline import run
+    from convserve.training.progress import ProgressReporter
 
     run_dir = tmp_path_factory.mktemp("small_run")
     config = TrainConfig(dataset=SMALL_SYNTHETIC, epochs=2, seed=3, compile="off")
@@ -53,8 +53,8 @@ def onnx_models(small_run, tmp_path_factory):
 
     import torch
 
-    from training.export import export_onnx, serving_model
-    from training.model import ConvNet, Preprocess
+    from convserve.training.export import export_onnx, serving_model
+    from convserve.training.model import ConvNet, Preprocess
 
     folder = tmp_path_factory.mktemp("models")
     card = json.loads((small_run.run_dir / "card.json").read_text())
@@ -70,7 +70,7 @@ def onnx_models(small_run, tmp_path_factory):
 @pytest.fixture
 def store_with_model(tmp_path: Path, onnx_models) -> tuple[Path, Path]:
     """A store whose version 1 (the "good" model) is promoted, and an empty datasets root."""
-    from service.store import ModelStore
+    from convserve.store import ModelStore
     from tests.servers import publish  # imported here: tests.servers imports this module
 
     store, datasets = tmp_path / "store", tmp_path / "datasets"

@@ -18,13 +18,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.store import ModelStore
+from convserve.contracts.gate_policy import GatePolicy
+from convserve.store import ModelStore
+from convserve.training import gate
+from convserve.training.data import load_dataset
+from convserve.training.export import ParityReport
+from convserve.training.onnx_eval import OnnxClassifier
 from tests.barrier import arrive_and_wait
 from tests.conftest import SMALL_SYNTHETIC
-from training import gate
-from training.data import load_dataset
-from training.export import ParityReport
-from training.onnx_eval import OnnxClassifier
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
     # Parity is not under test here: the models are real exports that passed it.
     parity = ParityReport(images=1, max_abs_diff=0.0, argmax_equal=True, tolerance=1e-5)
     store = ModelStore(args.store)
-    decide = gate.decide_against(store, gate.GatePolicy(min_accuracy=0.0), parity, data.classes,
+    decide = gate.decide_against(store, GatePolicy(min_accuracy=0.0), parity, data.classes,
                                  candidate, data.val_images, data.val_labels)
 
     def slow_decide(champion: int | None) -> dict:

@@ -17,9 +17,9 @@ from urllib.request import urlopen
 
 import numpy as np
 
-from service.config import LISTENING_PREFIX, METRICS_PREFIX
-from service.pb.convserve.v1 import convserve_pb2 as pb
-from service.store import ModelStore
+from convserve.config import LISTENING_PREFIX, METRICS_PREFIX
+from convserve.pb.convserve.v1 import convserve_pb2 as pb
+from convserve.store import ModelStore
 from tests.conftest import REPO_ROOT, python_env
 
 START_TIMEOUT_S = 90
@@ -27,7 +27,7 @@ START_TIMEOUT_S = 90
 
 class ServerProcess:
     def __init__(self, store: Path, datasets: Path, *extra: str) -> None:
-        args = [sys.executable, "-m", "service.cli", "serve", "--store", str(store),
+        args = [sys.executable, "-m", "convserve.cli", "serve", "--store", str(store),
                 "--datasets-root", str(datasets), "--port", "0", "--poll-interval-s", "0.2",
                 "--job-heartbeat-s", "0.5", "--grace-period-s", "5", "--metrics-port", "0",
                 *extra]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.store import ModelStore
+from convserve.store import ModelStore
 from tests.barrier import arrive_and_wait
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from service import config as config_module
-from service.client import Client, ClientError
+from convserve import config as config_module
+from convserve.client import Client, ClientError
 from tests.servers import images, running_server
 
 TOKEN = "s3cret-token-123"

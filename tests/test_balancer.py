@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from service.client import Client
-from service.store import ModelStore
+from convserve.client import Client
+from convserve.store import ModelStore
 from tests.conftest import REPO_ROOT
 from tests.servers import ServerProcess, images
 from tests.waits import wait_until

@@ -13,13 +13,13 @@ import time
 import numpy as np
 import pytest
 
-from service import codec
-from service.batcher import BatchingConfig, DynamicBatcher
-from service.errors import InvalidInput, LimitExceeded, NoModel
-from service.loader import LoadedModel, SessionSettings, load_version
-from service.metrics import Histogram
-from service.pb.convserve.v1 import convserve_pb2 as pb
-from service.store import ModelStore
+from convserve import arrays, codec
+from convserve.batcher import BatchingConfig, DynamicBatcher
+from convserve.errors import InvalidInput, LimitExceeded, NoModel
+from convserve.loader import LoadedModel, SessionSettings, load_version
+from convserve.metrics import Histogram
+from convserve.pb.convserve.v1 import convserve_pb2 as pb
+from convserve.store import ModelStore
 from tests.servers import images, publish
 
 
@@ -162,7 +162,7 @@ def test_a_bad_request_is_refused_before_the_queue_and_neighbours_succeed(loaded
         async def submit(request):
             return await batcher.predict(codec.decode_images(request, codec.Limits()))
 
-        good = [pb.PredictRequest(raw=codec.encode_raw(images(1, seed=s))) for s in range(4)]
+        good = [pb.PredictRequest(raw=arrays.encode_raw(images(1, seed=s))) for s in range(4)]
         tasks = [asyncio.create_task(submit(r)) for r in (good[0], good[1], bad, good[2], good[3])]
         return await asyncio.gather(*tasks, return_exceptions=True)
 

@@ -14,9 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.client import Client
-from service.jobs import JobRunner, JobState, RunnerConfig
-from service.store import ModelStore
+from convserve.client import Client
+from convserve.contracts.job_dir import JobState
+from convserve.jobs import JobRunner, RunnerConfig
+from convserve.store import ModelStore
 from tests.conftest import REPO_ROOT, python_env
 from tests.servers import ServerProcess, publish
 from tests.waits import process_alive, wait_until

@@ -1,4 +1,4 @@
-"""`python -m training` as a person runs it: real subprocesses, one-line errors, the full job."""
+"""`python -m convserve.training` as a person runs it: real subprocesses, one-line errors, the full job."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tests.conftest import python_env
 
 
 def _run(python: str, *args: str, cwd: Path | None = None, timeout: float = 600):
-    return subprocess.run([python, "-m", "training", *args], env=python_env(), cwd=cwd,
+    return subprocess.run([python, "-m", "convserve.training", *args], env=python_env(), cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 

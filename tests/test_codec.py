@@ -1,4 +1,4 @@
-"""service.codec: every decode path, the client-side encoder and the response builders."""
+"""convserve.codec: every decode path, the client-side encoder and the response builders."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from service import codec
-from service.errors import InvalidInput, LimitExceeded
-from service.pb.convserve.v1 import convserve_pb2 as pb
+from convserve import arrays, codec
+from convserve.errors import InvalidInput, LimitExceeded
+from convserve.pb.convserve.v1 import convserve_pb2 as pb
 
 LIMITS = codec.Limits()
 
@@ -236,7 +236,7 @@ def test_encode_raw_round_trips_through_decode(dtype: type, form: str) -> None:
         array = array.transpose(0, 3, 1, 2)  # non-contiguous on purpose
     if form in ("hwc", "chw"):
         array, pixels = array[0], pixels[:1]
-    raw = codec.encode_raw(array)
+    raw = arrays.encode_raw(array)
     assert raw.layout == (pb.NCHW if "ch" in form else pb.NHWC)
     decoded = codec.decode_images(pb.PredictRequest(raw=raw), LIMITS)
     np.testing.assert_array_equal(decoded, pixels)
@@ -244,7 +244,7 @@ def test_encode_raw_round_trips_through_decode(dtype: type, form: str) -> None:
 
 def test_encode_raw_converts_big_endian_floats() -> None:
     floats = (random_pixels(1) / np.float32(255)).astype(">f4")
-    raw = codec.encode_raw(floats)
+    raw = arrays.encode_raw(floats)
     np.testing.assert_array_equal(np.frombuffer(raw.data, "<f4").reshape(1, 32, 32, 3), floats)
 
 
@@ -257,7 +257,7 @@ def test_encode_raw_converts_big_endian_floats() -> None:
 ])
 def test_encode_raw_refuses_locally(array: np.ndarray, message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
-        codec.encode_raw(array)
+        arrays.encode_raw(array)
 
 
 # ------------------------------------------------------------------------------------ responses
@@ -277,7 +277,7 @@ def test_predict_response_argmax_and_round_trip() -> None:
     assert list(response.predicted_name) == ["dog", "cat", "eel"]
     assert len(response.top_k) == 0
     wire = pb.PredictResponse.FromString(response.SerializeToString())
-    np.testing.assert_array_equal(codec.probabilities_of(wire), probs)
+    np.testing.assert_array_equal(arrays.probabilities_of(wire), probs)
 
 
 def test_top_k_is_sorted_and_clamped_to_the_class_count() -> None:
@@ -294,12 +294,12 @@ def test_top_k_is_sorted_and_clamped_to_the_class_count() -> None:
 def test_probabilities_of_refuses_a_malformed_response() -> None:
     response = pb.PredictResponse(probabilities=bytes(8), shape=[1, 3])
     with pytest.raises(ValueError, match=r"expected 8 bytes .* got shape \[1, 3\]"):
-        codec.probabilities_of(response)
+        arrays.probabilities_of(response)
 
 
 def test_encoded_images_decode_exactly_as_training_reads_them(tmp_path) -> None:
     """No training/serving skew: a folder dataset and Predict give the same pixels for one file."""
-    from training.data import load_dataset
+    from convserve.training.data import load_dataset
 
     rng = np.random.default_rng(7)
     files = {
@@ -319,7 +319,7 @@ def test_encoded_images_decode_exactly_as_training_reads_them(tmp_path) -> None:
                                  codec.Limits())
     np.testing.assert_array_equal(served, trained_on)
     assert served[0].max() > 200 and served[0].min() < 50  # 16-bit scaled, not clipped white
-    # Both sides above share service.images; check them against Pillow used directly, written
+    # Both sides above share convserve.images; check them against Pillow used directly, written
     # out here step by step: 16-bit scaled to 8 (/257, rounded), JPEG decoded at a reduced
     # scale, RGB, a bilinear resize to 32x32.
     wide = np.asarray(Image.open(tmp_path / "set" / "val" / "a" / "wide.png")).astype(np.float64)
@@ -346,8 +346,8 @@ def test_decoding_a_request_at_every_limit_holds_one_image_at_a_time(tmp_path) -
     script = f"""
 import json, resource
 from pathlib import Path
-from service import codec
-from service.pb.convserve.v1 import convserve_pb2 as pb
+from convserve import arrays, codec
+from convserve.pb.convserve.v1 import convserve_pb2 as pb
 data = Path({str(png)!r}).read_bytes()
 request = pb.PredictRequest(encoded=pb.EncodedImages(images=[data] * 4))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

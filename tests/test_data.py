@@ -1,4 +1,4 @@
-"""Tests for training.data: every dataset source against real files in tmp_path, no mocks."""
+"""Tests for convserve.training.data: every dataset source against real files in tmp_path, no mocks."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from convserve.training.data import DATASET_NAMES_HELP, Dataset, DatasetError, load_dataset
 from tests.conftest import python_env
-from training.data import DATASET_NAMES_HELP, Dataset, DatasetError, load_dataset
 
 DIGITS_TOTAL = 1797
 
@@ -491,7 +491,7 @@ def test_folder_unlistable_class_dir_is_a_dataset_error(tmp_path: Path) -> None:
         # runs as root): load in a child without them (util-linux's setpriv), so the refusal
         # is real there too.
         script = ("import sys; from pathlib import Path\n"
-                  "from training.data import DatasetError, load_dataset\n"
+                  "from convserve.training.data import DatasetError, load_dataset\n"
                   "try:\n    load_dataset('folder:ds', Path(sys.argv[1]))\n"
                   "except DatasetError as error:\n    print(error)\n"
                   "else:\n    print('loaded: the locked directory was read')\n")

@@ -9,16 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.errors import InvalidInput
-from service.jobs import JobRunner, RunnerConfig, TrainParams
-from service.store import ModelStore
+from convserve.contracts.job_dir import read_events
+from convserve.contracts.spec import ConfigError, TrainConfig
+from convserve.errors import InvalidInput
+from convserve.jobs import JobRunner, RunnerConfig, TrainParams
+from convserve.store import ModelStore
+from convserve.training import distributed
+from convserve.training.batches import epoch_batches
+from convserve.training.data import load_dataset
+from convserve.training.progress import ProgressReporter
+from convserve.training.train import train
 from tests.conftest import python_env
-from training import distributed
-from training.batches import epoch_batches
-from training.config import ConfigError, TrainConfig
-from training.data import load_dataset
-from training.progress import ProgressReporter, read_events
-from training.train import train
 
 DATASET, EPOCHS = "synthetic:960", 3
 
@@ -56,7 +57,7 @@ def test_a_job_runner_with_several_processes_launches_torchrun(tmp_path: Path) -
     record = runner.submit(TrainParams(dataset="digits", batch_size=64))
     command = runner.command(record)
     assert command[1:8] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                            "4", "-m", "training"]
+                            "4", "-m", "convserve.training"]
 
 
 @pytest.mark.slow
@@ -67,11 +68,11 @@ def test_two_gloo_processes_train_like_one_and_publish_exactly_one_version(
     store = tmp_path / "store"
     ddp = subprocess.run(
         [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "training", *common, "--out", str(tmp_path / "ddp"), "--store", str(store),
+         "-m", "convserve.training", *common, "--out", str(tmp_path / "ddp"), "--store", str(store),
          "--min-accuracy", "0"],
         env=env, capture_output=True, text=True, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = subprocess.run([python, "-m", "training", *common, "--out", str(tmp_path / "one")],
+    single = subprocess.run([python, "-m", "convserve.training", *common, "--out", str(tmp_path / "one")],
                             env=env, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
 

@@ -9,10 +9,10 @@ import onnx
 import pytest
 import torch
 
+from convserve.training.export import check_parity, export_onnx, serving_model
+from convserve.training.model import ConvNet, Preprocess
+from convserve.training.onnx_eval import OnnxClassifier
 from tests.conftest import SMALL_SYNTHETIC
-from training.export import check_parity, export_onnx, serving_model
-from training.model import ConvNet, Preprocess
-from training.onnx_eval import OnnxClassifier
 
 
 def test_export_is_one_checked_file_with_the_documented_signature(small_run) -> None:
@@ -78,12 +78,14 @@ def test_a_run_whose_export_disagrees_with_torch_fails_and_publishes_nothing(tmp
     whole run fail with ExportError, publish no version and leave the champion in place."""
     from onnx import numpy_helper
 
-    from service.store import ModelStore
+    from convserve.contracts.gate_policy import GatePolicy
+    from convserve.contracts.job_dir import read_events
+    from convserve.contracts.spec import TrainConfig
+    from convserve.store import ModelStore
+    from convserve.training import pipeline
+    from convserve.training.errors import ExportError
+    from convserve.training.progress import ProgressReporter
     from tests.servers import publish
-    from training import gate, pipeline
-    from training.config import TrainConfig
-    from training.errors import ExportError
-    from training.progress import ProgressReporter, read_events
 
     real_export = pipeline.export_onnx
 
@@ -102,7 +104,7 @@ def test_a_run_whose_export_disagrees_with_torch_fails_and_publishes_nothing(tmp
     with pytest.raises(ExportError, match="ONNX parity check failed"):
         pipeline.run(TrainConfig(dataset=SMALL_SYNTHETIC, epochs=1, compile="off"),
                      tmp_path / "run", reporter,
-                     publication=pipeline.Publication(store, gate.GatePolicy(min_accuracy=0.0),
+                     publication=pipeline.Publication(store, GatePolicy(min_accuracy=0.0),
                                                       actor="test"))
     reporter.close()
     assert store.versions() == [champion] and store.promoted_version() == champion
@@ -114,7 +116,7 @@ def test_a_run_whose_export_disagrees_with_torch_fails_and_publishes_nothing(tmp
 
 def _untrained_model(tmp_path):
     """A champion to keep: the untrained ConvNet exported, with the classes of SMALL_SYNTHETIC."""
-    from training.data import load_dataset
+    from convserve.training.data import load_dataset
 
     classes = load_dataset(SMALL_SYNTHETIC, tmp_path, seed=0).classes
     torch.manual_seed(0)

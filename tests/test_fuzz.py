@@ -16,8 +16,8 @@ from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from service.pb.convserve.v1 import convserve_pb2 as pb
-from service.store import ModelStore
+from convserve.pb.convserve.v1 import convserve_pb2 as pb
+from convserve.store import ModelStore
 from tests.servers import ServerProcess, images, publish
 
 pytestmark = pytest.mark.slow

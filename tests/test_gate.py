@@ -11,14 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.store import ModelStore
+from convserve.contracts.gate_policy import GateBounds, GateConfigError, GatePolicy
+from convserve.store import ModelStore
+from convserve.training import gate
+from convserve.training.data import load_dataset
+from convserve.training.export import ParityReport
+from convserve.training.metrics import validation_metrics
+from convserve.training.onnx_eval import OnnxClassifier
 from tests.barrier import release_when_ready
 from tests.conftest import SMALL_SYNTHETIC, python_env
-from training import gate
-from training.data import load_dataset
-from training.export import ParityReport
-from training.metrics import validation_metrics
-from training.onnx_eval import OnnxClassifier
 
 PASSED = ParityReport(images=10, max_abs_diff=1e-7, argmax_equal=True, tolerance=1e-5)
 NAMES = ("a", "b", "c")
@@ -41,35 +42,35 @@ def _champion(correct: list[int], classes=NAMES, version: int = 1) -> gate.Champ
 # --- the rules -------------------------------------------------------------------------------
 
 def test_first_model_is_promoted_when_it_clears_min_accuracy() -> None:
-    decision = gate.evaluate(gate.GatePolicy(min_accuracy=0.7), PASSED, NAMES, _metrics([8, 8, 8]),
+    decision = gate.evaluate(GatePolicy(min_accuracy=0.7), PASSED, NAMES, _metrics([8, 8, 8]),
                              None)
     assert decision.promoted and "first model" in decision.reason
 
 
 def test_first_model_below_min_accuracy_is_rejected() -> None:
-    decision = gate.evaluate(gate.GatePolicy(min_accuracy=0.9), PASSED, NAMES, _metrics([8, 8, 8]),
+    decision = gate.evaluate(GatePolicy(min_accuracy=0.9), PASSED, NAMES, _metrics([8, 8, 8]),
                              None)
     assert not decision.promoted and "below min_accuracy 0.9000" in decision.reason
 
 
 def test_a_regression_is_rejected_and_a_tie_or_gain_promoted() -> None:
-    policy = gate.GatePolicy(min_accuracy=0.0)
+    policy = GatePolicy(min_accuracy=0.0)
     worse = gate.evaluate(policy, PASSED, NAMES, _metrics([8, 8, 7]), _champion([8, 8, 8]))
     assert not worse.promoted and "does not reach champion v1's 0.8000" in worse.reason
     assert worse.champion_accuracy == pytest.approx(0.8)
     tie = gate.evaluate(policy, PASSED, NAMES, _metrics([8, 8, 8]), _champion([8, 8, 8]))
     assert tie.promoted
-    needs_gain = gate.evaluate(gate.GatePolicy(min_accuracy=0.0, min_improvement=0.05), PASSED,
+    needs_gain = gate.evaluate(GatePolicy(min_accuracy=0.0, min_improvement=0.05), PASSED,
                                NAMES, _metrics([8, 8, 9]), _champion([8, 8, 8]))
     assert not needs_gain.promoted and needs_gain.required_accuracy == pytest.approx(0.85)
 
 
 def test_class_change_is_refused_unless_allowed() -> None:
     other = _champion([9, 9, 9], classes=("x", "y"))
-    refused = gate.evaluate(gate.GatePolicy(min_accuracy=0.0), PASSED, NAMES, _metrics([8, 8, 8]),
+    refused = gate.evaluate(GatePolicy(min_accuracy=0.0), PASSED, NAMES, _metrics([8, 8, 8]),
                             other)
     assert not refused.promoted and "differ from champion v1" in refused.reason
-    allowed = gate.evaluate(gate.GatePolicy(min_accuracy=0.0, allow_class_change=True), PASSED,
+    allowed = gate.evaluate(GatePolicy(min_accuracy=0.0, allow_class_change=True), PASSED,
                             NAMES, _metrics([8, 8, 8]), other)
     assert allowed.promoted and "class change allowed" in allowed.reason
 
@@ -77,9 +78,9 @@ def test_class_change_is_refused_unless_allowed() -> None:
 def test_per_class_recall_drop_is_checked_when_asked() -> None:
     # Same overall accuracy, but class "a" loses 3 of 10 to gains elsewhere.
     champion, candidate = _champion([9, 6, 6]), _metrics([6, 8, 7])
-    assert gate.evaluate(gate.GatePolicy(min_accuracy=0.0), PASSED, NAMES, candidate,
+    assert gate.evaluate(GatePolicy(min_accuracy=0.0), PASSED, NAMES, candidate,
                          champion).promoted
-    strict = gate.evaluate(gate.GatePolicy(min_accuracy=0.0, max_class_recall_drop=0.2), PASSED,
+    strict = gate.evaluate(GatePolicy(min_accuracy=0.0, max_class_recall_drop=0.2), PASSED,
                            NAMES, candidate, champion)
     assert not strict.promoted and "a -0.300" in strict.reason
     assert strict.class_recall_drops["a"] == pytest.approx(0.3)
@@ -87,22 +88,22 @@ def test_per_class_recall_drop_is_checked_when_asked() -> None:
 
 def test_failed_parity_is_rejected_whatever_the_accuracy() -> None:
     failed = ParityReport(images=10, max_abs_diff=0.2, argmax_equal=False, tolerance=1e-5)
-    decision = gate.evaluate(gate.GatePolicy(), failed, NAMES, _metrics([10, 10, 10]), None)
+    decision = gate.evaluate(GatePolicy(), failed, NAMES, _metrics([10, 10, 10]), None)
     assert not decision.promoted and "parity" in decision.reason
     assert decision.to_dict()["parity_passed"] is False
 
 
 def test_policy_ranges_and_server_bounds() -> None:
-    with pytest.raises(gate.GateConfigError, match="min_accuracy"):
-        gate.GatePolicy(min_accuracy=1.2)
-    bounds = gate.GateBounds(min_accuracy_floor=0.5, allow_class_change=False)
-    defaults = gate.GatePolicy(min_accuracy=0.6)
+    with pytest.raises(GateConfigError, match="min_accuracy"):
+        GatePolicy(min_accuracy=1.2)
+    bounds = GateBounds(min_accuracy_floor=0.5, allow_class_change=False)
+    defaults = GatePolicy(min_accuracy=0.6)
     assert bounds.apply(defaults, {"min_accuracy": 0.9}).min_accuracy == 0.9
-    with pytest.raises(gate.GateConfigError, match="below this server's floor 0.5"):
+    with pytest.raises(GateConfigError, match="below this server's floor 0.5"):
         bounds.apply(defaults, {"min_accuracy": 0.1})
-    with pytest.raises(gate.GateConfigError, match="does not allow"):
+    with pytest.raises(GateConfigError, match="does not allow"):
         bounds.apply(defaults, {"allow_class_change": True})
-    with pytest.raises(gate.GateConfigError, match="unknown"):
+    with pytest.raises(GateConfigError, match="unknown"):
         bounds.apply(defaults, {"min_acc": 0.9})
 
 
@@ -125,7 +126,7 @@ def _publish(store: ModelStore, model: Path, val_split, **policy):
     candidate = classifier.score(images, labels) if classifier.classes == classes else \
         validation_metrics(np.zeros(len(labels), dtype=int), np.zeros(len(labels), dtype=int),
                            classifier.classes)
-    decide = gate.decide_against(store, gate.GatePolicy(**policy), PASSED, classifier.classes,
+    decide = gate.decide_against(store, GatePolicy(**policy), PASSED, classifier.classes,
                                  candidate, images, labels)
     return store.publish(model, {"metrics": {"onnx_val_accuracy": candidate.accuracy}}, decide,
                          actor="job:test")

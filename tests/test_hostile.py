@@ -12,8 +12,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from service.pb.convserve.v1 import convserve_pb2 as pb
-from service.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
+from convserve.pb.convserve.v1 import convserve_pb2 as pb
+from convserve.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from tests.servers import ServerProcess, images, predict_request, running_server
 from tests.waits import process_alive, wait_until
 
@@ -79,8 +79,8 @@ def test_a_sigkilled_replica_takes_its_training_child_along_and_the_job_resumes(
     import json
     import signal
 
-    from service.client import Client
-    from service.store import ModelStore
+    from convserve.client import Client
+    from convserve.store import ModelStore
 
     store, datasets = store_with_model
     first = ServerProcess(store, datasets)
@@ -134,8 +134,8 @@ def test_data_loss_and_internal_errors_over_grpc_leave_the_server_serving(store_
     import json
     import os
 
-    from service.client import Client, ClientError
-    from service.store import ModelStore
+    from convserve.client import Client, ClientError
+    from convserve.store import ModelStore
     from tests.servers import publish
 
     store_dir, datasets = store_with_model

@@ -1,4 +1,4 @@
-"""The job runner on its own: real store, real `python -m training` children, two "replicas"
+"""The job runner on its own: real store, real `python -m convserve.training` children, two "replicas"
 (JobRunner objects with their own replica ids) sharing one store directory."""
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from typing import Any
 
 import pytest
 
-from service.errors import AlreadyExists, Conflict, InvalidInput, LimitExceeded, NotFound
-from service.jobs import JobRecord, JobRunner, JobState, RunnerConfig, TrainParams
-from service.store import ModelStore
+from convserve.contracts.gate_policy import GateBounds
+from convserve.contracts.job_dir import JobState, read_events
+from convserve.errors import AlreadyExists, Conflict, InvalidInput, LimitExceeded, NotFound
+from convserve.jobs import JobRecord, JobRunner, RunnerConfig, TrainParams
+from convserve.store import ModelStore
 from tests.conftest import REPO_ROOT
-from training.gate import GateBounds
-from training.progress import read_events
 
 TINY = {"dataset": "synthetic:200", "epochs": 1, "batch_size": 32}
 LONG = {"dataset": "synthetic:5000", "epochs": 50}  # never finishes: cancelled or killed early
@@ -165,7 +165,7 @@ def test_a_child_refusing_its_input_fails_the_job_with_its_error_line(store_dir:
 
     record = runner.get(job.id)
     assert record.state == JobState.FAILED and record.finished_at
-    assert "python -m training: error:" in record.error and "missing" in record.error
+    assert "python -m convserve.training: error:" in record.error and "missing" in record.error
     states = _states(store_dir, job.id)
     assert states[-1] == "FAILED" and states.count("FAILED") == 1  # the child's, not doubled
 
@@ -398,7 +398,8 @@ def test_recover_fails_jobs_of_gone_replicas_and_stops_their_orphans(store_dir: 
     here_dead = f"{socket.gethostname()}:{_dead_pid()}"
     stale, fresh, orphaned = (old.submit(TrainParams()) for _ in range(3))
     leftover = subprocess.Popen(  # what a SIGKILLed replica leaves: its child, in its own group
-        [sys.executable, "-c", "import time; time.sleep(60)", "training", "--job-id", orphaned.id],
+        [sys.executable, "-c", "import time; time.sleep(60)", "convserve.training", "--job-id",
+         orphaned.id],
         start_new_session=True)
     now = datetime.now(UTC)
     changes = {
@@ -431,9 +432,9 @@ def test_recover_fails_jobs_of_gone_replicas_and_stops_their_orphans(store_dir: 
 
 
 def test_the_runner_imports_no_torch() -> None:
-    heavy = ("torch", "torchvision", "onnx", "training.train", "training.export", "training.model",
-             "training.pipeline", "training.data")
-    script = ("import sys, service.jobs\n"
+    heavy = ("torch", "torchvision", "onnx", *(f"convserve.training.{m}" for m in (
+        "train", "export", "model", "pipeline", "data")))
+    script = ("import sys, convserve.jobs\n"
               f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True,
                             text=True, timeout=60, check=False)
@@ -444,9 +445,9 @@ def test_the_runner_imports_no_torch() -> None:
 def test_the_recipe_travels_from_the_request_to_the_training_command(store_dir: Path) -> None:
     """Unset fields take the server's defaults, an explicit 0 stays 0, and the child's command
     line parses (with the training CLI's own parser) into exactly the requested recipe."""
-    from service import messages
-    from service.pb.convserve.v1 import convserve_pb2 as pb
-    from training.cli import build_parser, config_from_args
+    from convserve import messages
+    from convserve.pb.convserve.v1 import convserve_pb2 as pb
+    from convserve.training.cli import build_parser, config_from_args
 
     defaults = TrainParams()
     unset = messages.train_params(pb.TrainRequest(dataset="digits"), defaults)
@@ -460,7 +461,7 @@ def test_the_recipe_travels_from_the_request_to_the_training_command(store_dir: 
 
     record = _runner(store_dir).submit(params)
     command = _runner(store_dir).command(record)
-    config = config_from_args(build_parser().parse_args(command[command.index("training") + 1:]))
+    config = config_from_args(build_parser().parse_args(command[command.index("convserve.training") + 1:]))
     assert (config.augment, config.schedule, config.label_smoothing, config.weight_decay) == (
         "crop+flip", "cosine", 0.0, 0.0)
 

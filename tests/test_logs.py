@@ -10,10 +10,10 @@ import re
 import grpc
 import pytest
 
-from service import logs
-from service.client import Client, ClientError
-from service.pb.convserve.v1 import convserve_pb2 as pb
-from service.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
+from convserve import logs
+from convserve.client import Client, ClientError
+from convserve.pb.convserve.v1 import convserve_pb2 as pb
+from convserve.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from tests.servers import images, running_server
 from tests.waits import wait_until
 

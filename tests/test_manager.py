@@ -1,4 +1,4 @@
-"""service.loader and service.manager on real files: one exported ConvNet, a real ModelStore and real
+"""convserve.loader and convserve.manager on real files: one exported ConvNet, a real ModelStore and real
 ONNX Runtime sessions. The only stand-in is the provider list given to `choose_providers` (this host
 has no GPU, so the CUDA branch can only be exercised as a pure function)."""
 
@@ -18,8 +18,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from service.errors import NoModel, NotFound
-from service.loader import (
+from convserve.errors import NoModel, NotFound
+from convserve.loader import (
     CPU,
     CUDA,
     ModelLoadError,
@@ -29,8 +29,8 @@ from service.loader import (
     cuda_device_count,
     load_version,
 )
-from service.manager import ModelManager
-from service.store import IntegrityError, ModelStore
+from convserve.manager import ModelManager
+from convserve.store import IntegrityError, ModelStore
 from tests.conftest import REPO_ROOT, python_env
 
 CLASSES = ["airplane", "bird", "cat"]
@@ -44,7 +44,7 @@ SETTINGS = SessionSettings(providers=("cpu",), intra_op_threads=1, inter_op_thre
 
 
 def metadata(classes: list[str]) -> dict:
-    """The shape of training.pipeline.model_metadata, reduced to what serving reads."""
+    """The shape of convserve.training.pipeline.model_metadata, reduced to what serving reads."""
     return {
         "classes": classes,
         "input": {"name": "pixels", "dtype": "uint8", "layout": "NHWC", "shape": [-1, 32, 32, 3],
@@ -58,8 +58,8 @@ def first(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The one torch export of this module (~10 s); the other models are edits of it."""
     import torch
 
-    from training.export import export_onnx, serving_model
-    from training.model import ConvNet, Preprocess
+    from convserve.training.export import export_onnx, serving_model
+    from convserve.training.model import ConvNet, Preprocess
 
     torch.manual_seed(0)
     model = serving_model(ConvNet(len(CLASSES)), Preprocess([0.5] * 3, [0.25] * 3))
@@ -349,9 +349,10 @@ def test_run_picks_up_a_promotion_at_its_next_poll(store: ModelStore, first: Pat
 
 
 def test_serving_modules_do_not_import_torch() -> None:
-    code = ("import sys, service.codec, service.loader, service.manager; "
+    code = ("import sys, convserve.codec, convserve.loader, convserve.manager; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', "
-            "'onnxscript') or m in ('training.export', 'training.model', 'training.train')))")
+            "'onnxscript') or m in ('convserve.training.export', 'convserve.training.model', "
+            "'convserve.training.train')))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=python_env(),
                             capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.strip() == "[]"

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from training.metrics import accuracy, confusion_matrix, per_class_metrics, validation_metrics
+from convserve.training.metrics import accuracy, confusion_matrix, per_class_metrics, validation_metrics
 
 LABELS = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 2])
 PREDICTED = np.array([0, 1, 0, 1, 1, 2, 2, 0, 1, 2])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from training.model import ConvNet, Preprocess, ServingModel, count_parameters
+from convserve.training.model import ConvNet, Preprocess, ServingModel, count_parameters
 
 
 @pytest.mark.parametrize(("classes", "expected"), [(10, 198_930), (2, 197_898)])

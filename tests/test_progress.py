@@ -5,7 +5,9 @@ import json
 import time
 from pathlib import Path
 
-from training.progress import ProgressReporter, enumerate_with_estimate, read_events, render_bar
+from convserve.contracts.job_dir import read_events
+from convserve.progress_bar import render_bar
+from convserve.training.progress import ProgressReporter, enumerate_with_estimate
 
 
 def test_estimate_starts_after_the_first_item_and_counts_down() -> None:

@@ -15,10 +15,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from service.client import Client
-from service.metrics import Gauge, Histogram, Registry, serve_http
-from service.pb.convserve.v1 import convserve_pb2 as pb
-from service.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
+from convserve.client import Client
+from convserve.metrics import Gauge, Histogram, Registry, serve_http
+from convserve.pb.convserve.v1 import convserve_pb2 as pb
+from convserve.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from tests.servers import images, running_server
 from tests.waits import wait_until
 

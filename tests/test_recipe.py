@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from convserve.contracts.spec import ConfigError, TrainConfig
+from convserve.training import recipe
+from convserve.training.data import load_dataset
+from convserve.training.progress import ProgressReporter
+from convserve.training.train import train
 from tests.conftest import SMALL_SYNTHETIC
-from training import recipe
-from training.config import ConfigError, TrainConfig
-from training.data import load_dataset
-from training.progress import ProgressReporter
-from training.train import train
 
 
 def batch(count: int = 16, seed: int = 0) -> torch.Tensor:
@@ -156,8 +156,8 @@ def test_the_dataloader_path_trains_exactly_like_the_device_path(tmp_path: Path)
 
 
 def test_precision_and_loader_choices() -> None:
-    from training.batches import use_loader
-    from training.train import autocast_dtype
+    from convserve.training.batches import use_loader
+    from convserve.training.train import autocast_dtype
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert autocast_dtype(TrainConfig(), cpu) is None

@@ -15,8 +15,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service import config as config_module
-from service.loader import (
+from convserve import config as config_module
+from convserve.loader import (
     CPU,
     CUDA,
     TENSORRT,
@@ -26,7 +26,7 @@ from service.loader import (
     load_version,
     provider_options,
 )
-from service.runners import (
+from convserve.runners import (
     BoundRunner,
     GraphRunner,
     PlainRunner,
@@ -34,8 +34,8 @@ from service.runners import (
     buckets_up_to,
     pad_batch,
 )
-from service.server import session_settings
-from service.store import ModelStore
+from convserve.server import session_settings
+from convserve.store import ModelStore
 from tests.servers import images, publish
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service import config
+from convserve import config
 
 
 def test_a_flag_wins_over_its_environment_variable_which_wins_over_the_default() -> None:
@@ -35,7 +35,7 @@ def test_an_invalid_environment_value_names_the_variable() -> None:
 
 
 def test_clients_default_to_the_configured_address_then_the_local_port() -> None:
-    from service.remote_cli import default_address
+    from convserve.remote_cli import default_address
 
     assert default_address({}) == "127.0.0.1:50051"
     assert default_address({"CONVSERVE_PORT": "6000"}) == "127.0.0.1:6000"
@@ -48,7 +48,7 @@ def test_serve_refuses_a_bad_value_with_one_line_and_exit_code_2(repo_root) -> N
 
     from tests.conftest import python_env
 
-    result = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--metrics-port", "-5"],
+    result = subprocess.run([sys.executable, "-m", "convserve.cli", "serve", "--metrics-port", "-5"],
                             cwd=repo_root, env=python_env(), capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2
@@ -58,10 +58,10 @@ def test_serve_refuses_a_bad_value_with_one_line_and_exit_code_2(repo_root) -> N
 
 def test_an_operators_negative_min_improvement_is_accepted_for_its_own_jobs(tmp_path: Path
                                                                              ) -> None:
-    from service.errors import InvalidInput
-    from service.jobs import JobRunner, TrainParams
-    from service.server import runner_config
-    from service.store import ModelStore
+    from convserve.errors import InvalidInput
+    from convserve.jobs import JobRunner, TrainParams
+    from convserve.server import runner_config
+    from convserve.store import ModelStore
 
     settings = config.parse(["--min-improvement", "-0.02", "--store", str(tmp_path / "s")])
     runner = JobRunner(ModelStore(settings.store), runner_config(settings))

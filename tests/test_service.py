@@ -17,14 +17,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from service.client import Client, ClientError
-from service.pb.convserve.v1 import convserve_pb2 as pb
-from service.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
-from service.store import ModelStore
+from convserve.client import Client, ClientError
+from convserve.pb.convserve.v1 import convserve_pb2 as pb
+from convserve.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
+from convserve.store import ModelStore
+from convserve.training.onnx_eval import OnnxClassifier
 from tests.conftest import REPO_ROOT, python_env
+from tests.progress_checks import assert_rates_and_a_countdown
 from tests.servers import images, predict_request, publish, running_server
 from tests.waits import wait_until
-from training.onnx_eval import OnnxClassifier
 
 pytestmark = pytest.mark.slow
 
@@ -145,8 +146,12 @@ def test_progress_reaches_callers_as_rate_and_eta_and_a_bar_on_a_terminal(store_
                                                                          datasets) -> None:
     """Progress every step (--job-progress-interval-s 0): the CLI draws its bar on a terminal,
     prints plain lines to a pipe, and WatchJob's events carry images/s and a falling ETA."""
+    import asyncio
+
+    from convserve.client import AsyncClient
+
     with running_server(store_dir, datasets, "--job-progress-interval-s", "0") as server:
-        cli = [sys.executable, "-m", "service.cli"]
+        cli = [sys.executable, "-m", "convserve.cli"]
         code, screen = _run_in_terminal([*cli, "train", "--dataset", "digits", "--epochs", "3",
                                          "--min-accuracy", "0", "--watch",
                                          "--address", server.address])
@@ -166,12 +171,38 @@ def test_progress_reaches_callers_as_rate_and_eta_and_a_bar_on_a_terminal(store_
         assert "\r" not in piped.stdout and "img/s" not in piped.stdout  # lines, no bar
         assert f"job {job_id}: PROMOTED" in piped.stdout
 
-        with Client(server.address) as client:
-            progress = [e for e in client.watch(job_id) if e.type == "progress"]
-    assert progress and all(e.images_per_s > 0 and e.HasField("eta_s") for e in progress)
-    by_epoch = {epoch: [e.eta_s for e in progress if e.epoch == epoch] for epoch in (1, 2, 3)}
-    # Step-to-step estimates wobble; each epoch starts with less left than the one before.
-    assert by_epoch[1][0] > by_epoch[2][0] > by_epoch[3][0] > by_epoch[3][-1]
+        async def progress_events() -> list[pb.JobEvent]:  # the asyncio SDK's watch, here
+            async with AsyncClient(server.address) as remote:
+                return [e async for e in remote.watch(job_id) if e.type == "progress"]
+
+        progress = asyncio.run(progress_events())
+    fields = ("epoch", "epochs", "step", "steps", "images_per_s")
+    assert_rates_and_a_countdown([{**{name: getattr(e, name) for name in fields},
+                                   "eta_s": e.eta_s if e.HasField("eta_s") else None}
+                                  for e in progress], batch_size=64)
+
+
+def test_the_async_client_serves_concurrent_calls_like_the_sync_one(store_with_model) -> None:
+    """AsyncClient against a real replica: 16 Predicts in flight at once from one event loop,
+    each answered as the sync Client answers it; health and model info the same way."""
+    import asyncio
+
+    from convserve.client import AsyncClient
+
+    store, data = store_with_model
+    batches = [images(3, seed=i) for i in range(16)]
+    with running_server(store, data) as server, Client(server.address) as client:
+        expected = [client.predict(batch).probabilities for batch in batches]
+
+        async def main() -> tuple[list, str, int]:
+            async with AsyncClient(server.address) as remote:
+                answers = await asyncio.gather(*(remote.predict(b, timeout=60) for b in batches))
+                return answers, await remote.health(), (await remote.model()).version
+
+        answers, health, version = asyncio.run(main())
+    for answer, probabilities in zip(answers, expected, strict=True):
+        np.testing.assert_array_equal(answer.probabilities, probabilities)
+    assert (health, version) == ("SERVING", 1)
 
 
 # --- zero-downtime swaps -----------------------------------------------------------------------
@@ -369,8 +400,8 @@ def test_the_serving_path_never_imports_torch(store_dir, onnx_models) -> None:
     publish(ModelStore(store_dir), onnx_models["good"])
     script = f"""
 import asyncio, sys
-from service import config, server
-from service.client import Client
+from convserve import config, server
+from convserve.client import Client
 
 async def main():
     replica = await server.start(config.ServerConfig(store={str(store_dir)!r}, port=0))
@@ -380,8 +411,8 @@ async def main():
     return reply.version
 
 version = asyncio.run(main())
-heavy = sorted(m for m in ("torch", "torchvision", "onnx", "training.train", "training.export")
-               if m in sys.modules)
+heavy = sorted(m for m in ("torch", "torchvision", "onnx", "convserve.training.train",
+                          "convserve.training.export") if m in sys.modules)
 print(version, heavy)
 """
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=python_env(),
@@ -461,7 +492,7 @@ def test_cli_commands_against_a_server(store_dir, datasets, onnx_models, tmp_pat
         Image.fromarray(pixels).resize((48, 40)).save(files[-1])
 
     def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO_ROOT,
+        return subprocess.run([sys.executable, "-m", "convserve.cli", *args], cwd=REPO_ROOT,
                               env=python_env(), capture_output=True, text=True, timeout=timeout,
                               check=False)
 

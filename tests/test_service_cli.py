@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import STORE_ENV, main
-from service.store import ModelStore
+from convserve.cli import STORE_ENV, main
+from convserve.store import ModelStore
 from tests.conftest import REPO_ROOT, python_env
 
 CARD = {"dataset": {"name": "digits"}, "metrics": {"onnx_val_accuracy": 0.9}}
@@ -116,7 +116,7 @@ def test_show_of_an_unknown_version_is_one_line(two_versions: ModelStore, capsys
 
 def test_rollback_as_a_real_command(two_versions: ModelStore, capsys) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "models", "promote", "1", "--reason",
+        [sys.executable, "-m", "convserve.cli", "models", "promote", "1", "--reason",
          "v2 misclassifies trucks", "--actor", "ann", "--store", str(two_versions.root)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
@@ -249,9 +249,10 @@ def test_bare_command_is_a_one_line_usage_error(capsys) -> None:
 
 def test_import_pulls_in_no_heavy_dependencies() -> None:
     code = (
-        "import json, sys, service.cli\n"
-        "heavy = {'torch', 'numpy', 'onnxruntime', 'onnx', 'training'}\n"
-        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & heavy)))\n"
+        "import json, sys, convserve.cli\n"
+        "heavy = {'torch', 'numpy', 'onnxruntime', 'onnx', 'convserve.training'}\n"
+        "print(json.dumps(sorted(h for h in heavy for m in sys.modules\n"
+        "                        if m == h or m.startswith(h + '.'))))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=60, check=False)
@@ -264,7 +265,7 @@ def test_the_quick_start_demo_trains_promotes_predicts_and_stops(tmp_path: Path)
     """`make demo`'s command with a short run: it must end 0, having promoted and predicted, and
     leave no server behind with --stop."""
     result = subprocess.run(
-        [sys.executable, "-m", "service.cli", "demo", "--store", str(tmp_path / "store"),
+        [sys.executable, "-m", "convserve.cli", "demo", "--store", str(tmp_path / "store"),
          "--port", "0", "--metrics-port", "-1", "--epochs", "2", "--stop"],
         cwd=REPO_ROOT, env=python_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-2000:])

@@ -1,4 +1,4 @@
-"""Tests for service.store: real files, real processes (tests/store_worker.py), no mocks."""
+"""Tests for convserve.store: real files, real processes (tests/store_worker.py), no mocks."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from service.store import (
+from convserve.store import (
     HistoryEntry,
     IntegrityError,
     InvalidJobId,
@@ -487,7 +487,7 @@ def test_format_versions_table(store: ModelStore, make_model) -> None:
 
 def test_import_pulls_in_no_heavy_dependencies() -> None:
     code = (
-        "import json, sys, service.store\n"
+        "import json, sys, convserve.store\n"
         "heavy = {'torch', 'numpy', 'onnxruntime', 'onnx'}\n"
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & heavy)))\n"
     )

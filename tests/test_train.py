@@ -11,14 +11,16 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from convserve.contracts.job_dir import checkpoint_path, read_events
+from convserve.contracts.spec import TrainConfig
+from convserve.training.batches import steps_per_epoch
+from convserve.training.data import load_dataset
+from convserve.training.errors import ResumeError
+from convserve.training.progress import ProgressReporter
+from convserve.training.train import train
 from tests.conftest import SMALL_SYNTHETIC, python_env
+from tests.progress_checks import assert_rates_and_a_countdown
 from tests.waits import wait_until
-from training.batches import steps_per_epoch
-from training.config import TrainConfig
-from training.data import load_dataset
-from training.errors import ResumeError
-from training.progress import ProgressReporter, read_events
-from training.train import checkpoint_path, train
 
 
 @pytest.fixture(scope="module")
@@ -124,12 +126,7 @@ def test_progress_events_carry_epochs_rates_and_eta(small_run, tmp_path, small_d
     for events in by_epoch.values():  # a rate needs a few steps: then one event per step
         numbers = [e["step"] for e in events]
         assert numbers == list(range(numbers[0], steps + 1)) and numbers[0] <= 3, numbers
-    assert all(e["images_per_s"] > 0 and e["eta_s"] is not None for e in progress)
-    etas = [e["eta_s"] for e in progress]
-    # Rate estimates wobble step to step, so the countdown is checked at the epochs' edges:
-    # each epoch starts with less left than the one before, and the run ends at about zero.
-    starts = [events[0]["eta_s"] for events in by_epoch.values()]
-    assert starts[0] > starts[1] > starts[2] and etas[-1] < min(starts) and etas[-1] < 0.5
+    assert_rates_and_a_countdown(progress, batch_size=64)
 
 
 def test_resume_continues_the_epoch_count_and_matches_an_uninterrupted_run(
@@ -165,7 +162,7 @@ def test_checkpoint_loads_with_weights_only(tmp_path, small_data) -> None:
 def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, python) -> None:
     """A real process killed with SIGKILL mid-run, then resumed by the CLI."""
     run_dir = tmp_path / "run"
-    args = [python, "-m", "training", "--dataset", "synthetic:2000", "--epochs", "3",
+    args = [python, "-m", "convserve.training", "--dataset", "synthetic:2000", "--epochs", "3",
             "--out", str(run_dir)]
     child = subprocess.Popen(args, env=python_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)

@@ -18,10 +18,10 @@ from urllib.request import urlopen
 import grpc
 import pytest
 
-from service.config import ServerConfig
-from service.pb.convserve.v1 import convserve_pb2 as pb
-from service.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
-from service.store import ModelStore
+from convserve.config import ServerConfig
+from convserve.pb.convserve.v1 import convserve_pb2 as pb
+from convserve.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
+from convserve.store import ModelStore
 from tests.conftest import REPO_ROOT, python_env
 from tests.servers import ServerProcess, predict_request, running_server
 from tests.waits import wait_until
@@ -162,7 +162,7 @@ def _serve_beside_a_listener(store: Path, datasets: Path, flags: Callable[[int],
         taken.listen()
         port = taken.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "service.cli", "serve", "--store", str(store),
+            [sys.executable, "-m", "convserve.cli", "serve", "--store", str(store),
              "--datasets-root", str(datasets), *flags(port)], cwd=REPO_ROOT, env=python_env(),
             capture_output=True, text=True, timeout=60)
     return port, result

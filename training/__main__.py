@@ -1,7 +1,7 @@
-"""Entry point: `python -m training --dataset digits --epochs 10 --out DIR`."""
+"""Entry point: `python -m convserve.training --dataset digits --epochs 10 --out DIR`."""
 
 import sys
 
-from training.cli import main
+from convserve.training.cli import main
 
 sys.exit(main())

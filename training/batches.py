@@ -15,13 +15,14 @@ model (tests/test_recipe.py checks they agree).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from training import distributed
-from training.config import TrainConfig
+from convserve.contracts.spec import TrainConfig
+from convserve.training import distributed
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 images [B, 32, 32, 3], int64 labels [B]
 
@@ -89,8 +90,8 @@ class _Arrays(torch.utils.data.Dataset):
         return torch.from_numpy(self.images[indices]), torch.from_numpy(self.labels[indices])
 
 
-def _whole_batch(batch: Batch) -> Batch:
-    return batch  # `__getitems__` already returns the collated batch
+def _whole_batch(batch: Any) -> Any:
+    return batch  # `__getitems__` already returns the collated batch (a Batch)
 
 
 class LoaderBatches:

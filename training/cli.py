@@ -1,4 +1,4 @@
-"""`python -m training`: train, export and check one model from the command line."""
+"""`python -m convserve.training`: train, export and check one model from the command line."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from service.cli import OneLineParser
-from service.lifecycle import die_with_parent
-from service.store import ModelStore, StoreError
-from training.config import (
+from convserve.contracts.commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, OneLineParser
+from convserve.contracts.gate_policy import GateConfigError, GatePolicy
+from convserve.contracts.job_dir import EVENTS_FILE, JobState, Phase
+from convserve.contracts.spec import (
     AUGMENT_MODES,
     COMPILE_MODES,
     LOADERS,
@@ -23,21 +23,20 @@ from training.config import (
     ConfigError,
     TrainConfig,
 )
-from training.data import DATASET_NAMES_HELP, DatasetError
-from training.errors import ExportError, ResumeError
-from training.gate import GateConfigError, GatePolicy
-from training.progress import ProgressReporter
+from convserve.lifecycle import die_with_parent
+from convserve.store import ModelStore, StoreError
+from convserve.training.data import DATASET_NAMES_HELP, DatasetError
+from convserve.training.errors import ExportError, ResumeError
+from convserve.training.progress import ProgressReporter
 
 if TYPE_CHECKING:
-    from training.pipeline import RunOutcome
+    from convserve.training.pipeline import RunOutcome
 
-EXIT_BAD_INPUT = 2
-EXIT_FAILED = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
-    parser = OneLineParser(prog="python -m training",
+    parser = OneLineParser(prog="python -m convserve.training",
                            description="Train the documented ConvNet, export it to ONNX and check "
                                        "the export against torch.")
     parser.add_argument("--dataset", default=defaults.dataset, help=DATASET_NAMES_HELP)
@@ -129,9 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: events and exit code say so
     # Imported here so that `--help` and argument errors answer without loading torch.
-    from training import distributed
-    from training.pipeline import Publication, run, summary
-    from training.train import resolve_device
+    from convserve.training import distributed
+    from convserve.training.pipeline import Publication, run, summary
+    from convserve.training.train import resolve_device
 
     try:
         world = distributed.from_environment()
@@ -144,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         publication = Publication(ModelStore(args.store), policy, actor=actor, job_id=args.job_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     # Under torchrun only rank 0 reports; the other ranks train their shard and exit.
-    reporter = ProgressReporter(run_dir / "events.jsonl" if world.is_main else None,
+    reporter = ProgressReporter(run_dir / EVENTS_FILE if world.is_main else None,
                                 min_interval_s=args.progress_interval_s)
     try:
         # A job's child dies with its replica (SIGTERM: recorded INTERRUPTED, resumable); a
@@ -154,30 +153,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         outcome = run(config, run_dir, reporter, resume=args.resume, publication=publication,
                       world=world)
     except (DatasetError, ConfigError, ResumeError) as error:
-        return _fail(reporter, EXIT_BAD_INPUT, str(error))
+        return _fail(reporter, EXIT_USAGE, str(error))
     except (ExportError, StoreError) as error:
         return _fail(reporter, EXIT_FAILED, str(error))
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a server stopping): the last epoch's
         # checkpoint stays; the job runner records the job INTERRUPTED and can resume it.
-        return _fail(reporter, 130, "interrupted; resume with --resume --out " + str(run_dir),
-                     state="INTERRUPTED")
+        return _fail(reporter, EXIT_INTERRUPTED, "interrupted; resume with --resume --out " + str(run_dir),
+                     state=JobState.INTERRUPTED)
     finally:
         distributed.stop()
     if outcome is None:  # not rank 0: rank 0 exports, gates and publishes
         reporter.close()
-        return 0
+        return EXIT_OK
     reporter.event("state", state=final_state(outcome), model=str(outcome.model_path),
                    version=outcome.published.version if outcome.published else None)
     reporter.close()
     print(summary(outcome, started))
-    return 0
+    return EXIT_OK
 
 
 def final_state(outcome: RunOutcome) -> str:
     """SUCCEEDED without a store; PROMOTED or REJECTED once the gate has decided."""
     if outcome.published is None:
-        return "SUCCEEDED"
-    return "PROMOTED" if outcome.published.promoted else "REJECTED"
+        return Phase.SUCCEEDED
+    return JobState.PROMOTED if outcome.published.promoted else JobState.REJECTED
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -191,8 +190,8 @@ def _user() -> str:
         return "unknown"
 
 
-def _fail(reporter: ProgressReporter, code: int, message: str, state: str = "FAILED") -> int:
+def _fail(reporter: ProgressReporter, code: int, message: str, state: str = JobState.FAILED) -> int:
     reporter.event("state", state=state, error=message)
     reporter.close()
-    print(f"python -m training: error: {message}", file=sys.stderr)
+    print(f"python -m convserve.training: error: {message}", file=sys.stderr)
     return code

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from service.images import to_model_pixels
+from convserve.images import to_model_pixels
 
 __all__ = ["DATASET_NAMES_HELP", "Dataset", "DatasetError", "load_dataset"]
 

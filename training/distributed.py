@@ -1,6 +1,6 @@
 """Data-parallel training under `torchrun`: one process per GPU (or per CPU worker, with gloo).
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 -m training ...
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m convserve.training ...
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them a run is the usual single process.
 Every rank holds the whole dataset, draws the same epoch permutation and trains on its own

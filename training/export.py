@@ -19,9 +19,10 @@ import numpy as np
 import onnx
 import torch
 
-from training.errors import ExportError
-from training.model import IMAGE_SIZE, ConvNet, Preprocess, ServingModel
-from training.onnx_eval import METADATA_PREFIX, OnnxClassifier
+from convserve.contracts.model_metadata import METADATA_PREFIX
+from convserve.training.errors import ExportError
+from convserve.training.model import IMAGE_SIZE, ConvNet, Preprocess, ServingModel
+from convserve.training.onnx_eval import OnnxClassifier
 
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "probabilities"
@@ -64,6 +65,8 @@ def export_onnx(model: ServingModel, path: Path, metadata: dict[str, Any]) -> Pa
             dynamic_shapes={"pixels": {0: batch}}, optimize=True)
     except Exception as error:  # the exporter raises many types; all mean "no file"
         raise ExportError(f"ONNX export failed: {type(error).__name__}: {error}") from error
+    if program is None:  # only the legacy (TorchScript) exporter returns nothing
+        raise ExportError("ONNX export produced no program")
     proto = program.model_proto
     for key, value in sorted(metadata.items()):
         entry = proto.metadata_props.add()

@@ -97,6 +97,9 @@ class Preprocess(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("shift", shift)
 
+    scale: torch.Tensor  # buffers (register_buffer), typed for the checker
+    shift: torch.Tensor
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return pixels.permute(0, 3, 1, 2).float() * self.scale + self.shift
 

@@ -6,16 +6,14 @@ CPU provider with a fixed thread count, so a decision does not depend on which G
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from training.metrics import ValidationMetrics, validation_metrics
+from convserve.contracts.model_metadata import read_metadata
+from convserve.training.metrics import ValidationMetrics, validation_metrics
 
-METADATA_PREFIX = "convserve."
 SCORING_BATCH_SIZE = 1024
 
 
@@ -44,9 +42,3 @@ class OnnxClassifier:
     def score(self, images: np.ndarray, labels: np.ndarray) -> ValidationMetrics:
         predicted = self.probabilities(images).argmax(axis=1)
         return validation_metrics(predicted, labels, self.classes)
-
-
-def read_metadata(props: dict[str, str]) -> dict[str, Any]:
-    """convserve's entries of an ONNX model's metadata_props, JSON-decoded, prefix removed."""
-    return {key[len(METADATA_PREFIX):]: json.loads(value) for key, value in props.items()
-            if key.startswith(METADATA_PREFIX)}

@@ -9,7 +9,7 @@ Run directory layout (also a job directory of the model store, later):
     model.onnx          the exported serving graph (the candidate)
     card.json           what the model is, how good it is, and the gate's decision
 
-With a model store the candidate then goes through the gate (`training.gate`) and, if promoted,
+With a model store the candidate then goes through the gate (`convserve.training.gate`) and, if promoted,
 is published as the store's next immutable version; a rejected one stays here for inspection.
 """
 
@@ -23,12 +23,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from service.store import ModelStore, PublishResult
-from training import distributed, gate
-from training.config import TrainConfig
-from training.data import Dataset, load_dataset
-from training.errors import ExportError
-from training.export import (
+from convserve.contracts.gate_policy import GatePolicy
+from convserve.contracts.job_dir import CARD_FILE, MODEL_FILE, Phase
+from convserve.contracts.spec import TrainConfig
+from convserve.store import ModelStore, PublishResult
+from convserve.training import distributed, gate
+from convserve.training.data import Dataset, load_dataset
+from convserve.training.errors import ExportError
+from convserve.training.export import (
     INPUT_LAYOUT,
     INPUT_NAME,
     OUTPUT_NAME,
@@ -39,13 +41,10 @@ from training.export import (
     package_versions,
     serving_model,
 )
-from training.metrics import ValidationMetrics
-from training.onnx_eval import OnnxClassifier
-from training.progress import ProgressReporter
-from training.train import TrainResult, train
-
-MODEL_FILE = "model.onnx"
-CARD_FILE = "card.json"
+from convserve.training.metrics import ValidationMetrics
+from convserve.training.onnx_eval import OnnxClassifier
+from convserve.training.progress import ProgressReporter
+from convserve.training.train import TrainResult, train
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ class Publication:
     """Where and under which rules a finished candidate is gated and published."""
 
     store: ModelStore
-    policy: gate.GatePolicy
+    policy: GatePolicy
     actor: str                 # "job:<id>" for service jobs, "cli:<user>" for offline runs
     job_id: str | None = None
 
@@ -80,17 +79,17 @@ def run(config: TrainConfig, run_dir: Path, reporter: ProgressReporter, *,
     run_dir.mkdir(parents=True, exist_ok=True)
     if world.is_main:
         write_json(run_dir / "config.json", config.to_dict())
-    reporter.event("state", state="LOADING_DATA", dataset=config.dataset)
+    reporter.event("state", state=Phase.LOADING_DATA, dataset=config.dataset)
     data = load_dataset(config.dataset, config.datasets_path, download=config.download,
                         seed=config.seed, val_fraction=config.val_fraction)
-    reporter.event("state", state="TRAINING", device=config.device, epochs=config.epochs,
+    reporter.event("state", state=Phase.TRAINING, device=config.device, epochs=config.epochs,
                    train_images=len(data.train_labels), val_images=len(data.val_labels))
     result = train(config, data, run_dir, reporter, resume=resume, world=world)
     if not world.is_main:
         return None
     write_json(run_dir / "log.json", result.log.to_dict())
 
-    reporter.event("state", state="EXPORTING")
+    reporter.event("state", state=Phase.EXPORTING)
     model = serving_model(result.net, result.preprocess)
     metadata = model_metadata(config, data, result)
     model_path = export_onnx(model, run_dir / MODEL_FILE, metadata)
@@ -101,7 +100,7 @@ def run(config: TrainConfig, run_dir: Path, reporter: ProgressReporter, *,
                    onnx_val_accuracy=onnx_validation.accuracy)
     published = None
     if publication is not None:
-        reporter.event("state", state="GATING")
+        reporter.event("state", state=Phase.GATING)
         published = gate_and_publish(publication, model_path, card, parity, onnx_validation, data)
         card = {**card, "gate": published.decision, "version": published.version}
         reporter.event("gate", **published.decision, version=published.version)

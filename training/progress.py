@@ -1,21 +1,22 @@
 """Progress of a training run: the seeds' `enumerateWithEstimate`, JSON-lines events, a terminal bar.
 
-Events go to `events.jsonl` (one JSON object per line, flushed per line) so that a parent process
-(the service's job runner) can follow a run by tailing the file; the bar is for a person at a
-terminal. Neither asks the device for anything, so reporting never forces a host sync.
+Events go to `events.jsonl` (one JSON object per line, flushed per line; the format is
+convserve.contracts.job_dir's) so that a parent process (the service's job runner) can follow a
+run by tailing the file; the bar is for a person at a terminal. Neither asks the device for
+anything, so reporting never forces a host sync.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
+
+from convserve.contracts.job_dir import event_line
+from convserve.progress_bar import render_bar
 
 T = TypeVar("T")
 
@@ -58,17 +59,15 @@ class ProgressReporter:
         self._file = None
         if events_path is not None:
             events_path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = events_path.open("a", encoding="utf-8")
+            self._file = events_path.open("ab")
         stream = terminal if terminal is not None else sys.stderr
         self._terminal = stream if stream.isatty() else None
         self._min_interval_s = min_interval_s
         self._last_progress = 0.0
 
     def event(self, kind: str, **fields: Any) -> None:
-        record = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), "type": kind,
-                  **fields}
-        if self._file:
-            self._file.write(json.dumps(record, allow_nan=False, default=_json_default) + "\n")
+        if self._file:  # one whole line per flush (contracts.job_dir: the events' format)
+            self._file.write(event_line(kind, **fields))
             self._file.flush()
 
     def progress(self, *, epoch: int, epochs: int, step: int, steps: int, images_per_s: float,
@@ -95,35 +94,3 @@ class ProgressReporter:
         if self._file:
             self._file.close()
             self._file = None
-
-
-def render_bar(step: int, steps: int, epoch: int, epochs: int, images_per_s: float,
-               eta_s: float | None, width: int = 30) -> str:
-    filled = int(width * step / steps) if steps else width
-    eta = "--:--" if eta_s is None else _clock(eta_s)
-    return (f"[{'#' * filled}{'.' * (width - filled)}] epoch {epoch}/{epochs} "
-            f"step {step}/{steps} {images_per_s:,.0f} img/s ETA {eta}")
-
-
-def read_events(events_path: Path) -> list[dict[str, Any]]:
-    """All complete events in a file. A line still being written is skipped, and so is a line
-    torn by a process killed mid-write (the next writer starts on a fresh line)."""
-    events = []
-    with events_path.open(encoding="utf-8") as handle:
-        for line in handle:
-            if line.endswith("\n"):
-                with contextlib.suppress(json.JSONDecodeError):
-                    events.append(json.loads(line))
-    return events
-
-
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")

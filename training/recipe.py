@@ -10,6 +10,7 @@ with fixed shapes, so a compiled step never recompiles and no image goes through
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float,
                    device: torch.device) -> torch.optim.Optimizer:
     """Adam as in the tutorial; AdamW when weight decay is asked for (decoupled from the
     adaptive step, which is what makes decay work with Adam). Fused kernels on CUDA."""
-    fused = {"fused": True} if device.type == "cuda" else {}
+    fused: dict[str, Any] = {"fused": True} if device.type == "cuda" else {}
     if weight_decay > 0:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fused)
     return torch.optim.Adam(params, lr=lr, **fused)

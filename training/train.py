@@ -6,9 +6,9 @@ saves a checkpoint. Images stay uint8 on the device; `Preprocess` normalises eac
 model, exactly as the exported graph does.
 
 The fast path: the whole dataset is moved to the device once (or, when it does not fit, a DataLoader
-brings each batch: `training.batches`), batches have fixed shapes, augmentation runs on the batch on
+brings each batch: `convserve.training.batches`), batches have fixed shapes, augmentation runs on the batch on
 the device
-(`training.recipe`), losses and correct counts stay on the device until the epoch ends, and on
+(`convserve.training.recipe`), losses and correct counts stay on the device until the epoch ends, and on
 CUDA the step runs in bf16 autocast, channels_last, with fused Adam and cudnn autotuning.
 """
 
@@ -28,16 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 
-from training import distributed, recipe
-from training.batches import steps_per_epoch, training_batches
-from training.config import ConfigError, TrainConfig
-from training.data import Dataset
-from training.errors import ResumeError
-from training.metrics import ValidationMetrics, validation_metrics
-from training.model import ConvNet, Preprocess
-from training.progress import ProgressReporter, enumerate_with_estimate
+from convserve.contracts.job_dir import TENSORBOARD_DIR, checkpoint_path
+from convserve.contracts.spec import ConfigError, TrainConfig
+from convserve.training import distributed, recipe
+from convserve.training.batches import steps_per_epoch, training_batches
+from convserve.training.data import Dataset
+from convserve.training.errors import ResumeError
+from convserve.training.metrics import ValidationMetrics, validation_metrics
+from convserve.training.model import ConvNet, Preprocess
+from convserve.training.progress import ProgressReporter, enumerate_with_estimate
 
-CHECKPOINT_NAME = "last.pt"
 EVAL_BATCH_SIZE = 512
 # Settings a resumed run may change: how long it runs, where and how fast, not what it learns.
 RESUMABLE_CHANGES = frozenset({"epochs", "compile", "compile_mode", "device", "download",
@@ -150,9 +150,9 @@ def train(config: TrainConfig, data: Dataset, run_dir: Path, reporter: ProgressR
 
     validation: ValidationMetrics | None = None
     compile_seconds = 0.0
-    writer = (SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_epoch)
-              if world.is_main else contextlib.nullcontext())
-    with writer:
+    writer = (SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR), purge_step=start_epoch)
+              if world.is_main else None)
+    with writer if writer is not None else contextlib.nullcontext():
         for epoch in range(start_epoch, config.epochs):
             started = time.perf_counter()
             batch_losses, train_accuracy, first_step_s = _train_epoch(
@@ -167,7 +167,7 @@ def train(config: TrainConfig, data: Dataset, run_dir: Path, reporter: ProgressR
             log.training_accuracy_per_epoch.append(train_accuracy)
             log.validation_accuracy_per_epoch.append(validation.accuracy)
             log.epoch_seconds.append(time.perf_counter() - started)
-            if world.is_main:
+            if writer is not None:
                 _write_scalars(writer, epoch + 1, batch_losses, val_losses, train_accuracy,
                                validation, optimizer)
                 save_checkpoint(run_dir, net, optimizer, schedule, config, epoch + 1, log, mean,
@@ -274,10 +274,6 @@ def evaluate(net: ConvNet, preprocess: Preprocess, images: torch.Tensor, labels:
     predicted = logits.argmax(dim=1).cpu().numpy()
     metrics = validation_metrics(predicted, labels.cpu().numpy(), classes)
     return torch.stack(losses).cpu().tolist(), metrics
-
-
-def checkpoint_path(run_dir: Path) -> Path:
-    return run_dir / "checkpoints" / CHECKPOINT_NAME
 
 
 def save_checkpoint(run_dir: Path, net: ConvNet, optimizer: torch.optim.Optimizer,

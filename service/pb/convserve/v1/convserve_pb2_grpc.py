@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from service.pb.convserve.v1 import convserve_pb2 as convserve_dot_v1_dot_convserve__pb2
+from convserve.pb.convserve.v1 import convserve_pb2 as convserve_dot_v1_dot_convserve__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

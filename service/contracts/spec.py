@@ -1,4 +1,6 @@
-"""One frozen training configuration: what a job was asked to do, saved in checkpoints and cards."""
+"""The training spec: one frozen training configuration, what a job was asked to do, saved in
+checkpoints and cards. The job runner checks requests with it and the training process runs it.
+Standard library only."""
 
 from __future__ import annotations
 
@@ -68,8 +70,9 @@ class TrainConfig:
     @classmethod
     def tutorial(cls, **overrides: Any) -> TrainConfig:
         """The seed tutorial's recipe (no augmentation, constant rate, plain loss and Adam)."""
-        return cls(**({"augment": "none", "schedule": "constant", "label_smoothing": 0.0,
-                       "weight_decay": 0.0} | overrides))
+        recipe: dict[str, Any] = {"augment": "none", "schedule": "constant",
+                                  "label_smoothing": 0.0, "weight_decay": 0.0}
+        return cls(**(recipe | overrides))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

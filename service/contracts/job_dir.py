@@ -1,0 +1,145 @@
+"""A job's directory, its states and its events: the one owner of that format.
+
+    jobs/<id>/                 in the model store (convserve.store.ModelStore.job_dir)
+        job.json               the record (convserve.jobs); replaced atomically
+        events.jsonl           what happened, one JSON object per line: the runner's state changes
+                               and the training process's own events (progress, epochs, gate);
+                               every writer appends whole lines in O_APPEND mode
+        cancel.requested       marker: some replica was asked to cancel the job
+        stdout.log, stderr.log the training process's output
+        card.json, model.onnx, tensorboard/, checkpoints/last.pt
+                               the training run's (`python -m convserve.training --out DIR` writes
+                               the same run layout without a job)
+
+Standard library only: the server, the SDK and the training process all import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+RECORD_FILE = "job.json"
+EVENTS_FILE = "events.jsonl"
+CANCEL_MARKER = "cancel.requested"
+STDOUT_FILE = "stdout.log"
+STDERR_FILE = "stderr.log"
+CARD_FILE = "card.json"
+MODEL_FILE = "model.onnx"
+TENSORBOARD_DIR = "tensorboard"
+CHECKPOINT_FILE = Path("checkpoints") / "last.pt"
+
+
+class JobState(enum.StrEnum):  # a str: values are the names, as in the proto's JobState
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    PROMOTED = "PROMOTED"
+    REJECTED = "REJECTED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    INTERRUPTED = "INTERRUPTED"  # stopped with its replica; `resume` continues it
+
+    @property
+    def final(self) -> bool:
+        """No more events follow (an INTERRUPTED job only continues if someone resumes it)."""
+        return self in FINAL
+
+
+FINAL = frozenset({JobState.PROMOTED, JobState.REJECTED, JobState.FAILED, JobState.CANCELLED,
+                   JobState.INTERRUPTED})
+
+
+class Phase(enum.StrEnum):
+    """The training process's own steps in its "state" events (a job is RUNNING meanwhile); it
+    ends with a JobState (PROMOTED, REJECTED, FAILED, INTERRUPTED) or, run by hand, SUCCEEDED."""
+
+    LOADING_DATA = "LOADING_DATA"
+    TRAINING = "TRAINING"
+    EXPORTING = "EXPORTING"
+    GATING = "GATING"
+    SUCCEEDED = "SUCCEEDED"  # the end of a run without a model store: exported, nothing gated
+
+
+def checkpoint_path(run_dir: Path) -> Path:
+    return run_dir / CHECKPOINT_FILE
+
+
+def timestamp() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")  # orders jobs made back to back
+
+
+def event_line(kind: str, **fields: Any) -> bytes:
+    """One event as its line: time and type first, then the fields (arrays as lists)."""
+    record = {"time": timestamp(), "type": kind, **fields}
+    return json.dumps(record, allow_nan=False, default=_plain).encode() + b"\n"
+
+
+def append_event(path: Path, kind: str, **fields: Any) -> None:
+    """Append one event with one write(2) in O_APPEND mode: never interleaved with another
+    writer's line. After a writer killed mid-line, the new line starts on a line of its own."""
+    line = event_line(kind, **fields)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """All complete events in a file. A line still being written is skipped, and so is a line
+    torn by a process killed mid-write (the next writer starts on a fresh line)."""
+    return [event for _, event in EventTail(path).read() if event is not None]
+
+
+class EventTail:
+    """Follows an events file: complete lines only, numbered from 1 (None: unreadable)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self._sequence = 0
+        self._partial = b""
+
+    def read(self) -> list[tuple[int, dict[str, Any] | None]]:
+        try:
+            with self.path.open("rb") as handle:
+                handle.seek(self._offset)
+                chunk = handle.read()
+        except FileNotFoundError:
+            return []
+        self._offset += len(chunk)
+        lines = (self._partial + chunk).split(b"\n")
+        self._partial = lines.pop()  # an unfinished line waits for its newline
+        found = []
+        for line in lines:
+            self._sequence += 1
+            found.append((self._sequence, _parse(line)))
+        return found
+
+
+def last_state(path: Path) -> str | None:
+    """The state of the last "state" event: a JobState name or a Phase name."""
+    states = [e.get("state") for e in read_events(path) if e.get("type") == "state"]
+    return str(states[-1]) if states else None
+
+
+def _parse(line: bytes) -> dict[str, Any] | None:
+    with contextlib.suppress(ValueError):
+        event = json.loads(line)
+        if isinstance(event, dict):
+            return event
+    return None
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        return value.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
