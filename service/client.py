@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import grpc
 import numpy as np
@@ -38,7 +38,8 @@ from convserve.logs import REQUEST_ID_HEADER
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
 from convserve.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing's own from Python 3.12
 
 
 @dataclass(frozen=True)
@@ -92,11 +93,31 @@ def _predict_call(images: np.ndarray | Sequence[bytes], top_k: int, version: int
     return _Call("inference", "Predict", request, retry=True, result=_prediction)
 
 
-def _train_call(dataset: str, epochs: int, batch_size: int, lr: float, seed: int,
-                val_fraction: float, min_accuracy: float | None, min_improvement: float | None,
-                max_class_recall_drop: float | None, allow_class_change: bool, augment: str,
-                schedule: str, label_smoothing: float | None, weight_decay: float | None,
-                idempotency_key: str | None) -> _Call:
+class TrainOptions(TypedDict, total=False):
+    """What Client.train and AsyncClient.train accept besides the dataset."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    seed: int
+    val_fraction: float
+    min_accuracy: float | None
+    min_improvement: float | None
+    max_class_recall_drop: float | None
+    allow_class_change: bool
+    augment: str
+    schedule: str
+    label_smoothing: float | None
+    weight_decay: float | None
+    idempotency_key: str | None
+
+
+def _train_call(dataset: str, *, epochs: int = 0, batch_size: int = 0, lr: float = 0.0,
+                seed: int = 0, val_fraction: float = 0.0, min_accuracy: float | None = None,
+                min_improvement: float | None = None, max_class_recall_drop: float | None = None,
+                allow_class_change: bool = False, augment: str = "", schedule: str = "",
+                label_smoothing: float | None = None, weight_decay: float | None = None,
+                idempotency_key: str | None = None) -> _Call:
     request = pb.TrainRequest(dataset=dataset, epochs=epochs, batch_size=batch_size, lr=lr,
                               seed=seed, val_fraction=val_fraction, augment=augment,
                               schedule=schedule,
@@ -245,19 +266,12 @@ class Client(_Connection):
 
     # --- training ------------------------------------------------------------------------------
 
-    def train(self, dataset: str = "digits", *, epochs: int = 0, batch_size: int = 0,
-              lr: float = 0.0, seed: int = 0, val_fraction: float = 0.0,
-              min_accuracy: float | None = None, min_improvement: float | None = None,
-              max_class_recall_drop: float | None = None, allow_class_change: bool = False,
-              augment: str = "", schedule: str = "", label_smoothing: float | None = None,
-              weight_decay: float | None = None, idempotency_key: str | None = None,
-              timeout: float | None = None) -> Job:
-        """Start a job (zeros, "" and None mean the server's defaults). The key makes a retry
-        safe: the same key returns the same job; one is generated when none is given."""
-        return self._call(_train_call(dataset, epochs, batch_size, lr, seed, val_fraction,
-                                      min_accuracy, min_improvement, max_class_recall_drop,
-                                      allow_class_change, augment, schedule, label_smoothing,
-                                      weight_decay, idempotency_key), timeout)
+    def train(self, dataset: str = "digits", *, timeout: float | None = None,
+              **options: Unpack[TrainOptions]) -> Job:
+        """Start a job (zeros, "" and None mean the server's defaults; TrainOptions lists the
+        settings). The key makes a retry safe: the same key returns the same job; one is
+        generated when none is given."""
+        return self._call(_train_call(dataset, **options), timeout)
 
     def resume(self, job_id: str, *, timeout: float | None = None) -> Job:
         """Continue an INTERRUPTED job from its checkpoint (safe to retry: one resume wins)."""
@@ -351,18 +365,9 @@ class AsyncClient(_Connection):
 
     # --- training ------------------------------------------------------------------------------
 
-    async def train(self, dataset: str = "digits", *, epochs: int = 0, batch_size: int = 0,
-                    lr: float = 0.0, seed: int = 0, val_fraction: float = 0.0,
-                    min_accuracy: float | None = None, min_improvement: float | None = None,
-                    max_class_recall_drop: float | None = None, allow_class_change: bool = False,
-                    augment: str = "", schedule: str = "", label_smoothing: float | None = None,
-                    weight_decay: float | None = None, idempotency_key: str | None = None,
-                    timeout: float | None = None) -> Job:
-        return await self._call(_train_call(dataset, epochs, batch_size, lr, seed, val_fraction,
-                                            min_accuracy, min_improvement, max_class_recall_drop,
-                                            allow_class_change, augment, schedule,
-                                            label_smoothing, weight_decay, idempotency_key),
-                                timeout)
+    async def train(self, dataset: str = "digits", *, timeout: float | None = None,
+                    **options: Unpack[TrainOptions]) -> Job:
+        return await self._call(_train_call(dataset, **options), timeout)
 
     async def resume(self, job_id: str, *, timeout: float | None = None) -> Job:
         return await self._call(_resume_call(job_id), timeout)
