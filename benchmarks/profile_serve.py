@@ -86,8 +86,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        server = bench.start_server(bench.convserve_command(bench.make_store(tmp), args.server_arg),
-                                    args.server_cwd)
+        server = bench.start_convserve(bench.make_store(tmp), args.server_arg, args.server_cwd)
         try:
             load_s = args.seconds + 4
             clients = [subprocess.Popen(

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,8 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
+from convserve.launch import LaunchedServer, launch, serve_command
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 @dataclass(frozen=True)
@@ -231,34 +234,30 @@ def make_store(root: Path) -> Path:
     return store.root
 
 
-@dataclass
-class Server:
-    process: subprocess.Popen
-    address: str
-    metrics_urls: list[str]  # one per serving process (--workers N prints N)
+def start_convserve(store: Path, extra: list[str], checkout: Path = REPO) -> LaunchedServer:
+    """`convserve serve` on `store` with the benchmark's flags, running `checkout`'s code.
+
+    This checkout runs through this environment's install. Another one runs its own code: one
+    from before the package was named convserve (its folders imported as `service`) from its
+    folder, a later one from a copy laid out as the wheel is, on PYTHONPATH (ahead of this
+    environment's editable install)."""
+    flags = ["--store", str(store), "--port", "0", "--metrics-port", "0", "--log-level",
+             "WARNING", *extra]
+    checkout = checkout.resolve()
+    if checkout == REPO:
+        return launch(serve_command(*flags), cwd=REPO)
+    if "package-dir" not in (checkout / "pyproject.toml").read_text():
+        return launch([sys.executable, "-m", "service.cli", "serve", *flags], cwd=checkout)
+    layout = Path(tempfile.mkdtemp(prefix="convserve-layout-"))
+    atexit.register(shutil.rmtree, layout, ignore_errors=True)
+    skip = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(checkout / "service", layout / "convserve", ignore=skip)
+    shutil.copytree(checkout / "training", layout / "convserve" / "training", ignore=skip)
+    return launch(serve_command(*flags), cwd=checkout,
+                  env={**os.environ, "PYTHONPATH": str(layout)})
 
 
-def start_server(command: list[str], cwd: Path = REPO) -> Server:
-    """Start `command`, wait for its ready line, return it with its address and metrics pages."""
-    from convserve.config import LISTENING_PREFIX, METRICS_PREFIX
-
-    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)
-    metrics = []
-    for line in process.stdout:  # the metrics lines come first
-        if line.startswith(METRICS_PREFIX):
-            metrics.append(line.split()[-1])
-        if line.startswith(LISTENING_PREFIX):
-            return Server(process, line.split()[-1], metrics)
-    raise SystemExit(f"server did not start (exit code {process.wait()})")
-
-
-def convserve_command(store: Path, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "convserve.cli", "serve", "--store", str(store), "--port", "0",
-            "--metrics-port", "0", "--log-level", "WARNING", *extra]
-
-
-def batches_served(server: Server) -> tuple[float, float]:
+def batches_served(server: LaunchedServer) -> tuple[float, float]:
     """(ORT calls, images) so far, summed over the server's processes, from /metrics."""
     from urllib.request import urlopen
 
@@ -273,7 +272,7 @@ def batches_served(server: Server) -> tuple[float, float]:
     return calls, images
 
 
-def run_scenario(server: Server, scenario: Scenario, warmup: float, duration: float,
+def run_scenario(server: LaunchedServer, scenario: Scenario, warmup: float, duration: float,
                  tmp: Path) -> dict:
     # One client process per two cores (2 on the 2-core machine, where more would only contend).
     processes = 1 if scenario.callers == 1 else max(2, min(8, (os.cpu_count() or 2) // 2))
@@ -405,7 +404,7 @@ def main() -> None:
         tmp = Path(tmp_dir)
         store = make_store(tmp)
         model_path = store / "models" / "1" / "model.onnx"
-        servers = [start_server(convserve_command(store, v.args), v.cwd) for v in variants]
+        servers = [start_convserve(store, v.args, v.cwd) for v in variants]
         rows: list[tuple[Scenario, Variant, dict]] = []
         try:
             for scenario in scenarios:  # every variant between the same two ceilings
@@ -463,7 +462,7 @@ class Variant:
 def run_all(command: list[str], scenarios: list[Scenario], args: argparse.Namespace,
             tmp: Path) -> list[tuple[Scenario, dict]]:
     """Every scenario against one server process."""
-    server = start_server(command)
+    server = launch(command, cwd=REPO)
     try:
         return [(s, run_scenario(server, s, args.warmup, args.duration, tmp)) for s in scenarios]
     finally:

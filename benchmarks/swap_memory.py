@@ -35,7 +35,7 @@ def two_versions(root: Path) -> Path:
     return store_root
 
 
-def released(server: bench.Server) -> None:
+def released(server: bench.LaunchedServer) -> None:
     """Wait until the replaced model's memory is handed back (its last batch let go and the next
     poll trimmed the heap), as the server reports it. A checkout from before that metric gets
     a fixed 0.6 s: the old session's last batches end and a 0.1 s poll frees it."""
@@ -65,8 +65,8 @@ def measure(swaps: int, server_args: list[str], cwd: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         store_root = two_versions(Path(tmp))
         store = ModelStore(store_root)
-        server = bench.start_server(bench.convserve_command(
-            store_root, ["--poll-interval-s", "0.1", *server_args]), cwd)
+        server = bench.start_convserve(store_root, ["--poll-interval-s", "0.1", *server_args],
+                                       cwd)
         stop = threading.Event()
         pixels = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
         request = pb.PredictRequest(raw=pb.RawImages(data=pixels.tobytes(), dtype=pb.UINT8,

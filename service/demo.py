@@ -12,13 +12,9 @@ import argparse
 import io
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-from convserve.config import LISTENING_PREFIX
-
-START_TIMEOUT_S = 120
+from convserve.launch import ServerStartError, launch, serve_command
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,25 +61,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def start_server(store: Path, port: int, metrics_port: int = 9090
-                 ) -> tuple[subprocess.Popen, str]:
+                 ) -> tuple[subprocess.Popen[str], str]:
+    """`convserve serve` on the store, in its own session (it outlives the demo), its log in
+    the store's server.log."""
     store.mkdir(parents=True, exist_ok=True)
-    log = (store / "server.log").open("ab")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "convserve.cli", "serve", "--store", str(store), "--port", str(port),
-         "--metrics-port", str(metrics_port)],
-        stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True,
-        start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    deadline = time.monotonic() + START_TIMEOUT_S
-    assert server.stdout is not None  # stdout=PIPE
-    while time.monotonic() < deadline:
-        line = server.stdout.readline()
-        if line.startswith(LISTENING_PREFIX):
-            return server, line.split()[-1]
-        if not line and server.poll() is not None:
-            raise SystemExit(f"convserve demo: the server exited with code {server.returncode}; "
-                             f"see {store / 'server.log'}")
-    server.kill()
-    raise SystemExit(f"convserve demo: no server within {START_TIMEOUT_S} s")
+    with (store / "server.log").open("ab") as log:
+        try:
+            server = launch(serve_command("--store", str(store), "--port", str(port),
+                                          "--metrics-port", str(metrics_port)),
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stderr=log,
+                            new_session=True)
+        except ServerStartError as error:
+            raise SystemExit(f"convserve demo: {error}; see {store / 'server.log'}") from None
+    return server.process, server.address
 
 
 def sample_digits(count: int) -> tuple[list[bytes], list[int]]:

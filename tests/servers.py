@@ -8,51 +8,37 @@ import json
 import re
 import signal
 import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.request import urlopen
 
 import numpy as np
 
-from convserve.config import LISTENING_PREFIX, METRICS_PREFIX
+from convserve.launch import ServerStartError, launch, serve_command
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
 from convserve.store import ModelStore
 from tests.conftest import REPO_ROOT, python_env
 
-START_TIMEOUT_S = 90
-
 
 class ServerProcess:
     def __init__(self, store: Path, datasets: Path, *extra: str) -> None:
-        args = [sys.executable, "-m", "convserve.cli", "serve", "--store", str(store),
-                "--datasets-root", str(datasets), "--port", "0", "--poll-interval-s", "0.2",
-                "--job-heartbeat-s", "0.5", "--grace-period-s", "5", "--metrics-port", "0",
-                *extra]
-        self.process = subprocess.Popen(args, cwd=REPO_ROOT, env=python_env(),
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.metrics_url: str | None = None  # the first (worker 0's with --workers N)
-        self.metrics_urls: list[str] = []
-        self.address = self._wait_for_address()
+        command = serve_command("--store", str(store), "--datasets-root", str(datasets),
+                                "--port", "0", "--poll-interval-s", "0.2",
+                                "--job-heartbeat-s", "0.5", "--grace-period-s", "5",
+                                "--metrics-port", "0", *extra)
+        try:
+            launched = launch(command, cwd=REPO_ROOT, env=python_env(), stderr=subprocess.PIPE)
+        except ServerStartError as error:
+            assert error.process.stderr is not None
+            raise RuntimeError(f"{error}: {error.process.stderr.read()[-3000:]}") from None
+        self.process = launched.process
+        self.address = launched.address
+        self.metrics_urls = launched.metrics_urls
+        self.metrics_url = self.metrics_urls[0] if self.metrics_urls else None  # worker 0's
         self.stderr_lines: list[str] = []
         # Drain stderr so a chatty server never blocks on a full pipe.
         threading.Thread(target=self._drain, daemon=True).start()
-
-    def _wait_for_address(self) -> str:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
-            if line.startswith(METRICS_PREFIX):
-                self.metrics_urls.append(line.split()[-1])
-                self.metrics_url = self.metrics_urls[0]
-            if line.startswith(LISTENING_PREFIX):
-                return line.split()[-1]
-            if not line and self.process.poll() is not None:
-                raise RuntimeError(f"server exited {self.process.returncode}: "
-                                   f"{self.process.stderr.read()[-3000:]}")
-        raise RuntimeError("server did not start within 90 s")
 
     def metric(self, sample: str) -> float:
         """The value of one exact sample (name plus labels) on worker 0's /metrics; 0 if absent."""

@@ -8,7 +8,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +18,7 @@ import grpc
 import pytest
 
 from convserve.config import ServerConfig
+from convserve.launch import serve_command
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
 from convserve.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from convserve.store import ModelStore
@@ -162,8 +162,8 @@ def _serve_beside_a_listener(store: Path, datasets: Path, flags: Callable[[int],
         taken.listen()
         port = taken.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "convserve.cli", "serve", "--store", str(store),
-             "--datasets-root", str(datasets), *flags(port)], cwd=REPO_ROOT, env=python_env(),
+            serve_command("--store", str(store), "--datasets-root", str(datasets), *flags(port)),
+            cwd=REPO_ROOT, env=python_env(),
             capture_output=True, text=True, timeout=60)
     return port, result
 
