@@ -151,6 +151,6 @@ def test_a_job_is_finished_in_every_final_state_interrupted_included(state: int,
                                                                      finished: bool) -> None:
     """Job.finished follows the job directory's JobState: INTERRUPTED is final (no more events
     come unless someone resumes it), as the server's watch stream treats it."""
-    from convserve.client import _job
+    from convserve.client_calls import job_of
 
-    assert _job(pb.Job(id="j1", state=state)).finished is finished
+    assert job_of(pb.Job(id="j1", state=state)).finished is finished

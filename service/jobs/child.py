@@ -1,0 +1,215 @@
+"""One job's training process: its command line and environment, starting it, heartbeating while
+it runs, stopping it (SIGTERM, then SIGKILL after the grace), and recording how it ended."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import logging
+import os
+import signal
+from typing import Any
+
+from convserve.contracts.job_dir import (
+    CANCEL_MARKER,
+    EVENTS_FILE,
+    STDERR_FILE,
+    STDOUT_FILE,
+    EventTail,
+    JobState,
+    checkpoint_path,
+    last_state,
+    timestamp,
+)
+from convserve.jobs.process_group import signal_group
+from convserve.jobs.records import JobRecord
+from convserve.jobs.recovery import Recovery
+from convserve.lifecycle import PARENT_PID_ENV
+
+log = logging.getLogger("convserve.jobs")
+ERROR_TAIL_LINES = 15
+ERROR_MAX_CHARS = 4000
+
+
+class ChildSupervision(Recovery):
+    async def _run_job(self, job_id: str, stop: asyncio.Event) -> None:
+        record = self.get(job_id)
+        job_dir = self._store.job_dir(job_id)
+        if record.state.final:
+            return
+        if (job_dir / CANCEL_MARKER).exists():
+            self._finish(record, JobState.CANCELLED, error="cancelled while queued")
+            return
+        command = self.command(record)
+        self._append_event(job_id, "state", state=JobState.RUNNING.value,
+                           replica=self._config.replica_id)
+        with (job_dir / STDOUT_FILE).open("ab") as out, (job_dir / STDERR_FILE).open("ab") as err:
+            process = await asyncio.create_subprocess_exec(
+                *command, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=err,
+                start_new_session=True, env=self._child_env())
+        record.state, record.pid = JobState.RUNNING, process.pid
+        record.started_at = record.heartbeat_at = timestamp()
+        with self._lock:
+            self._write(record)
+        log.info("job %s: started pid %d", job_id, process.pid)
+        tail = EventTail(job_dir / EVENTS_FILE)
+        try:
+            outcome = await self._supervise(process, record, stop, tail)
+        except asyncio.CancelledError:  # the server cancelled the worker task: leave no orphan
+            signal_group(process.pid, signal.SIGKILL)
+            self._finish(record, JobState.INTERRUPTED, error=stopped_message(record))
+            raise
+        finally:
+            self.training_images_per_s = 0.0
+        self._conclude(record, process.returncode, outcome, tail)
+
+    async def _supervise(self, process: asyncio.subprocess.Process, record: JobRecord,
+                         stop: asyncio.Event, tail: EventTail) -> str:
+        """Heartbeat while the child runs. Returns "exited", "cancelled" or "stopped"."""
+        assert self._wake is not None
+        marker = self._store.job_dir(record.id) / CANCEL_MARKER
+        exited = asyncio.ensure_future(process.wait())
+        try:
+            while True:
+                for reason, asked in (("cancelled", marker.exists()), ("stopped", stop.is_set())):
+                    if asked:
+                        await self._terminate(process.pid, exited)
+                        return reason
+                self._wake.clear()
+                await first_of(self._config.heartbeat_s, asyncio.shield(exited), stop.wait(),
+                                self._wake.wait())
+                if exited.done():
+                    signal_group(process.pid, signal.SIGKILL)  # stragglers of its group only
+                    return "exited"
+                self._beat(record, tail)
+                self._heartbeat_queued()
+        finally:
+            if not exited.done():
+                exited.cancel()
+
+    async def _terminate(self, pid: int, exited: asyncio.Future[int]) -> None:
+        signal_group(pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(exited), timeout=self._config.cancel_grace_s)
+        except TimeoutError:
+            log.warning("training process %d ignored SIGTERM for %.1f s: SIGKILL", pid,
+                        self._config.cancel_grace_s)
+        # The leader is reaped (or about to be): a pid is never reused while it names a live
+        # process group, so this reaches only what the child left behind.
+        signal_group(pid, signal.SIGKILL)
+        await exited
+
+    def _child_env(self) -> dict[str, str]:
+        env = {**os.environ, **(self._config.child_env or {})}
+        if self._config.processes == 1:  # under torchrun the ranks' parent is torchrun
+            env[PARENT_PID_ENV] = str(os.getpid())  # the child dies with this replica
+        return env
+
+    def _beat(self, record: JobRecord, tail: EventTail) -> None:
+        record.heartbeat_at = timestamp()
+        self._absorb(record, tail)
+        with self._lock:
+            self._write(record)
+
+    def _absorb(self, record: JobRecord, tail: EventTail) -> None:
+        """Take epoch and val_accuracy from the "epoch" events written since the last call, and
+        the training rate from the latest "progress" event."""
+        for _, event in tail.read():
+            if event is None:
+                continue
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                if event.get("type") == "epoch":
+                    record.epoch = int(event["epoch"])
+                    record.val_accuracy = float(event["val_accuracy"])
+                elif event.get("type") == "progress":
+                    self.training_images_per_s = float(event["images_per_s"])
+
+    def _conclude(self, record: JobRecord, code: int | None, outcome: str,
+                  tail: EventTail) -> None:
+        record.heartbeat_at = timestamp()
+        self._absorb(record, tail)  # the last epoch's numbers
+        final_event = last_state(self._store.job_dir(record.id) / EVENTS_FILE)
+        if (outcome != "exited" or code != 0) and self._adopt_publication(record):
+            log.warning("job %s: stopped after its model was published: PROMOTED", record.id)
+        elif outcome == "cancelled":
+            self._finish(record, JobState.CANCELLED, error="cancelled")
+        elif outcome == "stopped":
+            # The child (SIGTERM: KeyboardInterrupt) wrote INTERRUPTED itself when it could.
+            self._finish(record, JobState.INTERRUPTED, error=stopped_message(record),
+                         event=final_event != JobState.INTERRUPTED)
+        elif code == 0 and final_event in (JobState.PROMOTED, JobState.REJECTED):
+            self._adopt_outcome(record, JobState(final_event))
+        elif code == 0:
+            self._finish(record, JobState.FAILED, error="training process exited with code 0 "
+                         f"but its last state was {final_event!r}, not PROMOTED or REJECTED")
+        else:
+            # The child writes a FAILED state itself when it fails cleanly (exit 1 or 2); a
+            # signal (crash, OOM kill) leaves that to us.
+            self._finish(record, JobState.FAILED, error=self._failure(record.id, code),
+                         event=final_event != JobState.FAILED)
+        log.info("job %s: %s", record.id, record.state.value)
+
+    def _failure(self, job_id: str, code: int | None) -> str:
+        """The child's last error lines, plus what killed it when a signal did."""
+        try:
+            stderr = (self._store.job_dir(job_id) / STDERR_FILE).read_text(errors="replace")
+        except FileNotFoundError:
+            stderr = ""
+        lines = [line.rstrip() for line in stderr.splitlines() if line.strip()]
+        lines = lines[-ERROR_TAIL_LINES:]
+        if code is not None and code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            lines.append(f"training process exited with code {code} (killed by {name})")
+        elif not lines:
+            lines.append(f"training process exited with code {code}")
+        return "\n".join(lines)[-ERROR_MAX_CHARS:]
+
+    def command(self, record: JobRecord) -> builtins.list[str]:
+        """The child's command line for this job."""
+        p, c = record.params, self._config
+        policy = c.gate_bounds.apply(c.gate_defaults, p.gate)
+        launcher = [c.python, "-m", "convserve.training"]
+        if c.processes > 1:
+            # torchrun in the child's process group: a cancel's killpg reaches every rank.
+            launcher = [c.python, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc-per-node", str(c.processes), "-m", "convserve.training"]
+        args = [*launcher, "--dataset", p.dataset,
+                "--datasets-root", str(c.datasets_root), "--epochs", str(p.epochs),
+                "--batch-size", str(p.batch_size), "--lr", repr(float(p.lr)),
+                "--seed", str(p.seed), "--val-fraction", repr(float(p.val_fraction)),
+                "--out", str(self._store.job_dir(record.id)), "--store", str(self._store.root),
+                "--job-id", record.id, "--compile", c.compile,
+                "--progress-interval-s", repr(float(c.progress_interval_s)),
+                "--augment", p.augment, "--schedule", p.schedule,
+                "--label-smoothing", repr(float(p.label_smoothing)),
+                "--weight-decay", repr(float(p.weight_decay)),
+                "--min-accuracy", repr(float(policy.min_accuracy)),
+                "--min-improvement", repr(float(policy.min_improvement))]
+        if policy.max_class_recall_drop is not None:
+            args += ["--max-class-recall-drop", repr(float(policy.max_class_recall_drop))]
+        if policy.allow_class_change:
+            args.append("--allow-class-change")
+        if record.resumes and checkpoint_path(self._store.job_dir(record.id)).exists():
+            args.append("--resume")  # no checkpoint yet (stopped in epoch 1): start over
+        return args
+
+
+def stopped_message(record: JobRecord) -> str:
+    return (f"interrupted: the server stopped after epoch {record.epoch}; resume with "
+            f"Train(resume_job={record.id!r}) or `convserve resume {record.id}`: it continues "
+            "from its last finished epoch")
+
+
+async def first_of(timeout: float, *awaitables: Any) -> None:
+    """Wait until one of `awaitables` finishes or `timeout` passes; cancel the rest."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+
