@@ -14,7 +14,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) --upgrade pip
-	# requirements.lock pins every package exactly; pyproject.toml pins the direct ones by minor.
+	# requirements.lock pins every package exactly; pyproject.toml holds ranges (docs/deploy.md).
 	$(PIP_INSTALL) --constraint requirements.lock --editable '.[all,dev]'
 	touch $(STAMP)
 
