@@ -14,6 +14,8 @@ from typing import Any
 
 import grpc
 
+from convserve.errors import ConvserveError, PermissionDenied, Unauthenticated, status_of
+
 AUTHORIZATION = "authorization"
 OPERATOR_METHODS = frozenset({"/convserve.v1.Training/Train", "/convserve.v1.Training/CancelJob",
                               "/convserve.v1.Models/Promote"})
@@ -37,17 +39,17 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
         supplied = dict(details.invocation_metadata or ()).get(AUTHORIZATION, "")
         scheme, _, token = supplied.partition(" ")
         if scheme.lower() != "bearer" or not token:
-            return _refusal(grpc.StatusCode.UNAUTHENTICATED,
-                            f"{details.method} needs a bearer token: send metadata "
-                            "'authorization: Bearer <token>' (SDK: Client(token=...); CLI: "
-                            "--token or CONVSERVE_TOKEN)")
+            return _refusal(Unauthenticated(
+                f"{details.method} needs a bearer token: send metadata 'authorization: Bearer "
+                "<token>' (SDK: Client(token=...); CLI: --token or CONVSERVE_TOKEN)"))
         if not hmac.compare_digest(token.encode(), self._token):
-            return _refusal(grpc.StatusCode.PERMISSION_DENIED,
-                            f"{details.method}: the bearer token is not valid")
+            return _refusal(PermissionDenied(f"{details.method}: the bearer token is not valid"))
         return await continuation(details)
 
 
-def _refusal(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+def _refusal(error: ConvserveError) -> grpc.RpcMethodHandler:
+    code, message = status_of(error)  # the one status map, as for every other refusal
+
     async def refuse(request: bytes, context: grpc.aio.ServicerContext) -> None:
         await context.abort(code, message)
 
