@@ -34,6 +34,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from convserve import demo, remote_cli
 from convserve.contracts.commands import (
@@ -44,7 +45,7 @@ from convserve.contracts.commands import (
     OneLineParser,
 )
 from convserve.errors import ClientError
-from convserve.store import HistoryEntry, IntegrityError, ModelStore, StoreError, format_versions_table
+from convserve.store import HistoryEntry, IntegrityError, ModelStore, StoreError
 
 PROG = "convserve"
 STORE_ENV = "CONVSERVE_STORE"
@@ -210,6 +211,42 @@ def models_history(args: argparse.Namespace) -> int:
     for entry in entries:
         print(_format_history_entry(entry))
     return EXIT_OK
+
+
+def format_versions_table(store: ModelStore) -> str:
+    """Plain-text table of all versions (`convserve models list`); '*' marks the promoted one."""
+    try:
+        promoted = store.promoted_version()
+    except StoreError:
+        promoted = None  # a listing must still work when the pointer is broken
+    header = ("VERSION", "P", "CREATED_AT", "DATASET", "VAL_ACC", "JOB_ID")
+    rows = [header] + [_version_row(store, v, v == promoted) for v in store.versions()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def _version_row(store: ModelStore, version: int, promoted: bool) -> tuple[str, ...]:
+    marker = "*" if promoted else ""
+    try:
+        card = store.card(version)
+    except StoreError:
+        return (str(version), marker, "(unreadable card)", "-", "-", "-")
+    dataset: Any = card.get("dataset")
+    metrics: Any = card.get("metrics")
+    name = dataset.get("name") if isinstance(dataset, dict) else None
+    acc = metrics.get("onnx_val_accuracy") if isinstance(metrics, dict) else None
+    acc_text = f"{acc:.4f}" if isinstance(acc, int | float) and not isinstance(acc, bool) else "-"
+    return (
+        str(version),
+        marker,
+        str(card.get("created_at") or "-"),
+        str(name) if name is not None else "-",
+        acc_text,
+        str(card.get("job_id") or "-"),
+    )
 
 
 # ----------------------------------------------------------------------------- registry

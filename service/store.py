@@ -44,14 +44,12 @@ import json
 import os
 import re
 import shutil
-import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 MODEL_FILE = "model.onnx"
 CARD_FILE = "card.json"
@@ -60,7 +58,6 @@ HISTORY_FILE = "history.jsonl"
 LOCK_FILE = ".lock"
 TMP_PREFIX = ".tmp-"
 CHUNK_SIZE = 64 * 1024
-CRASH_ENV = "CONVSERVE_STORE_CRASH_AT"
 RECOVERY_ACTOR = "store:recovery"
 
 _JOB_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -102,13 +99,9 @@ class PublishResult:
 
 
 def _crash_point(name: str) -> None:
-    """Kill this process at a named point inside ``publish`` when asked to.
-
-    Exists only for the crash-safety tests, which set CONVSERVE_STORE_CRASH_AT to one of
-    "copy", "before_rename", "before_pointer", "before_history" in a child process.
-    """
-    if os.environ.get(CRASH_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    """A named point inside ``publish`` ("copy", "before_rename", "before_pointer",
+    "before_history"). Nothing happens here; the crash-safety tests' worker process
+    (tests/store_worker.py --crash-at) replaces it to die there by SIGKILL."""
 
 
 def _utc_now() -> str:
@@ -457,39 +450,3 @@ class ModelStore:
         if pointer is not None and pointer != last:
             reason = f"recovered: PROMOTED names {pointer} but history ended at {last}"
             self._append_history(HistoryEntry(pointer, last, reason, _utc_now(), RECOVERY_ACTOR))
-
-
-def format_versions_table(store: ModelStore) -> str:
-    """Plain-text table of all versions for the CLI; '*' marks the promoted one."""
-    try:
-        promoted = store.promoted_version()
-    except StoreError:
-        promoted = None  # a listing must still work when the pointer is broken
-    header = ("VERSION", "P", "CREATED_AT", "DATASET", "VAL_ACC", "JOB_ID")
-    rows = [header] + [_version_row(store, v, v == promoted) for v in store.versions()]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    )
-
-
-def _version_row(store: ModelStore, version: int, promoted: bool) -> tuple[str, ...]:
-    marker = "*" if promoted else ""
-    try:
-        card = store.card(version)
-    except StoreError:
-        return (str(version), marker, "(unreadable card)", "-", "-", "-")
-    dataset: Any = card.get("dataset")
-    metrics: Any = card.get("metrics")
-    name = dataset.get("name") if isinstance(dataset, dict) else None
-    acc = metrics.get("onnx_val_accuracy") if isinstance(metrics, dict) else None
-    acc_text = f"{acc:.4f}" if isinstance(acc, int | float) and not isinstance(acc, bool) else "-"
-    return (
-        str(version),
-        marker,
-        str(card.get("created_at") or "-"),
-        str(name) if name is not None else "-",
-        acc_text,
-        str(card.get("job_id") or "-"),
-    )

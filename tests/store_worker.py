@@ -1,7 +1,7 @@
 """Publish one model into a store from a separate process; used by tests/test_store.py.
 
     python tests/store_worker.py <store_root> <model_file> <accuracy>
-        [--hold-seconds S] [--barrier DIR] [--job-id ID]
+        [--hold-seconds S] [--barrier DIR] [--job-id ID] [--crash-at POINT]
 
 decide() promotes iff ``accuracy`` beats the champion card's metrics.onnx_val_accuracy (or there
 is no champion). It records what it saw and when (monotonic clock, system-wide on Linux), so the
@@ -14,12 +14,14 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from convserve import store as store_module
 from convserve.store import ModelStore
 from tests.barrier import arrive_and_wait
 
@@ -33,9 +35,17 @@ def main() -> None:
     parser.add_argument("--barrier", type=Path, default=None,
                         help="start together with the other workers (tests/barrier.py)")
     parser.add_argument("--job-id", default=None)
+    parser.add_argument("--crash-at", default=None,
+                        help="die by SIGKILL at this named point of publish (store._crash_point)")
     args = parser.parse_args()
 
     store = ModelStore(args.root)
+    if args.crash_at:
+        def crash_point(name: str) -> None:
+            if name == args.crash_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        store_module._crash_point = crash_point
 
     def decide(champion: int | None) -> dict:
         entered = time.monotonic()

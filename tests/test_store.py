@@ -23,7 +23,6 @@ from convserve.store import (
     PublishResult,
     StoreError,
     VersionNotFound,
-    format_versions_table,
 )
 from tests.barrier import release_when_ready
 
@@ -276,7 +275,7 @@ def test_sigkill_during_publish_leaves_store_consistent(
     publish(store, make_model(), 0.5)
     candidate = make_model()
 
-    proc = run_worker(store.root, candidate, 0.9, env={"CONVSERVE_STORE_CRASH_AT": point})
+    proc = run_worker(store.root, candidate, 0.9, "--crash-at", point)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
 
     reopened = ModelStore(store.root)
@@ -472,6 +471,8 @@ def test_publish_refuses_bad_job_id(store: ModelStore, make_model) -> None:
 
 
 def test_format_versions_table(store: ModelStore, make_model) -> None:
+    from convserve.cli import format_versions_table
+
     publish(store, make_model(), 0.5, job_id="j1")
     store.publish(make_model(), {}, lambda c: {"promoted": True, "reason": "forced"}, actor="x")
 
