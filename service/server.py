@@ -33,7 +33,7 @@ from convserve.jobs import JobRunner, RunnerConfig, TrainParams
 from convserve.lifecycle import map_large_blocks_separately
 from convserve.loader import SessionSettings
 from convserve.manager import ModelManager
-from convserve.metrics import serve_http
+from convserve.metrics import Registry, serve_http
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
 from convserve.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from convserve.runners import buckets_up_to
@@ -161,48 +161,16 @@ async def start(config: ServerConfig, role: WorkerRole | None = None) -> Replica
         # Only the workers of one replica share a port; a lone server owns it.
         ("grpc.so_reuseport", 1 if role is not None else 0),
     ])
-    limits = codec.Limits(max_images=config.max_images_per_request,
-                          max_image_side=config.max_image_side,
-                          max_request_pixels=config.max_request_pixels)
     decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
     batcher = DynamicBatcher(manager.current, BatchingConfig(
         max_batch_size=config.max_batch_size, batch_timeout_s=config.batch_timeout_s,
         max_enqueued=config.max_enqueued, max_concurrent_batches=config.max_concurrent_batches,
         inline_max_images=config.inline_max_images))
-    # Every service registers through a guard: an undecodable body is INVALID_ARGUMENT.
-    ours = GuardedRegistration(server, requests, checked_by_servicer=True)
-    others = GuardedRegistration(server, requests, checked_by_servicer=False)
-    pb_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(manager, store, limits, batcher, requests, decode_pool), ours)
     forward_to = "" if runs_jobs or role is None else f"unix:{role.jobs_socket}"
-    pb_grpc.add_TrainingServicer_to_server(
-        TrainingServicer(runner, TrainParams(), requests, forward_to=forward_to), ours)
-    pb_grpc.add_ModelsServicer_to_server(ModelsServicer(store, manager, requests), ours)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, others)
-    # What reflection.enable_server_reflection does for an aio server, through the guard.
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(
-        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME)), others)
-    count_unknown_methods(server, requests)
-    listen = f"{config.host}:{config.port}"
-    if config.tls_cert_file:
-        port = server.add_secure_port(listen, auth.server_credentials(
-            config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file))
-    else:
-        port = server.add_insecure_port(listen)
-    if role is not None and role.runs_jobs:
-        server.add_insecure_port(f"unix:{role.jobs_socket}")  # the other workers' Training calls
-
-    metrics_server = None
-    if config.metrics_port >= 0:
-        try:
-            metrics_server = serve_http(replica_registry(requests, batcher, manager, runner),
-                                        config.host, config.metrics_port)
-        except OSError as error:
-            raise PortInUse(f"metrics port {config.metrics_port} on {config.host} is not "
-                            f"available ({error.strerror}); choose another --metrics-port, "
-                            "or -1 to turn metrics off") from None
+    health_servicer = _add_services(server, config, requests, store, manager, runner, batcher,
+                                    decode_pool, forward_to)
+    port = _listen(server, config, role)
+    metrics_server = _serve_metrics(config, replica_registry(requests, batcher, manager, runner))
     await server.start()
     replica = Replica(config, server, port, store, manager, runner, health_servicer, batcher,
                       metrics_server, decode_pool)
@@ -216,6 +184,57 @@ async def start(config: ServerConfig, role: WorkerRole | None = None) -> Replica
                           asyncio.create_task(_recover_jobs(replica), name="job-recovery")]
     log.info("serving on %s (model version %s)", replica.address, manager.live_version)
     return replica
+
+
+def _add_services(server: grpc.aio.Server, config: ServerConfig, requests: RequestMetrics,
+                  store: ModelStore, manager: ModelManager, runner: JobRunner,
+                  batcher: DynamicBatcher, decode_pool: ThreadPoolExecutor,
+                  forward_to: str) -> health.aio.HealthServicer:
+    """Every service, registered through a guard (an undecodable body is INVALID_ARGUMENT);
+    returns the health servicer."""
+    limits = codec.Limits(max_images=config.max_images_per_request,
+                          max_image_side=config.max_image_side,
+                          max_request_pixels=config.max_request_pixels)
+    ours = GuardedRegistration(server, requests, checked_by_servicer=True)
+    others = GuardedRegistration(server, requests, checked_by_servicer=False)
+    pb_grpc.add_InferenceServicer_to_server(
+        InferenceServicer(manager, store, limits, batcher, requests, decode_pool), ours)
+    pb_grpc.add_TrainingServicer_to_server(
+        TrainingServicer(runner, TrainParams(), requests, forward_to=forward_to), ours)
+    pb_grpc.add_ModelsServicer_to_server(ModelsServicer(store, manager, requests), ours)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, others)
+    # What reflection.enable_server_reflection does for an aio server, through the guard.
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME)), others)
+    count_unknown_methods(server, requests)
+    return health_servicer
+
+
+def _listen(server: grpc.aio.Server, config: ServerConfig, role: WorkerRole | None) -> int:
+    """The gRPC port (TLS when configured); a jobs worker also listens on its Unix socket."""
+    listen = f"{config.host}:{config.port}"
+    if config.tls_cert_file:
+        port = server.add_secure_port(listen, auth.server_credentials(
+            config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file))
+    else:
+        port = server.add_insecure_port(listen)
+    if role is not None and role.runs_jobs:
+        server.add_insecure_port(f"unix:{role.jobs_socket}")  # the other workers' Training calls
+    return port
+
+
+def _serve_metrics(config: ServerConfig, registry: Registry) -> ThreadingHTTPServer | None:
+    """The /metrics endpoint, or None with --metrics-port -1; a taken port is PortInUse."""
+    if config.metrics_port < 0:
+        return None
+    try:
+        return serve_http(registry, config.host, config.metrics_port)
+    except OSError as error:
+        raise PortInUse(f"metrics port {config.metrics_port} on {config.host} is not "
+                        f"available ({error.strerror}); choose another --metrics-port, "
+                        "or -1 to turn metrics off") from None
 
 
 async def stop(replica: Replica, grace_s: float | None = None) -> None:
