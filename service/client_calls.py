@@ -13,7 +13,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2
 
 from convserve import arrays
-from convserve.contracts.job_dir import JobState
+from convserve.contracts.job_dir import FINAL
 from convserve.errors import ClientError, ConvserveError
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
 
@@ -42,7 +42,7 @@ class Job:
     @property
     def finished(self) -> bool:
         """No more events will come (INTERRUPTED included: it only goes on if resumed)."""
-        return JobState(self.state).final
+        return self.state in FINAL  # JobState values are their names; an unknown one: False
 
 
 @dataclass(frozen=True)

@@ -146,6 +146,7 @@ def test_a_per_call_timeout_overrides_the_clients(flaky: FlakyServer, calls) -> 
 @pytest.mark.parametrize("state, finished", [
     (pb.QUEUED, False), (pb.RUNNING, False), (pb.PROMOTED, True), (pb.REJECTED, True),
     (pb.FAILED, True), (pb.CANCELLED, True), (pb.INTERRUPTED, True),
+    (pb.JOB_STATE_UNSPECIFIED, False),
 ])
 def test_a_job_is_finished_in_every_final_state_interrupted_included(state: int,
                                                                      finished: bool) -> None:
