@@ -126,10 +126,10 @@ def _answering_undecodable(handler: Any, method: str, metrics: RequestMetrics) -
         async for request in requests:
             yield await check(request, context)
 
-    async def arguments(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if handler.request_streaming:
-            return requests_checked(request, context)
-        return await check(request, context)
+    async def streamed_requests(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        return requests_checked(requests, context)
+
+    arguments = streamed_requests if handler.request_streaming else check  # chosen once
 
     async def streamed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async for reply in original(await arguments(request, context), context):

@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from convserve.arrays import IMAGE_SHAPE
-from convserve.contracts.model_metadata import read_metadata  # numpy + onnxruntime only: safe without torch
+from convserve.contracts.model_metadata import read_metadata
 from convserve.errors import ConvserveError
 from convserve.runners import (
     BoundRunner,
