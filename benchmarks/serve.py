@@ -41,7 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from convserve.launch import LaunchedServer, launch, serve_command
+from convserve.cli.launch import LaunchedServer, launch, serve_command
+from convserve.contracts.model_card import GateDecision
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -136,7 +137,7 @@ def worker_main(args: argparse.Namespace) -> None:
 
 def canned_replies() -> dict[int, bytes]:
     """Request size in bytes -> a valid serialised reply for that request's batch."""
-    from convserve.codec import predict_response
+    from convserve.serving.codec import predict_response
 
     replies = {}
     for batch in {s.batch for s in SCENARIOS + GPU_SCENARIOS}:
@@ -150,7 +151,7 @@ def canned_replies() -> dict[int, bytes]:
 async def floor_server() -> None:
     import grpc
 
-    from convserve.config import LISTENING_PREFIX
+    from convserve.server.config import LISTENING_PREFIX
 
     replies = canned_replies()
 
@@ -198,11 +199,11 @@ def ort_cpu_ms_per_call(store: Path, server_args: list[str], batch: int, calls: 
                         ) -> float:
     """CPU ms one ORT call at `batch` images costs with the *server's* session settings (its
     spinning and threads): what the server's own ORT calls cost, to split its CPU per request."""
-    from convserve import config
-    from convserve.loader import load_version
-    from convserve.server import session_settings
-    from convserve.store import ModelStore
-    from convserve.workers import worker_config
+    from convserve.contracts.store import ModelStore
+    from convserve.server import config
+    from convserve.server.server import session_settings
+    from convserve.server.workers import worker_config
+    from convserve.serving.loader import load_version
 
     settings = config.parse(server_args)
     if settings.workers > 1:  # what each worker really runs with (its share of the cores)
@@ -221,7 +222,7 @@ def ort_cpu_ms_per_call(store: Path, server_args: list[str], batch: int, calls: 
 
 def make_store(root: Path) -> Path:
     """A store under `root` with the (untrained) ConvNet published and promoted as version 1."""
-    from convserve.store import ModelStore
+    from convserve.contracts.store import ModelStore
     from convserve.training.export import export_onnx, serving_model
     from convserve.training.model import ConvNet, Preprocess
 
@@ -230,7 +231,7 @@ def make_store(root: Path) -> Path:
                         {"classes": [str(i) for i in range(10)]})
     store = ModelStore(root / "store")
     store.publish(model, {"classes": [str(i) for i in range(10)]},
-                  lambda _: {"promoted": True, "reason": "benchmark"}, actor="benchmark")
+                  lambda _: GateDecision(True, ("benchmark",)), actor="benchmark")
     return store.root
 
 

@@ -22,15 +22,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serve as bench  # benchmarks/serve.py: the store, the server, RSS
 
+from convserve.contracts.model_card import GateDecision
+
 
 def two_versions(root: Path) -> Path:
     """A store with the untrained ConvNet as versions 1 and 2 (2 promoted)."""
-    from convserve.store import ModelStore
+    from convserve.contracts.store import ModelStore
 
     store_root = bench.make_store(root)
     store = ModelStore(store_root)
     model = store.root / "models" / "1" / "model.onnx"
-    store.publish(model, store.card(1), lambda _: {"promoted": True, "reason": "second"},
+    store.publish(model, store.card(1), lambda _: GateDecision(True, ("second",)),
                   actor="benchmark")
     return store_root
 
@@ -58,9 +60,9 @@ def measure(swaps: int, server_args: list[str], cwd: Path) -> dict:
     import grpc
     import numpy as np
 
+    from convserve.contracts.store import ModelStore
     from convserve.pb.convserve.v1 import convserve_pb2 as pb
     from convserve.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
-    from convserve.store import ModelStore
 
     with tempfile.TemporaryDirectory() as tmp:
         store_root = two_versions(Path(tmp))

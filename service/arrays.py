@@ -1,5 +1,5 @@
 """numpy arrays to and from Predict's wire format: what the client SDK needs, and no more
-(numpy and the generated messages; no Pillow, no ONNX Runtime). convserve.codec, the server's
+(numpy and the generated messages; no Pillow, no ONNX Runtime). convserve.serving.codec, the server's
 side, checks requests against the same shapes.
 """
 

@@ -24,6 +24,26 @@ def python_env() -> dict[str, str]:
     return env
 
 
+@pytest.fixture
+def datasets(tmp_path: Path) -> Path:
+    """An empty datasets root (tests that need data write into it, or use digits/synthetic)."""
+    (tmp_path / "datasets").mkdir()
+    return tmp_path / "datasets"
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path, datasets: Path) -> Path:
+    """Where a test's model store goes (created by whoever opens it first), beside `datasets`."""
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def store(store_dir: Path):
+    from convserve.contracts.store import ModelStore
+
+    return ModelStore(store_dir)
+
+
 @pytest.fixture(scope="session")
 def python() -> str:
     return sys.executable
@@ -70,7 +90,7 @@ def onnx_models(small_run, tmp_path_factory):
 @pytest.fixture
 def store_with_model(tmp_path: Path, onnx_models) -> tuple[Path, Path]:
     """A store whose version 1 (the "good" model) is promoted, and an empty datasets root."""
-    from convserve.store import ModelStore
+    from convserve.contracts.store import ModelStore
     from tests.servers import publish  # imported here: tests.servers imports this module
 
     store, datasets = tmp_path / "store", tmp_path / "datasets"

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from convserve.contracts.gate_policy import GatePolicy
-from convserve.store import ModelStore
+from convserve.contracts.store import ModelStore
 from convserve.training import gate
 from convserve.training.data import load_dataset
 from convserve.training.export import ParityReport

@@ -15,9 +15,10 @@ from urllib.request import urlopen
 
 import numpy as np
 
-from convserve.launch import ServerStartError, launch, serve_command
+from convserve.cli.launch import ServerStartError, launch, serve_command
+from convserve.contracts.model_card import GateDecision
+from convserve.contracts.store import ModelStore
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
-from convserve.store import ModelStore
 from tests.conftest import REPO_ROOT, python_env
 
 
@@ -76,7 +77,7 @@ def publish(store: ModelStore, model: Path, accuracy: float = 0.5) -> int:
     card = json.loads((model.parent / "card.json").read_text()) \
         if (model.parent / "card.json").exists() else {}
     card.setdefault("metrics", {})["onnx_val_accuracy"] = accuracy
-    result = store.publish(model, card, lambda _champion: {"promoted": True, "reason": "test"},
+    result = store.publish(model, card, lambda _champion: GateDecision(True, ("test",)),
                            actor="test")
     assert result.version is not None
     return result.version

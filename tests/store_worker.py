@@ -1,4 +1,4 @@
-"""Publish one model into a store from a separate process; used by tests/test_store.py.
+"""Publish one model into a store from a separate process; used by tests/contracts/test_store.py.
 
     python tests/store_worker.py <store_root> <model_file> <accuracy>
         [--hold-seconds S] [--barrier DIR] [--job-id ID] [--crash-at POINT]
@@ -21,8 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from convserve import store as store_module
-from convserve.store import ModelStore
+from convserve.contracts import store as store_module
+from convserve.contracts.model_card import GateDecision
+from convserve.contracts.store import ModelStore
 from tests.barrier import arrive_and_wait
 
 
@@ -47,20 +48,17 @@ def main() -> None:
 
         store_module._crash_point = crash_point
 
-    def decide(champion: int | None) -> dict:
-        entered = time.monotonic()
+    trace: dict[str, object] = {}  # when decide() ran and what it saw, for the race tests
+
+    def decide(champion: int | None) -> GateDecision:
+        trace["entered"] = time.monotonic()
         best = None if champion is None else store.card(champion)["metrics"]["onnx_val_accuracy"]
         if args.hold_seconds:
             time.sleep(args.hold_seconds)  # widen the race window while holding the lock
         promoted = best is None or args.accuracy > best
-        return {
-            "promoted": promoted,
-            "reason": f"accuracy {args.accuracy} vs champion {best}",
-            "champion_seen": champion,
-            "champion_accuracy": best,
-            "entered": entered,
-            "left": time.monotonic(),
-        }
+        trace.update(champion_seen=champion, left=time.monotonic())
+        return GateDecision(promoted, (f"accuracy {args.accuracy} vs champion {best}",),
+                            champion_version=champion, champion_accuracy=best)
 
     if args.barrier is not None:
         arrive_and_wait(args.barrier)
@@ -72,7 +70,8 @@ def main() -> None:
         actor=f"job:{args.job_id}" if args.job_id else f"worker:{os.getpid()}",
         job_id=args.job_id,
     )
-    print(json.dumps({**dataclasses.asdict(result), "requested": requested}))
+    print(json.dumps({**dataclasses.asdict(result), "requested": requested,
+                      "decision": {**result.decision.to_dict(), **trace}}))
 
 
 if __name__ == "__main__":

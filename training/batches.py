@@ -9,7 +9,7 @@
 Both draw the same images in the same order: the epoch's permutation depends only on (seed,
 epoch) and, under torchrun, each rank takes its own shard of it (`epoch_batches`). So a resumed
 run sees exactly the batches an uninterrupted one would have, and the two paths train the same
-model (tests/test_recipe.py checks they agree).
+model (tests/training/test_recipe.py checks they agree).
 """
 
 from __future__ import annotations

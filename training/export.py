@@ -19,8 +19,8 @@ import numpy as np
 import onnx
 import torch
 
+from convserve.contracts.errors import ExportError
 from convserve.contracts.model_metadata import METADATA_PREFIX
-from convserve.training.errors import ExportError
 from convserve.training.model import IMAGE_SIZE, ConvNet, Preprocess, ServingModel
 from convserve.training.onnx_eval import OnnxClassifier
 

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from convserve.contracts.gate_policy import GatePolicy
-from convserve.store import ModelStore, StoreError
+from convserve.contracts.model_card import GateDecision
+from convserve.contracts.store import ModelStore, StoreError
 from convserve.training.metrics import ValidationMetrics
 from convserve.training.onnx_eval import OnnxClassifier
 
@@ -37,39 +38,6 @@ class Champion:
     version: int
     classes: tuple[str, ...]
     metrics: ValidationMetrics | None  # None when the classes differ: not comparable
-
-
-@dataclass(frozen=True)
-class GateDecision:
-    promoted: bool
-    reasons: tuple[str, ...]
-    candidate_accuracy: float
-    required_accuracy: float
-    champion_version: int | None
-    champion_accuracy: float | None
-    class_recall_drops: dict[str, float]
-    parity_passed: bool
-    policy: GatePolicy
-
-    @property
-    def reason(self) -> str:
-        return "; ".join(self.reasons)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The form stored in the card and returned to callers (`promoted` and `reason` are what
-        the store requires)."""
-        return {
-            "promoted": self.promoted,
-            "reason": self.reason,
-            "reasons": list(self.reasons),
-            "candidate_accuracy": self.candidate_accuracy,
-            "required_accuracy": self.required_accuracy,
-            "champion_version": self.champion_version,
-            "champion_accuracy": self.champion_accuracy,
-            "class_recall_drops": self.class_recall_drops,
-            "parity_passed": self.parity_passed,
-            "policy": self.policy.to_dict(),
-        }
 
 
 def evaluate(policy: GatePolicy, parity: ParityReport, classes: tuple[str, ...],
@@ -130,19 +98,22 @@ def score_champion(store: ModelStore, version: int, classes: tuple[str, ...],
 
 def decide_against(store: ModelStore, policy: GatePolicy, parity: ParityReport,
                    classes: tuple[str, ...], candidate: ValidationMetrics, images: np.ndarray,
-                   labels: np.ndarray) -> Callable[[int | None], dict[str, Any]]:
+                   labels: np.ndarray) -> Callable[[int | None], GateDecision]:
     """The `decide` callback for `ModelStore.publish`: gate against whatever the champion is."""
 
-    def decide(champion_version: int | None) -> dict[str, Any]:
+    def decide(champion_version: int | None) -> GateDecision:
         champion = None
         if champion_version is not None:
             try:
                 champion = score_champion(store, champion_version, classes, images, labels)
             except StoreError as error:
-                return {"promoted": False, "reasons": [str(error)], "champion_version":
-                        champion_version, "reason": f"cannot score champion v{champion_version}: "
-                        f"{error}; an operator must promote a sound version first"}
-        return evaluate(policy, parity, classes, candidate, champion).to_dict()
+                return GateDecision(
+                    promoted=False, reasons=(f"cannot score champion v{champion_version}: "
+                                             f"{error}; an operator must promote a sound version "
+                                             "first",),
+                    candidate_accuracy=candidate.accuracy, champion_version=champion_version,
+                    parity_passed=parity.passed, policy=policy)
+        return evaluate(policy, parity, classes, candidate, champion)
 
     return decide
 

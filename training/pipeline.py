@@ -23,13 +23,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from convserve.contracts.errors import ExportError
 from convserve.contracts.gate_policy import GatePolicy
 from convserve.contracts.job_dir import CARD_FILE, MODEL_FILE, Phase
 from convserve.contracts.spec import TrainConfig
-from convserve.store import ModelStore, PublishResult
+from convserve.contracts.store import ModelStore, PublishResult
 from convserve.training import distributed, gate
 from convserve.training.data import Dataset, load_dataset
-from convserve.training.errors import ExportError
 from convserve.training.export import (
     INPUT_LAYOUT,
     INPUT_NAME,
@@ -102,8 +102,8 @@ def run(config: TrainConfig, run_dir: Path, reporter: ProgressReporter, *,
     if publication is not None:
         reporter.event("state", state=Phase.GATING)
         published = gate_and_publish(publication, model_path, card, parity, onnx_validation, data)
-        card = {**card, "gate": published.decision, "version": published.version}
-        reporter.event("gate", **published.decision, version=published.version)
+        card = {**card, "gate": published.decision.to_dict(), "version": published.version}
+        reporter.event("gate", **published.decision.to_dict(), version=published.version)
     write_json(run_dir / CARD_FILE, card)
     if not parity.passed:
         raise ExportError(
@@ -124,7 +124,7 @@ def gate_and_publish(publication: Publication, model_path: Path, card: dict[str,
         decision = gate.evaluate(publication.policy, parity, data.classes, onnx_validation, None)
         return PublishResult(promoted=False, version=None,
                              previous=publication.store.promoted_version(),
-                             decision=decision.to_dict())
+                             decision=decision)
     decide = gate.decide_against(publication.store, publication.policy, parity, data.classes,
                                  onnx_validation, data.val_images, data.val_labels)
     return publication.store.publish(model_path, card, decide, actor=publication.actor,
@@ -211,4 +211,4 @@ def _gate_lines(outcome: RunOutcome) -> list[str]:
     published = outcome.published
     verdict = (f"PROMOTED as version {published.version}" if published.promoted
                else "REJECTED (the served model is unchanged; candidate kept in the run dir)")
-    return [f"gate:       {verdict}", f"            {published.decision['reason']}"]
+    return [f"gate:       {verdict}", f"            {published.decision.reason}"]

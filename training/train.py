@@ -28,12 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 
+from convserve.contracts.errors import ConfigError, ResumeError
 from convserve.contracts.job_dir import TENSORBOARD_DIR, checkpoint_path
-from convserve.contracts.spec import ConfigError, TrainConfig
+from convserve.contracts.spec import TrainConfig
 from convserve.training import distributed, recipe
-from convserve.training.batches import steps_per_epoch, training_batches
+from convserve.training.batches import (
+    DeviceBatches,
+    LoaderBatches,
+    steps_per_epoch,
+    training_batches,
+)
 from convserve.training.data import Dataset
-from convserve.training.errors import ResumeError
 from convserve.training.metrics import ValidationMetrics, validation_metrics
 from convserve.training.model import ConvNet, Preprocess
 from convserve.training.progress import ProgressReporter, enumerate_with_estimate
@@ -107,8 +112,46 @@ def train(config: TrainConfig, data: Dataset, run_dir: Path, reporter: ProgressR
                           f"of the {world.world_size} processes (it is the global batch)")
     rank_batch = config.batch_size // world.world_size  # same steps and global batch as 1 process
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    checkpoint = load_checkpoint(run_dir, config) if resume else None
+    state = _start_or_resume(config, data, run_dir, reporter, device, world, rank_batch, resume)
+    compiled = should_compile(config, device)
+    trained: torch.nn.Module = state.net
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
 
+        trained = DistributedDataParallel(state.net, device_ids=[device.index]
+                                          if device.index is not None else None)
+    forward = torch.compile(trained, mode=config.compile_mode) if compiled else trained
+    step = Step(forward, state.preprocess, state.optimizer, state.schedule, config, device)
+    batches = training_batches(config, data.train_images, data.train_labels, rank_batch, world,
+                               device)
+    validation, compile_seconds = _epochs(config, data, run_dir, reporter, world, state, step,
+                                          batches, compiled)
+    return TrainResult(net=state.net, preprocess=state.preprocess, mean=state.mean,
+                       std=state.std, log=state.log, validation=validation,
+                       epochs_completed=config.epochs, train_seconds=sum(state.log.epoch_seconds),
+                       compile_seconds=compile_seconds, device=str(device), compiled=compiled)
+
+
+@dataclass
+class _State:
+    """The model, its optimiser and schedule, and the log: fresh, or from the last checkpoint."""
+
+    net: ConvNet
+    preprocess: Preprocess
+    mean: list[float]
+    std: list[float]
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    log: TrainLog
+    start_epoch: int
+    steps: int
+    device: torch.device
+
+
+def _start_or_resume(config: TrainConfig, data: Dataset, run_dir: Path,
+                     reporter: ProgressReporter, device: torch.device, world: distributed.World,
+                     rank_batch: int, resume: bool) -> _State:
+    checkpoint = load_checkpoint(run_dir, config) if resume else None
     mean, std = (checkpoint["normalization"]["mean"], checkpoint["normalization"]["std"]) \
         if checkpoint else channel_stats(data.train_images)
     preprocess = Preprocess(mean, std).to(device)
@@ -124,40 +167,36 @@ def train(config: TrainConfig, data: Dataset, run_dir: Path, reporter: ProgressR
     optimizer = recipe.make_optimizer(list(net.parameters()), config.lr, config.weight_decay,
                                       device)
     schedule = recipe.make_schedule(optimizer, config.schedule, config.epochs * steps)
-    log, start_epoch = TrainLog(), 0
+    state = _State(net, preprocess, mean, std, optimizer, schedule, TrainLog(), 0, steps, device)
     if checkpoint:
         net.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         schedule.load_state_dict(checkpoint["schedule"])
-        log = TrainLog(**checkpoint["log"])
-        start_epoch = checkpoint["epoch"]
-        reporter.event("resumed", epoch=start_epoch, checkpoint=str(checkpoint_path(run_dir)))
+        state.log, state.start_epoch = TrainLog(**checkpoint["log"]), checkpoint["epoch"]
+        reporter.event("resumed", epoch=state.start_epoch,
+                       checkpoint=str(checkpoint_path(run_dir)))
+    return state
 
-    compiled = should_compile(config, device)
-    trained: torch.nn.Module = net
-    if world.distributed:
-        from torch.nn.parallel import DistributedDataParallel
 
-        trained = DistributedDataParallel(net, device_ids=[device.index] if device.index is not None
-                                          else None)
-    forward = torch.compile(trained, mode=config.compile_mode) if compiled else trained
-
-    batches = training_batches(config, data.train_images, data.train_labels, rank_batch, world,
-                               device)
-    val_x = torch.from_numpy(data.val_images).to(device)
-    val_y = torch.from_numpy(data.val_labels).to(device)
-    step = Step(forward, preprocess, optimizer, schedule, config, device)
-
+def _epochs(config: TrainConfig, data: Dataset, run_dir: Path, reporter: ProgressReporter,
+            world: distributed.World, state: _State, step: Step,
+            batches: DeviceBatches | LoaderBatches,
+            compiled: bool) -> tuple[ValidationMetrics, float]:
+    """The epochs still to run: train, validate, log, checkpoint. Returns the last validation and
+    the compile time (the first step's)."""
+    net, preprocess, log = state.net, state.preprocess, state.log
+    val_x = torch.from_numpy(data.val_images).to(state.device)
+    val_y = torch.from_numpy(data.val_labels).to(state.device)
     validation: ValidationMetrics | None = None
     compile_seconds = 0.0
-    writer = (SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR), purge_step=start_epoch)
+    writer = (SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR), purge_step=state.start_epoch)
               if world.is_main else None)
     with writer if writer is not None else contextlib.nullcontext():
-        for epoch in range(start_epoch, config.epochs):
+        for epoch in range(state.start_epoch, config.epochs):
             started = time.perf_counter()
             batch_losses, train_accuracy, first_step_s = _train_epoch(
-                step, batches.epoch(epoch), config, epoch, steps, reporter, world)
-            if epoch == start_epoch and compiled:
+                step, batches.epoch(epoch), config, epoch, state.steps, reporter, world)
+            if epoch == state.start_epoch and compiled:
                 compile_seconds = first_step_s
                 reporter.event("compiled", seconds=round(first_step_s, 3), mode=config.compile_mode)
             val_losses, validation = evaluate(net, preprocess, val_x, val_y, data.classes,
@@ -169,17 +208,14 @@ def train(config: TrainConfig, data: Dataset, run_dir: Path, reporter: ProgressR
             log.epoch_seconds.append(time.perf_counter() - started)
             if writer is not None:
                 _write_scalars(writer, epoch + 1, batch_losses, val_losses, train_accuracy,
-                               validation, optimizer)
-                save_checkpoint(run_dir, net, optimizer, schedule, config, epoch + 1, log, mean,
-                                std, data.classes)
+                               validation, state.optimizer)
+                save_checkpoint(run_dir, net, state.optimizer, state.schedule, config, epoch + 1,
+                                log, state.mean, state.std, data.classes)
             _report_epoch(reporter, epoch + 1, config.epochs, batch_losses, val_losses,
                           train_accuracy, validation, log.epoch_seconds[-1])
-
     if validation is None:  # resumed a run that had already finished: score it once more
         _, validation = evaluate(net, preprocess, val_x, val_y, data.classes, config.batch_size)
-    return TrainResult(net=net, preprocess=preprocess, mean=mean, std=std, log=log, validation=validation,
-                       epochs_completed=config.epochs, train_seconds=sum(log.epoch_seconds),
-                       compile_seconds=compile_seconds, device=str(device), compiled=compiled)
+    return validation, compile_seconds
 
 
 def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:

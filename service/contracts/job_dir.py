@@ -1,7 +1,9 @@
 """A job's directory, its states and its events: the one owner of that format.
 
-    jobs/<id>/                 in the model store (convserve.store.ModelStore.job_dir)
+    jobs/<id>/                 in the model store (convserve.contracts.store.ModelStore.job_dir)
         job.json               the record (convserve.jobs); replaced atomically
+        spec.json              what the training process runs: training spec, gate policy, store
+                               (convserve.contracts.job_spec); written before each start
         events.jsonl           what happened, one JSON object per line: the runner's state changes
                                and the training process's own events (progress, epochs, gate);
                                every writer appends whole lines in O_APPEND mode
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 RECORD_FILE = "job.json"
+SPEC_FILE = "spec.json"
 EVENTS_FILE = "events.jsonl"
 CANCEL_MARKER = "cancel.requested"
 STDOUT_FILE = "stdout.log"

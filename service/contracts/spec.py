@@ -1,28 +1,131 @@
-"""The training spec: one frozen training configuration, what a job was asked to do, saved in
-checkpoints and cards. The job runner checks requests with it and the training process runs it.
-Standard library only."""
+"""The training spec: every setting of a training run defined once, with its default, its range and
+a help sentence, and `TrainConfig`, the frozen configuration built from them.
+
+One definition serves every way in: the Train RPC (convserve.server.messages), the SDK
+(convserve.client.calls), the remote `convserve train` and the offline `python -m
+convserve.training` all build a `TrainConfig`, so an out-of-range value is refused with the same
+message wherever it comes from. The job runner writes the spec into the job directory
+(contracts/job_spec.py) and the training process reads it back. Standard library only.
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from convserve.contracts.errors import ConfigError
+
 CompileChoice = Literal["auto", "on", "off"]
+COMPILE_CHOICES = ("auto", "on", "off")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 AUGMENT_MODES = ("none", "crop", "flip", "crop+flip")
 SCHEDULES = ("constant", "cosine", "onecycle")
 PRECISIONS = ("auto", "fp32", "bf16")
 LOADERS = ("auto", "device", "dataloader")
+# Names arrive from remote callers: only these forms, and folder paths stay relative and below
+# the datasets root (the data layer confines them again when it resolves the folder).
+DATASET_FORMS = "digits, cifar10, synthetic, synthetic:<n>, folder:<relative path>"
+_DATASET_RE = re.compile(r"digits|cifar10|synthetic(:[0-9]{1,9})?|folder:[A-Za-z0-9._/-]{1,200}")
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(:[0-9]{1,2})?")
+MAX_SEED = 2**32 - 1  # per-epoch seeds are seed * 1_000_003 + epoch, within 64 bits
 
 
-class ConfigError(ValueError):
-    """A configuration value out of range; the message names the field, the value and the range."""
+@dataclass(frozen=True)
+class Setting:
+    """One training setting: its type, what it accepts, and the help sentence every CLI shows."""
+
+    kind: type                          # int, float, str or bool
+    help: str
+    accepts: Callable[[Any], bool] = lambda value: True
+    expected: str = ""                  # the accepted range, as refusals word it
+    choices: tuple[str, ...] = ()
+    requestable: bool = False           # a Train request may set it; else the server decides
+    group: str = ""                     # the offline CLI's --help section
+    refusal: str = "is out of range"    # names and choices: "is unknown"
+
+    def check(self, name: str, value: object) -> None:
+        if not _has_kind(value, self.kind) or not self.accepts(value):
+            raise ConfigError(f"{name}={value!r} {self.refusal}: expected {self.expected}")
+
+
+def _has_kind(value: object, kind: type) -> bool:
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, int | float) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+def _one_of(choices: tuple[str, ...], help: str, **more: Any) -> Setting:
+    return Setting(str, help, lambda v: v in choices, "one of " + ", ".join(choices),
+                   choices=choices, refusal="is unknown", **more)
+
+
+def _between(kind: type, low: float, high: float, help: str, *, low_open: bool = False,
+             high_open: bool = False, **more: Any) -> Setting:
+    def accepts(value: float) -> bool:
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        return above and below
+    if kind is int:
+        expected = f"an integer in {low}..{high}"
+    else:
+        expected = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    return Setting(kind, help, accepts, expected, **more)
+
+
+RECIPE = ("recipe (the tutorial's: --augment none --schedule constant --label-smoothing 0 "
+          "--weight-decay 0)")
+
+# The single definition. Defaults live on TrainConfig below, checked against this table by a test.
+SETTINGS: dict[str, Setting] = {
+    "dataset": Setting(str, "the data to train on: " + DATASET_FORMS,
+                       lambda v: bool(_DATASET_RE.fullmatch(v))
+                       and ".." not in v.removeprefix("folder:").split("/")
+                       and not v.startswith("folder:/"),
+                       "one of " + DATASET_FORMS, requestable=True, refusal="is unknown"),
+    "datasets_root": Setting(str, "folder that dataset names resolve in", lambda v: bool(v),
+                             "a folder"),
+    "download": Setting(bool, "allow downloading a missing public dataset (cifar10)",
+                        expected="true or false"),
+    "val_fraction": _between(float, 0, 1, "validation share where a dataset has no split",
+                             low_open=True, high_open=True, requestable=True),
+    "epochs": _between(int, 1, 10_000, "passes over the training split", requestable=True),
+    "batch_size": _between(int, 1, 4096, "images per optimiser step", requestable=True),
+    "lr": _between(float, 0, 1, "peak learning rate (Adam)", low_open=True, requestable=True),
+    "seed": _between(int, 0, MAX_SEED, "seed of every random choice: splits, init, order",
+                     requestable=True),
+    "compile": _one_of(COMPILE_CHOICES, "torch.compile the model: auto = on CUDA only"),
+    "compile_mode": _one_of(COMPILE_MODES, "torch.compile's mode"),
+    "device": Setting(str, "auto, cpu, cuda or cuda:N", lambda v: bool(_DEVICE_RE.fullmatch(v)),
+                      "auto, cpu, cuda or cuda:N", refusal="is unknown"),
+    "augment": _one_of(AUGMENT_MODES, "on-device augmentation (flip suits natural images, not "
+                       "digits)", requestable=True, group=RECIPE),
+    "schedule": _one_of(SCHEDULES, "per-step learning-rate schedule, peaking at lr",
+                        requestable=True, group=RECIPE),
+    "label_smoothing": _between(float, 0, 1, "label smoothing of the loss", high_open=True,
+                                requestable=True, group=RECIPE),
+    "weight_decay": _between(float, 0, 1, "decoupled (AdamW) weight decay when > 0",
+                             requestable=True, group=RECIPE),
+    "precision": _one_of(PRECISIONS, "auto: bf16 autocast on CUDA, fp32 on CPU", group=RECIPE),
+    "loader": _one_of(LOADERS, "where batches come from: the split on the device, or a "
+                      "DataLoader with workers and pinned memory (auto: the DataLoader only when "
+                      "the split does not fit in half the free GPU memory)"),
+    "loader_workers": _between(int, 0, 64, "DataLoader worker processes"),
+}
+REQUEST_SETTINGS = tuple(name for name, s in SETTINGS.items() if s.requestable)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """A training run's configuration; constructing one checks every value against SETTINGS."""
+
     dataset: str = "digits"
     datasets_root: str = "datasets"
     download: bool = False
@@ -49,23 +152,8 @@ class TrainConfig:
     loader_workers: int = 2
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
-        _check(1 <= self.batch_size <= 65536, "batch_size", self.batch_size, "1..65536")
-        _check(0.0 < self.lr <= 10.0, "lr", self.lr, "a float in (0, 10]")
-        _check(0.0 < self.val_fraction < 1.0, "val_fraction", self.val_fraction, "a float in (0, 1)")
-        _check(self.compile in ("auto", "on", "off"), "compile", self.compile, "auto, on or off")
-        _check(self.compile_mode in COMPILE_MODES, "compile_mode", self.compile_mode,
-               ", ".join(COMPILE_MODES))
-        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-               "device", self.device, "auto, cpu, cuda or cuda:N")
-        _check(self.augment in AUGMENT_MODES, "augment", self.augment, ", ".join(AUGMENT_MODES))
-        _check(self.schedule in SCHEDULES, "schedule", self.schedule, ", ".join(SCHEDULES))
-        _check(0.0 <= self.label_smoothing < 1.0, "label_smoothing", self.label_smoothing,
-               "a float in [0, 1)")
-        _check(0.0 <= self.weight_decay <= 1.0, "weight_decay", self.weight_decay, "0..1")
-        _check(self.precision in PRECISIONS, "precision", self.precision, ", ".join(PRECISIONS))
-        _check(self.loader in LOADERS, "loader", self.loader, ", ".join(LOADERS))
-        _check(0 <= self.loader_workers <= 64, "loader_workers", self.loader_workers, "0..64")
+        for name, setting in SETTINGS.items():
+            setting.check(name, getattr(self, name))
 
     @classmethod
     def tutorial(cls, **overrides: Any) -> TrainConfig:
@@ -78,18 +166,43 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        unknown = sorted(set(values) - set(SETTINGS))
         if unknown:
-            raise ConfigError(f"unknown training config keys {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"unknown training settings {unknown}; known: {sorted(SETTINGS)}")
         return cls(**values)
+
+    def request_values(self) -> dict[str, Any]:
+        """The settings a Train request carries."""
+        return {name: getattr(self, name) for name in REQUEST_SETTINGS}
 
     @property
     def datasets_path(self) -> Path:
         return Path(self.datasets_root)
 
 
-def _check(ok: bool, field: str, value: object, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"{field}={value!r} is out of range: expected {expected}")
+def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str], *,
+                  defaults: TrainConfig | None) -> None:
+    """One `--flag` per setting. With `defaults` the flags default to them (the offline CLI);
+    without, an absent flag is None: "the server's default" (the remote CLI)."""
+    groups: dict[str, argparse._ActionsContainer] = {"": parser}
+    for name in names:
+        setting = SETTINGS[name]
+        group = groups.get(setting.group) or groups.setdefault(
+            setting.group, parser.add_argument_group(setting.group))
+        default = getattr(defaults, name) if defaults is not None else None
+        shown = f" (default: {default})" if defaults is not None else " (default: the server's)"
+        flag = "--" + name.replace("_", "-")
+        if setting.kind is bool:
+            group.add_argument(flag, action="store_true", default=bool(default),
+                               help=setting.help)
+            continue
+        # No argparse `choices`: TrainConfig refuses a bad value, in the words the RPC uses.
+        metavar = "{" + ",".join(setting.choices) + "}" if setting.choices else name.upper()
+        group.add_argument(flag, dest=name, type=setting.kind, default=default, metavar=metavar,
+                           help=setting.help + shown)
+
+
+def values_from(args: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:
+    """The settings given on a command line that add_arguments built (None: not given)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}

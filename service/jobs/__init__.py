@@ -11,10 +11,10 @@ memory and the owner heartbeats its queued and running records. A job whose repl
 noticed by its stale heartbeat (or, on the same host, by the replica's pid being gone) and its
 real outcome recorded by `recover`.
 
-In parts, each on top of the one before: params (a request's checks), state (settings and shared
-state), records (job.json and events), recovery (jobs of dead replicas), child (one training
-process), runner (the API and the worker loop). torch-free: the serving process imports this;
-only the child imports torch.
+In parts, each on top of the one before: params (a request: its TrainConfig and gate
+overrides), state (settings and shared state), records (job.json and events), recovery (jobs of
+dead replicas), child (spec.json and one training process), runner (the API and the worker
+loop). torch-free: the serving process imports this; only the child imports torch.
 """
 
 from convserve.jobs.params import TrainParams

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ from convserve.contracts.job_dir import (
     last_state,
     timestamp,
 )
+from convserve.contracts.job_spec import JobSpec
 from convserve.jobs.process_group import signal_group
 from convserve.jobs.records import JobRecord
 from convserve.jobs.recovery import Recovery
@@ -169,31 +171,21 @@ class ChildSupervision(Recovery):
         return "\n".join(lines)[-ERROR_MAX_CHARS:]
 
     def command(self, record: JobRecord) -> builtins.list[str]:
-        """The child's command line for this job."""
-        p, c = record.params, self._config
-        policy = c.gate_bounds.apply(c.gate_defaults, p.gate)
-        launcher = [c.python, "-m", "convserve.training"]
+        """Write the job's spec.json (its settings, with this server's own) and return the child's
+        command line, which names only the job directory."""
+        c, job_dir = self._config, self._store.job_dir(record.id)
+        config = dataclasses.replace(record.params.config, datasets_root=str(c.datasets_root),
+                                     compile=c.compile)
+        JobSpec(job_id=record.id, config=config,
+                gate=c.gate_bounds.apply(c.gate_defaults, record.params.gate),
+                store=str(self._store.root), progress_interval_s=c.progress_interval_s,
+                ).write(job_dir)
+        args = [c.python, "-m", "convserve.training", "--job", str(job_dir)]
         if c.processes > 1:
             # torchrun in the child's process group: a cancel's killpg reaches every rank.
-            launcher = [c.python, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc-per-node", str(c.processes), "-m", "convserve.training"]
-        args = [*launcher, "--dataset", p.dataset,
-                "--datasets-root", str(c.datasets_root), "--epochs", str(p.epochs),
-                "--batch-size", str(p.batch_size), "--lr", repr(float(p.lr)),
-                "--seed", str(p.seed), "--val-fraction", repr(float(p.val_fraction)),
-                "--out", str(self._store.job_dir(record.id)), "--store", str(self._store.root),
-                "--job-id", record.id, "--compile", c.compile,
-                "--progress-interval-s", repr(float(c.progress_interval_s)),
-                "--augment", p.augment, "--schedule", p.schedule,
-                "--label-smoothing", repr(float(p.label_smoothing)),
-                "--weight-decay", repr(float(p.weight_decay)),
-                "--min-accuracy", repr(float(policy.min_accuracy)),
-                "--min-improvement", repr(float(policy.min_improvement))]
-        if policy.max_class_recall_drop is not None:
-            args += ["--max-class-recall-drop", repr(float(policy.max_class_recall_drop))]
-        if policy.allow_class_change:
-            args.append("--allow-class-change")
-        if record.resumes and checkpoint_path(self._store.job_dir(record.id)).exists():
+            args[1:3] = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                         str(c.processes), "-m", "convserve.training"]
+        if record.resumes and checkpoint_path(job_dir).exists():
             args.append("--resume")  # no checkpoint yet (stopped in epoch 1): start over
         return args
 

@@ -25,10 +25,11 @@ from convserve.contracts.job_dir import (
     append_event,
     timestamp,
 )
+from convserve.contracts.model_card import GateDecision, ModelCard
+from convserve.contracts.store import IntegrityError, InvalidJobId
 from convserve.errors import InvalidInput, NotFound, Unavailable
-from convserve.jobs.params import TrainParams, known_fields
+from convserve.jobs.params import TrainParams
 from convserve.jobs.state import RunnerState
-from convserve.store import IntegrityError, InvalidJobId
 
 log = logging.getLogger("convserve.jobs")
 
@@ -43,7 +44,7 @@ class JobRecord:
     finished_at: str = ""
     error: str = ""
     model_version: int | None = None
-    gate: dict[str, Any] | None = None
+    gate: GateDecision | None = None
     epoch: int = 0
     val_accuracy: float | None = None
     replica: str = ""
@@ -54,12 +55,15 @@ class JobRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "state": self.state.value,
-                "params": self.params.to_dict()}
+                "params": self.params.to_dict(), "gate": self.gate.to_dict() if self.gate else None}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> JobRecord:
         """Unknown keys are ignored, so a replica can read records a newer one wrote."""
-        return cls(**{**known_fields(cls, values), "state": JobState(values["state"]),
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in values.items() if k in names}
+        return cls(**{**known, "state": JobState(values["state"]),
+                      "gate": GateDecision.from_dict(values.get("gate")),
                       "params": TrainParams.from_dict(values["params"])})
 
 
@@ -128,12 +132,13 @@ class RecordKeeping(RunnerState):
     def _append_event(self, job_id: str, kind: str, **fields: Any) -> None:
         append_event(self._store.job_dir(job_id) / EVENTS_FILE, kind, **fields)
 
-    def _card(self, job_id: str) -> dict[str, Any]:
+    def _card(self, job_id: str) -> ModelCard:
+        """The card the job's run wrote (empty when it wrote none, or an unreadable one)."""
         try:
             card = json.loads((self._store.job_dir(job_id) / CARD_FILE).read_text("utf-8"))
         except (OSError, ValueError):
-            return {}
-        return card if isinstance(card, dict) else {}
+            card = {}
+        return ModelCard.from_dict(card if isinstance(card, dict) else {})
 
     def _heartbeat_queued(self) -> None:
         """Keep this replica's queued records fresh (so no other replica's `recover` takes them
@@ -160,11 +165,6 @@ class RecordKeeping(RunnerState):
         if loop is not None and wake is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(wake.set)
-
-
-def gate_of(card: dict[str, Any]) -> dict[str, Any] | None:
-    gate = card.get("gate")
-    return gate if isinstance(gate, dict) else None
 
 
 def touch(path: Path) -> None:

@@ -12,10 +12,10 @@ import time
 from datetime import UTC, datetime
 
 from convserve.contracts.job_dir import EVENTS_FILE, JobState, last_state
+from convserve.contracts.store import IntegrityError
 from convserve.errors import NotFound
 from convserve.jobs.process_group import is_training_process, signal_group
-from convserve.jobs.records import JobRecord, RecordKeeping, age_s, gate_of
-from convserve.store import IntegrityError
+from convserve.jobs.records import JobRecord, RecordKeeping, age_s
 
 log = logging.getLogger("convserve.jobs")
 
@@ -86,11 +86,11 @@ class Recovery(RecordKeeping):
         event): the store is the truth. True when it did."""
         for version in reversed(self._store.versions()):
             try:
-                card = self._store.card(version)
+                card = self._store.model_card(version)
             except Exception:  # an unreadable card is the store's problem, not this job's
                 continue
-            if card.get("job_id") == record.id:
-                record.model_version, record.gate = version, gate_of(card)
+            if card.job_id == record.id:
+                record.model_version, record.gate = version, card.gate
                 if last_state(self._store.job_dir(record.id) / EVENTS_FILE) != JobState.PROMOTED:
                     self._append_event(record.id, "state", state=JobState.PROMOTED.value,
                                        version=version, reconciled=True)
@@ -102,9 +102,7 @@ class Recovery(RecordKeeping):
         """A final PROMOTED/REJECTED the child wrote itself: take its gate decision and version
         from the job's card (the child wrote its final state event too)."""
         card = self._card(record.id)
-        record.gate = gate_of(card)
-        version = card.get("version")
-        record.model_version = version if isinstance(version, int) else None
+        record.gate, record.model_version = card.gate, card.version
         self._finish(record, state, event=False)
 
     def _replica_gone(self, record: JobRecord) -> bool:

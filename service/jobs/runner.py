@@ -32,13 +32,17 @@ class JobRunner(ChildSupervision):
     """
 
     def validate(self, params: TrainParams) -> GatePolicy:
-        c = self._config
-        policy = params.validate(c.max_epochs, c.gate_defaults, c.gate_bounds)
-        if isinstance(params.batch_size, int) and params.batch_size % c.processes:
-            raise InvalidInput(f"batch_size={params.batch_size}: this server trains with "
+        """This server's limits on top of the training spec's ranges (checked when the request's
+        TrainConfig was built); returns the job's gate policy."""
+        c, config = self._config, params.config
+        if config.epochs > c.max_epochs:
+            raise InvalidInput(f"epochs={config.epochs} is out of range: expected an integer in "
+                               f"1..{c.max_epochs} (this server's --max-epochs)")
+        if config.batch_size % c.processes:
+            raise InvalidInput(f"batch_size={config.batch_size}: this server trains with "
                                f"{c.processes} processes, so the (global) batch size must be a "
                                f"multiple of {c.processes}")
-        return policy
+        return params.validate(c.gate_defaults, c.gate_bounds)
 
     def submit(self, params: TrainParams, idempotency_key: str = "") -> JobRecord:
         """Validate and queue a job on this replica; returns at once. With an idempotency key a

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from convserve.contracts.gate_policy import GateBounds, GatePolicy
-from convserve.store import ModelStore
+from convserve.contracts.spec import CompileChoice
+from convserve.contracts.store import ModelStore
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,8 @@ class RunnerConfig:
     stale_after_s: float = 20.0
     child_env: dict[str, str] | None = None   # extra environment for the child
     cancel_grace_s: float = 5.0               # SIGTERM, then SIGKILL after this long
-    compile: str = "auto"                     # the child's --compile
-    progress_interval_s: float = 1.0          # the child's --progress-interval-s
+    compile: CompileChoice = "auto"           # torch.compile in the child (spec.json)
+    progress_interval_s: float = 1.0          # the child's progress events (spec.json)
     processes: int = 1                        # > 1: data-parallel under torchrun (one per GPU)
 
 

@@ -8,19 +8,11 @@ from typing import Any
 
 import numpy as np
 
+from convserve.contracts.errors import DatasetError
+from convserve.contracts.spec import DATASET_FORMS
+
 IMAGE_SIZE = 32
-DATASET_NAMES_HELP = "digits, cifar10, folder:<name>, synthetic[:<n>]"
-
-
-class DatasetError(ValueError):
-    """A dataset name or dataset on disk that cannot be used.
-
-    The message says what was expected and what was found; it is shown to remote callers,
-    so it is always a single line.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(one_line(message))
+DATASET_NAMES_HELP = DATASET_FORMS  # the training spec owns the forms a name may take
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: element-wise array equality has no truth value

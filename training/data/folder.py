@@ -9,7 +9,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from convserve.images import to_model_pixels
+from convserve.serving.images import to_model_pixels
 from convserve.training.data.dataset import DATASET_NAMES_HELP, Dataset, DatasetError, show, split_dataset
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})

@@ -1,0 +1,7 @@
+"""`python -m convserve.cli`."""
+
+import sys
+
+from convserve.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,79 @@
+"""Small files written so that a crash at any instant leaves either the old content or the new,
+and that survive a power cut once written: fsync'd files, fsync'd directory entries, atomic
+replacement, and append-only logs whose torn last line is discarded. Standard library only."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from pathlib import Path
+
+CHUNK_SIZE = 64 * 1024
+
+
+def fsync_dir(path: Path) -> None:
+    # A create/rename is only durable once the directory entry itself reaches the disk.
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Some network/FUSE filesystems reject fsync on directories; the rename is still atomic.
+        if exc.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_SIZE):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_read_only(path: Path, text: str) -> None:
+    """Create `path` (it must not exist) with `text`, mode 0o444, fsync'd."""
+    with open(path, "x", encoding="utf-8") as f:
+        f.write(text)
+        os.fchmod(f.fileno(), 0o444)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Replace `path` atomically: readers see the old content or the new, never a mix."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one newline-terminated line, durably, after dropping a torn last line."""
+    created = not path.exists()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        _truncate_torn_tail(fd)
+        view = memoryview(line.encode("utf-8"))
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if created:
+        fsync_dir(path.parent)
+
+
+def _truncate_torn_tail(fd: int) -> None:
+    # A crash mid-append can leave a line without its newline; it was never committed, and
+    # appending after it would corrupt the next record too.
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return
+    data = os.pread(fd, size, 0)
+    os.ftruncate(fd, data.rfind(b"\n") + 1)

@@ -1,0 +1,384 @@
+"""Versioned model store shared by every server replica and the training process.
+
+Standard library only: the torch-free server and the training child both import this module,
+so it must never pull in torch, numpy or onnxruntime.
+
+Layout under ``root``::
+
+    models/<N>/model.onnx   immutable version N (N = 1, 2, ...), read-only (0o444) once written
+    models/<N>/card.json    model card: the caller's fields plus version, sha256 (of model.onnx),
+                            created_at (UTC ISO-8601), job_id and gate (the promotion decision)
+    models/PROMOTED         the promoted version number; replaced atomically
+    models/history.jsonl    append-only promotion history, one JSON object per line:
+                            {"version", "previous", "reason", "time", "actor"}
+    models/.lock            flock(2) lock file serialising promotions across processes/replicas
+    models/.tmp-*           in-progress version directories (never listed as versions)
+    jobs/<id>/              job directories (records, events, logs, checkpoints, candidates)
+
+Guarantees:
+
+* A version appears completely or not at all: it is assembled in ``models/.tmp-*``, fsynced and
+  renamed into place. Stale temp dirs left by a killed process are ignored by readers and removed
+  by the next publish.
+* Only promoted versions are written: a rejected candidate leaves ``models/`` untouched.
+* ``PROMOTED`` always names a complete version (it is replaced only after the version is durable).
+* Promotion decisions are serialised: ``publish`` calls the caller's ``decide`` under the
+  exclusive lock with the champion read under that same lock, so two concurrent jobs can never
+  both beat a stale champion.
+* Version numbers are never reused: the next number is above every numbered entry in
+  ``models/`` and every version the history has recorded.
+* If a process dies between moving the pointer and appending history, the next promotion under
+  the lock appends a recovery entry, so history always ends at the promoted version.
+
+Readers (``versions``, ``promoted_version``, ``card``, ``verify``, ``history``) take no lock: every
+write they could observe is an atomic rename or an append of one newline-terminated line.
+``decide`` runs under the lock and must not call ``publish`` or ``promote`` (it would deadlock).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from convserve.contracts.durable_files import (
+    CHUNK_SIZE,
+    append_line,
+    fsync_dir,
+    replace_file,
+    sha256_file,
+    write_read_only,
+)
+from convserve.contracts.errors import IntegrityError, InvalidJobId, StoreError, VersionNotFound
+from convserve.contracts.model_card import GateDecision, ModelCard
+
+MODEL_FILE = "model.onnx"
+CARD_FILE = "card.json"
+POINTER_FILE = "PROMOTED"
+HISTORY_FILE = "history.jsonl"
+LOCK_FILE = ".lock"
+TMP_PREFIX = ".tmp-"
+RECOVERY_ACTOR = "store:recovery"
+
+_JOB_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_VERSION_RE = re.compile(r"[1-9][0-9]*")
+_HISTORY_KEYS = ("version", "previous", "reason", "time", "actor")
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    version: int
+    previous: int | None
+    reason: str
+    time: str
+    actor: str
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    promoted: bool
+    version: int | None  # set only when promoted
+    previous: int | None  # champion at decision time
+    decision: GateDecision
+
+
+def _crash_point(name: str) -> None:
+    """A named point inside ``publish`` ("copy", "before_rename", "before_pointer",
+    "before_history"). Nothing happens here; the crash-safety tests' worker process
+    (tests/store_worker.py --crash-at) replaces it to die there by SIGKILL."""
+
+
+def _utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _require_text(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise StoreError(f"{what} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _check_job_id(job_id: object) -> str:
+    if not isinstance(job_id, str) or not _JOB_ID_RE.fullmatch(job_id):
+        raise InvalidJobId(f"job id must match [A-Za-z0-9_-]{{1,64}}, got {job_id!r}")
+    return job_id
+
+
+def _check_decision(decision: object) -> GateDecision:
+    if not isinstance(decision, GateDecision):
+        raise StoreError(f"decide() must return a GateDecision, got {type(decision).__name__}")
+    return decision
+
+
+def _parse_history_line(line: str, lineno: int) -> HistoryEntry:
+    try:
+        raw = json.loads(line)
+        fields = {key: raw[key] for key in _HISTORY_KEYS}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IntegrityError(
+            f"history line {lineno}: expected a JSON object with keys {_HISTORY_KEYS}, "
+            f"got {line[:80]!r} ({exc})"
+        ) from None
+    return HistoryEntry(**fields)
+
+
+class ModelStore:
+    """A directory of immutable model versions with an atomically replaced promotion pointer."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.models_dir = self.root / "models"
+        self.jobs_dir = self.root / "jobs"
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+
+    # ----------------------------------------------------------------------------- reading
+
+    def versions(self) -> list[int]:
+        """Complete versions, ascending (temp dirs and other entries are skipped)."""
+        found = []
+        for entry in os.scandir(self.models_dir):
+            if _VERSION_RE.fullmatch(entry.name) and entry.is_dir():
+                found.append(int(entry.name))
+        return sorted(found)
+
+    def promoted_version(self) -> int | None:
+        """The promoted version, or None before the first promotion. Cheap: polled by replicas."""
+        version = self._read_pointer()
+        if version is not None and not self._version_dir(version).is_dir():
+            raise IntegrityError(
+                f"PROMOTED names version {version} but {self._version_dir(version)} does not exist"
+            )
+        return version
+
+    def card(self, version: int) -> dict:
+        path = self._existing_version_dir(version) / CARD_FILE
+        try:
+            card = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise IntegrityError(
+                f"version {version}: expected a readable JSON card at {path}: {exc}"
+            ) from None
+        if not isinstance(card, dict):
+            raise IntegrityError(
+                f"version {version}: expected a JSON object in {path}, got {card!r}"
+            )
+        return card
+
+    def model_card(self, version: int) -> ModelCard:
+        """The card as typed fields (the whole JSON object in `.raw`)."""
+        return ModelCard.from_dict(self.card(version))
+
+    def model_path(self, version: int) -> Path:
+        return self._existing_version_dir(version) / MODEL_FILE
+
+    def verify(self, version: int) -> Path:
+        """Check model.onnx against the card's sha256; returns the model path."""
+        card = self.card(version)
+        path = self.model_path(version)
+        try:
+            actual = sha256_file(path)
+        except OSError as exc:
+            raise IntegrityError(f"version {version}: expected a readable {path}: {exc}") from None
+        if actual != card.get("sha256"):
+            raise IntegrityError(
+                f"version {version}: card sha256 {card.get('sha256')!r} but model.onnx hashes to "
+                f"{actual!r}"
+            )
+        return path
+
+    def history(self) -> list[HistoryEntry]:
+        try:
+            text = (self.models_dir / HISTORY_FILE).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        lines = text.split("\n")
+        # The last piece has no newline: either "" or a line torn by a crash mid-append, which
+        # was never committed (the next append truncates it).
+        return [_parse_history_line(line, n) for n, line in enumerate(lines[:-1], 1) if line]
+
+    # ----------------------------------------------------------------------------- writing
+
+    def publish(
+        self,
+        model_file: Path,
+        card: dict,
+        decide: Callable[[int | None], GateDecision],
+        *,
+        actor: str,
+        job_id: str | None = None,
+    ) -> PublishResult:
+        """Ask ``decide(champion)`` under the lock; if it promotes, store and promote the model."""
+        model_file = Path(model_file)
+        if not model_file.is_file():
+            raise StoreError(f"expected a model file to publish, found nothing at {model_file}")
+        if not isinstance(card, dict):
+            raise StoreError(f"card must be a dict, got {type(card).__name__}")
+        _require_text(actor, "actor")
+        if job_id is not None:
+            _check_job_id(job_id)
+        with self._locked():
+            self._remove_stale_tmp()
+            self._reconcile_history()
+            champion = self.promoted_version()
+            decision = _check_decision(decide(champion))
+            if not decision.promoted:
+                return PublishResult(False, None, champion, decision)
+            version = self._next_version()
+            full_card = {
+                **card,
+                "version": version,
+                "created_at": _utc_now(),
+                "job_id": job_id,
+                "gate": decision.to_dict(),
+            }
+            self._write_version(version, model_file, full_card)
+            _crash_point("before_pointer")
+            self._write_pointer(version)
+            _crash_point("before_history")
+            self._append_history(
+                HistoryEntry(version, champion, decision.reason, _utc_now(), actor)
+            )
+        return PublishResult(True, version, champion, decision)
+
+    def promote(self, version: int, *, reason: str, actor: str) -> HistoryEntry:
+        """Point PROMOTED at an existing, intact version (operator rollback or pin)."""
+        _require_text(reason, "reason")
+        _require_text(actor, "actor")
+        with self._locked():
+            self._reconcile_history()
+            self.verify(version)
+            # Raw pointer, not promoted_version(): an operator must be able to repair a pointer
+            # that names a missing version.
+            entry = HistoryEntry(version, self._read_pointer(), reason, _utc_now(), actor)
+            self._write_pointer(version)
+            self._append_history(entry)
+        return entry
+
+    # ----------------------------------------------------------------------------- jobs
+
+    def job_dir(self, job_id: str, *, create: bool = False) -> Path:
+        path = self.jobs_dir / _check_job_id(job_id)
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def job_ids(self) -> list[str]:
+        return sorted(
+            e.name for e in os.scandir(self.jobs_dir) if _JOB_ID_RE.fullmatch(e.name) and e.is_dir()
+        )
+
+    # ----------------------------------------------------------------------------- internals
+
+    def _version_dir(self, version: int) -> Path:
+        return self.models_dir / str(version)
+
+    def _existing_version_dir(self, version: int) -> Path:
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise VersionNotFound(f"expected a positive integer version, got {version!r}")
+        path = self._version_dir(version)
+        if not path.is_dir():
+            raise VersionNotFound(f"version {version} not found (have {self.versions()})")
+        return path
+
+    def _read_pointer(self) -> int | None:
+        path = self.models_dir / POINTER_FILE
+        try:
+            text = path.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise IntegrityError(f"expected a readable version number in {path}: {exc}") from None
+        if not _VERSION_RE.fullmatch(text):
+            raise IntegrityError(f"expected a version number in {path}, found {text[:40]!r}")
+        return int(text)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        # flock is per open file description, so this also serialises threads and several
+        # ModelStore objects within one process; the kernel drops it if the holder dies.
+        fd = os.open(self.models_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _remove_stale_tmp(self) -> None:
+        # Only called under the lock, and every publish in progress holds it: any temp dir seen
+        # here belongs to a process that died. Best effort: a leftover is harmless to readers.
+        for entry in os.scandir(self.models_dir):
+            if entry.name.startswith(TMP_PREFIX) and entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+    def _next_version(self) -> int:
+        # Count every numbered entry (even a stray file) and every recorded version, so a number
+        # is never handed out twice, even after an operator deletes a version directory.
+        numbered = [int(n) for n in os.listdir(self.models_dir) if _VERSION_RE.fullmatch(n)]
+        recorded = [e.version for e in self.history()]
+        return max(numbered + recorded, default=0) + 1
+
+    def _write_version(self, version: int, model_file: Path, card: dict) -> None:
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=self.models_dir))
+        try:
+            # mkdtemp makes the dir 0o700; other replicas (maybe other users) must read it.
+            tmp.chmod(0o755)
+            card["sha256"] = self._copy_model(model_file, tmp / MODEL_FILE)
+            try:
+                text = json.dumps(card, indent=2, sort_keys=True) + "\n"
+            except (TypeError, ValueError) as exc:
+                raise StoreError(f"expected a JSON-serialisable card: {exc}") from None
+            write_read_only(tmp / CARD_FILE, text)
+            fsync_dir(tmp)
+            _crash_point("before_rename")
+            # Atomic publication: readers see either no models/<N> or a complete one.
+            os.rename(tmp, self._version_dir(version))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fsync_dir(self.models_dir)
+
+    @staticmethod
+    def _copy_model(src: Path, dst: Path) -> str:
+        """Chunked copy that hashes what it writes; returns the sha256 hex digest."""
+        digest = hashlib.sha256()
+        with open(src, "rb") as fin, open(dst, "xb") as fout:
+            first = True
+            while chunk := fin.read(CHUNK_SIZE):
+                fout.write(chunk)
+                digest.update(chunk)
+                if first:
+                    fout.flush()
+                    _crash_point("copy")
+                    first = False
+            os.fchmod(fout.fileno(), 0o444)
+            fout.flush()
+            os.fsync(fout.fileno())
+        return digest.hexdigest()
+
+    def _write_pointer(self, version: int) -> None:
+        # Atomic: pollers read either the old or the new number, never a mix.
+        replace_file(self.models_dir / POINTER_FILE, f"{version}\n")
+
+    def _append_history(self, entry: HistoryEntry) -> None:
+        line = json.dumps({key: getattr(entry, key) for key in _HISTORY_KEYS}) + "\n"
+        append_line(self.models_dir / HISTORY_FILE, line)
+
+    def _reconcile_history(self) -> None:
+        # Under the lock the pointer only moves right before a history append, so a mismatch
+        # means a process died in between (or someone edited PROMOTED by hand): record it.
+        pointer = self._read_pointer()
+        entries = self.history()
+        last = entries[-1].version if entries else None
+        if pointer is not None and pointer != last:
+            reason = f"recovered: PROMOTED names {pointer} but history ended at {last}"
+            self._append_history(HistoryEntry(pointer, last, reason, _utc_now(), RECOVERY_ACTOR))

@@ -1,0 +1,257 @@
+"""The server's one typed configuration, from command-line flags and CONVSERVE_* variables.
+
+A flag wins over its environment variable, which wins over the default. Every field is listed
+with its type and default in `FIELDS`, so `--help`, the environment names and the start-up print
+all come from one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from convserve.contracts.errors import ConfigError, PortInUse
+
+ENV_PREFIX = "CONVSERVE_"
+# The one stdout line a replica prints once it accepts calls; launchers read the address from it.
+LISTENING_PREFIX = "convserve listening on "
+METRICS_PREFIX = "convserve metrics on "  # printed just before it when the metrics port is on
+
+
+SECRETS = frozenset({"auth_token"})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    store: Path = Path("store")
+    datasets_root: Path = Path("datasets")
+    host: str = "127.0.0.1"
+    port: int = 50051                  # 0: any free port (tests)
+    workers: int = 1                   # serving processes sharing the port (SO_REUSEPORT)
+    metrics_port: int = 9090           # Prometheus GET /metrics; 0: any free port, -1: off
+    poll_interval_s: float = 0.5       # how often a replica reads the promoted pointer
+    model_cache_size: int = 4          # pinned versions kept loaded
+    max_images_per_request: int = 1024
+    max_image_side: int = 4096         # encoded images: width and height each
+    max_request_pixels: int = 4 * 4096 * 4096  # encoded images: decoded pixels per request
+    decode_threads: int = 2            # encoded images decode in this many threads, off the loop
+    max_message_bytes: int = 64 << 20
+    max_batch_size: int = 256          # images per ONNX Runtime call (dynamic batching)
+    batch_timeout_s: float = 0.0       # wait for more requests once a batch has one (0: none)
+    max_enqueued: int = 4096           # images waiting for a batch before RESOURCE_EXHAUSTED
+    max_concurrent_batches: int = 1    # ORT calls in flight at once (Triton's instance count)
+    inline_max_images: int = 8         # idle fast path: a request this small runs on the loop
+    allow_spinning: bool = False       # ORT spin-waiting: off when training shares the host
+    graph_optimization: str = "all"    # disable | basic | extended | all
+    max_queued_jobs: int = 8
+    max_epochs: int = 200
+    min_accuracy: float = 0.5          # gate default; a request may raise it, never lower it
+    min_accuracy_floor: float = 0.0
+    min_improvement: float = 0.0
+    allow_class_change_requests: bool = True
+    providers: str = "auto"            # auto | cpu | cuda | tensorrt, comma-separated, in order
+    intra_op_threads: int = 0
+    cuda_graphs: bool = False          # CUDA provider: replay one CUDA graph per batch bucket
+    tensorrt_fp16: bool = False        # TensorRT provider: fp16 kernels
+    tensorrt_cache_dir: str = ""       # TensorRT provider: engine cache ("" = rebuild at load)
+    training_python: str = ""          # interpreter for training jobs ("" = this one)
+    training_processes: int = 1       # > 1: jobs run data-parallel under torchrun (one per GPU)
+    job_heartbeat_s: float = 2.0
+    job_progress_interval_s: float = 1.0  # a job's progress events, at most one per interval
+    stale_job_after_s: float = 20.0
+    grace_period_s: float = 10.0       # calls in flight may finish this long after SIGTERM
+    log_level: str = "INFO"
+    log_format: str = "auto"           # auto (text on a terminal, else JSON lines) | json | text
+    # Access control (service/server/auth.py). The token guards Train, CancelJob and Promote, and with
+    # auth_inference also Predict, GetModel and ListModels. Prefer auth_token_file to the value.
+    auth_token: str = ""
+    auth_token_file: str = ""
+    auth_inference: bool = False
+    tls_cert_file: str = ""            # with tls_key_file: serve TLS instead of plaintext
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""       # also require client certificates signed by this CA
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port <= 65535, "port", self.port, "0..65535")
+        _check(1 <= self.workers <= 64, "workers", self.workers, "1..64")
+        _check(-1 <= self.metrics_port <= 65535, "metrics_port", self.metrics_port,
+               "-1 (off) or 0..65535")
+        _check(0.05 <= self.poll_interval_s <= 60, "poll_interval_s", self.poll_interval_s, "0.05..60")
+        _check(self.model_cache_size >= 1, "model_cache_size", self.model_cache_size, ">= 1")
+        _check(1 <= self.max_images_per_request <= 65536, "max_images_per_request",
+               self.max_images_per_request, "1..65536")
+        _check(32 <= self.max_image_side <= 65535, "max_image_side", self.max_image_side,
+               "32..65535")
+        _check(1024 <= self.max_request_pixels <= 1 << 32, "max_request_pixels",
+               self.max_request_pixels, "1024..4294967296")
+        _check(1 <= self.decode_threads <= 64, "decode_threads", self.decode_threads, "1..64")
+        _check(1 << 20 <= self.max_message_bytes <= 1 << 30, "max_message_bytes",
+               self.max_message_bytes, "1 MiB..1 GiB")
+        _check(1 <= self.max_batch_size <= 65536, "max_batch_size", self.max_batch_size,
+               "1..65536")
+        _check(0.0 <= self.batch_timeout_s <= 1.0, "batch_timeout_s", self.batch_timeout_s, "0..1")
+        _check(self.max_enqueued >= 1, "max_enqueued", self.max_enqueued, ">= 1")
+        _check(1 <= self.max_concurrent_batches <= 64, "max_concurrent_batches",
+               self.max_concurrent_batches, "1..64")
+        _check(0 <= self.inline_max_images <= 64, "inline_max_images", self.inline_max_images,
+               "0 (off)..64")
+        _check(self.graph_optimization in ("disable", "basic", "extended", "all"),
+               "graph_optimization", self.graph_optimization, "disable, basic, extended or all")
+        _check(self.max_queued_jobs >= 1, "max_queued_jobs", self.max_queued_jobs, ">= 1")
+        _check(self.max_epochs >= 1, "max_epochs", self.max_epochs, ">= 1")
+        for name in ("min_accuracy", "min_accuracy_floor"):
+            _check(0.0 <= getattr(self, name) <= 1.0, name, getattr(self, name), "0..1")
+        _check(-1.0 <= self.min_improvement <= 1.0, "min_improvement", self.min_improvement,
+               "-1..1")
+        _check(self.min_accuracy >= self.min_accuracy_floor, "min_accuracy", self.min_accuracy,
+               f">= min_accuracy_floor ({self.min_accuracy_floor})")
+        _check(self.intra_op_threads >= 0, "intra_op_threads", self.intra_op_threads, ">= 0")
+        _check(0.0 <= self.job_progress_interval_s <= 60, "job_progress_interval_s",
+               self.job_progress_interval_s, "0..60")
+        _check(1 <= self.training_processes <= 64, "training_processes", self.training_processes,
+               "1..64")
+        _check(self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
+               self.log_level, "DEBUG, INFO, WARNING or ERROR")
+        _check(self.log_format in ("auto", "json", "text"), "log_format", self.log_format,
+               "auto, json or text")
+        _check(not (self.auth_token and self.auth_token_file), "auth_token", "<redacted>",
+               "either auth_token or auth_token_file, not both")
+        for name in ("auth_token_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            path = getattr(self, name)
+            _check(not path or Path(path).is_file(), name, path, "a readable file")
+        _check(bool(self.tls_cert_file) == bool(self.tls_key_file), "tls_cert_file",
+               self.tls_cert_file, "set together with tls_key_file")
+        _check(not self.tls_client_ca_file or bool(self.tls_cert_file), "tls_client_ca_file",
+               self.tls_client_ca_file, "only with tls_cert_file and tls_key_file")
+        _check(not self.auth_inference or bool(self.auth_token or self.auth_token_file),
+               "auth_inference", self.auth_inference, "only with a token")
+
+    def describe(self) -> str:
+        """One line per setting, for the start-up log; secrets are redacted."""
+        lines = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            lines.append(f"  {field.name} = {'<redacted>' if field.name in SECRETS and value else value}")
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        """Every setting as JSON (secrets included: for a worker process, never for a log)."""
+        return json.dumps({f.name: str(v) if isinstance(v := getattr(self, f.name), Path) else v
+                           for f in dataclasses.fields(self)})
+
+    @classmethod
+    def from_json(cls, text: str) -> ServerConfig:
+        values = json.loads(text)
+        fields: dict[str, Any] = {f.name: Path(values[f.name]) if f.type in ("Path", Path)
+                                  else values[f.name]
+                                  for f in dataclasses.fields(cls) if f.name in values}
+        return cls(**fields)
+
+    def token(self) -> str:
+        """The bearer token: the value, or the first line of the file ("" = no access control)."""
+        if self.auth_token_file:
+            return Path(self.auth_token_file).read_text().strip()
+        return self.auth_token
+
+
+FIELDS = tuple(dataclasses.fields(ServerConfig))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One `--flag-name` per setting; the default is None so that env/defaults fill the gaps."""
+    for field in FIELDS:
+        env = ENV_PREFIX + field.name.upper()
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default
+        if field.type in ("bool", bool):
+            parser.add_argument(flag, default=None, type=_parse_bool, metavar="true|false",
+                                help=f"(env {env}, default {default})")
+        else:
+            parser.add_argument(flag, default=None, help=f"(env {env}, default {default})")
+
+
+def from_sources(args: argparse.Namespace | None, environ: Mapping[str, str] | None = None
+                 ) -> ServerConfig:
+    """Flags, then CONVSERVE_* variables, then defaults; raises ConfigError on a bad value."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for field in FIELDS:
+        raw = getattr(args, field.name, None) if args is not None else None
+        source = "--" + field.name.replace("_", "-")
+        if raw is None:
+            raw = environ.get(ENV_PREFIX + field.name.upper())
+            source = ENV_PREFIX + field.name.upper()
+        if raw is None:
+            continue
+        values[field.name] = _convert(field, raw, source)
+    try:
+        return ServerConfig(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise ConfigError(str(error)) from None
+
+
+def parse(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> ServerConfig:
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    return from_sources(parser.parse_args(argv), environ)
+
+
+def _convert(field: dataclasses.Field, raw: Any, source: str) -> Any:
+    kind = field.type if isinstance(field.type, str) else field.type.__name__
+    if not isinstance(raw, str):
+        return raw
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            return _parse_bool(raw)
+        if kind == "Path":
+            return Path(raw)
+        return raw
+    except ValueError:
+        raise ConfigError(f"{source}={raw!r} is not a valid {kind}") from None
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{raw!r} is not a boolean (true/false)")
+
+
+def check_port_free(host: str, port: int, what: str) -> None:
+    """Refuse a port another process listens on, before any server binds it: gRPC's own
+    SO_REUSEPORT would otherwise let a second server start silently and take half the
+    connections of the first. Port 0 (any free port) always passes."""
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as error:
+        raise ConfigError(f"host={host!r} cannot be resolved: {error}") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "in use"
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise PortInUse(f"{what} port {port} on {host} is already in use ({error.strerror}); "
+                            f"stop the other server or choose another port") from None
+
+
+def _check(ok: bool, name: str, value: object, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is out of range: expected {expected}")

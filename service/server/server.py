@@ -1,0 +1,306 @@
+"""Builds and runs one replica: gRPC services, health, reflection, the model manager and the job
+runner, all on one asyncio loop. Tests call `start(config)` with port 0 and talk to the real
+server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from http.server import ThreadingHTTPServer
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+
+from convserve.contracts.gate_policy import GateBounds, GatePolicy
+from convserve.contracts.store import ModelStore
+from convserve.jobs import JobRunner, RunnerConfig
+from convserve.lifecycle import map_large_blocks_separately
+from convserve.metrics import Registry, serve_http
+from convserve.pb.convserve.v1 import convserve_pb2 as pb
+from convserve.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
+from convserve.server import auth
+from convserve.server.config import (
+    LISTENING_PREFIX,
+    METRICS_PREFIX,
+    PortInUse,
+    ServerConfig,
+    check_port_free,
+)
+from convserve.server.guard import GuardedRegistration, count_unknown_methods
+from convserve.server.servicers import InferenceServicer, ModelsServicer, TrainingServicer
+from convserve.server.telemetry import RequestMetrics, replica_registry
+from convserve.serving import codec
+from convserve.serving.batcher import BatchingConfig, DynamicBatcher
+from convserve.serving.loader import SessionSettings
+from convserve.serving.manager import ModelManager
+from convserve.serving.runners import buckets_up_to
+
+log = logging.getLogger("convserve.server.server")
+
+SERVICE_NAMES = tuple(pb.DESCRIPTOR.services_by_name[name].full_name
+                      for name in ("Inference", "Training", "Models"))
+# Health "service" for liveness probes: SERVING while the process answers, model or not (a
+# replica without a model is not ready, but restarting it would not help).
+LIVENESS = "liveness"
+HEALTH_CHECK_INTERVAL_S = 0.1
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """This process is worker `index` of a replica started with `--workers N` (convserve.server.workers).
+    Worker 0 runs the replica's training jobs and answers the Training service on `jobs_socket`
+    (a Unix socket in a private directory) as well as on the shared port; every other worker
+    forwards Train, GetJob, ListJobs and CancelJob there, so each job is queued and run once."""
+
+    index: int
+    jobs_socket: str
+
+    @property
+    def runs_jobs(self) -> bool:
+        return self.index == 0
+
+
+@dataclass
+class Replica:
+    """A started server and what runs beside it."""
+
+    config: ServerConfig
+    server: grpc.aio.Server
+    port: int
+    store: ModelStore
+    manager: ModelManager
+    runner: JobRunner
+    health: health.aio.HealthServicer
+    batcher: DynamicBatcher
+    metrics_server: ThreadingHTTPServer | None = None
+    decode_pool: ThreadPoolExecutor | None = None
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    @property
+    def metrics_url(self) -> str | None:
+        if self.metrics_server is None:
+            return None
+        return f"http://{self.config.host}:{self.metrics_server.server_address[1]}/metrics"
+
+
+def session_settings(config: ServerConfig) -> SessionSettings:
+    """ONNX Runtime settings; the loader resolves "auto"/"cpu"/"cuda" to provider names."""
+    providers = tuple(p.strip() for p in config.providers.split(",") if p.strip())
+    return SessionSettings(
+        providers=providers, intra_op_threads=config.intra_op_threads,
+        graph_optimization=config.graph_optimization,
+        # Spin-waiting threads burn cores while idle: off by default because training children
+        # share this host's cores.
+        allow_spinning=config.allow_spinning,
+        # Warm the sizes the batcher forms, so the first real batches do not pay allocation.
+        warmup_batch_sizes=tuple(sorted({1, min(8, config.max_batch_size),
+                                         config.max_batch_size})),
+        cuda_graphs=config.cuda_graphs, graph_buckets=buckets_up_to(config.max_batch_size),
+        tensorrt_fp16=config.tensorrt_fp16, tensorrt_cache_dir=config.tensorrt_cache_dir)
+
+
+def runner_config(config: ServerConfig) -> RunnerConfig:
+    extra: dict[str, Any] = {"python": config.training_python} if config.training_python else {}
+    return RunnerConfig(
+        datasets_root=config.datasets_root, max_queue=config.max_queued_jobs,
+        max_epochs=config.max_epochs,
+        gate_defaults=GatePolicy(min_accuracy=config.min_accuracy,
+                                 min_improvement=config.min_improvement),
+        # The operator's own min_improvement is always allowed, negative included (tolerate a
+        # small regression); requests may not go below it or 0, whichever is lower.
+        gate_bounds=GateBounds(min_accuracy_floor=config.min_accuracy_floor,
+                               min_improvement_floor=min(0.0, config.min_improvement),
+                               allow_class_change=config.allow_class_change_requests),
+        heartbeat_s=config.job_heartbeat_s, stale_after_s=config.stale_job_after_s,
+        progress_interval_s=config.job_progress_interval_s,
+        processes=config.training_processes, **extra)
+
+
+def interceptors(config: ServerConfig) -> list[grpc.aio.ServerInterceptor]:
+    """The bearer-token check when a token is configured (none otherwise)."""
+    token = config.token()
+    if not token:
+        return []
+    protected = auth.OPERATOR_METHODS | (auth.INFERENCE_METHODS if config.auth_inference
+                                         else frozenset())
+    return [auth.BearerTokenAuth(token, protected)]
+
+
+async def start(config: ServerConfig, role: WorkerRole | None = None) -> Replica:
+    """Start a replica (or, with `role`, one worker of one). Raises PortInUse (a ConfigError)
+    when the gRPC or metrics port is taken."""
+    if role is None:  # workers share the port their parent checked and holds
+        check_port_free(config.host, config.port, "gRPC")
+    runs_jobs = role is None or role.runs_jobs
+    store = ModelStore(config.store)
+    manager = ModelManager(store, session_settings(config), poll_interval_s=config.poll_interval_s,
+                           cache_size=config.model_cache_size)
+    runner = JobRunner(store, runner_config(config))
+    if runs_jobs:
+        recovered = await asyncio.to_thread(runner.recover)
+        if recovered:
+            log.warning("recovered %d jobs whose replica is gone (see their records): %s", len(recovered),
+                        ", ".join(recovered))
+    await asyncio.to_thread(manager.refresh)  # serve the promoted model from the first call
+
+    requests = RequestMetrics()
+    server = grpc.aio.server(interceptors=interceptors(config), options=[
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        # Only the workers of one replica share a port; a lone server owns it.
+        ("grpc.so_reuseport", 1 if role is not None else 0),
+    ])
+    decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
+    batcher = DynamicBatcher(manager.current, BatchingConfig(
+        max_batch_size=config.max_batch_size, batch_timeout_s=config.batch_timeout_s,
+        max_enqueued=config.max_enqueued, max_concurrent_batches=config.max_concurrent_batches,
+        inline_max_images=config.inline_max_images))
+    forward_to = "" if runs_jobs or role is None else f"unix:{role.jobs_socket}"
+    health_servicer = _add_services(server, config, requests, store, manager, runner, batcher,
+                                    decode_pool, forward_to)
+    port = _listen(server, config, role)
+    metrics_server = _serve_metrics(config, replica_registry(requests, batcher, manager, runner))
+    await server.start()
+    replica = Replica(config, server, port, store, manager, runner, health_servicer, batcher,
+                      metrics_server, decode_pool)
+    await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+    await _set_health(replica, manager.live_version is not None)
+    replica.tasks = [asyncio.create_task(batcher.run(replica.stopping), name="batcher"),
+                     asyncio.create_task(manager.run(replica.stopping), name="model-manager"),
+                     asyncio.create_task(_follow_health(replica), name="health")]
+    if runs_jobs:
+        replica.tasks += [asyncio.create_task(runner.run(replica.stopping), name="job-runner"),
+                          asyncio.create_task(_recover_jobs(replica), name="job-recovery")]
+    log.info("serving on %s (model version %s)", replica.address, manager.live_version)
+    return replica
+
+
+def _add_services(server: grpc.aio.Server, config: ServerConfig, requests: RequestMetrics,
+                  store: ModelStore, manager: ModelManager, runner: JobRunner,
+                  batcher: DynamicBatcher, decode_pool: ThreadPoolExecutor,
+                  forward_to: str) -> health.aio.HealthServicer:
+    """Every service, registered through a guard (an undecodable body is INVALID_ARGUMENT);
+    returns the health servicer."""
+    limits = codec.Limits(max_images=config.max_images_per_request,
+                          max_image_side=config.max_image_side,
+                          max_request_pixels=config.max_request_pixels)
+    ours = GuardedRegistration(server, requests, checked_by_servicer=True)
+    others = GuardedRegistration(server, requests, checked_by_servicer=False)
+    pb_grpc.add_InferenceServicer_to_server(
+        InferenceServicer(manager, store, limits, batcher, requests, decode_pool), ours)
+    pb_grpc.add_TrainingServicer_to_server(
+        TrainingServicer(runner, requests, forward_to=forward_to), ours)
+    pb_grpc.add_ModelsServicer_to_server(ModelsServicer(store, manager, requests), ours)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, others)
+    # What reflection.enable_server_reflection does for an aio server, through the guard.
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME)), others)
+    count_unknown_methods(server, requests)
+    return health_servicer
+
+
+def _listen(server: grpc.aio.Server, config: ServerConfig, role: WorkerRole | None) -> int:
+    """The gRPC port (TLS when configured); a jobs worker also listens on its Unix socket."""
+    listen = f"{config.host}:{config.port}"
+    if config.tls_cert_file:
+        port = server.add_secure_port(listen, auth.server_credentials(
+            config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file))
+    else:
+        port = server.add_insecure_port(listen)
+    if role is not None and role.runs_jobs:
+        server.add_insecure_port(f"unix:{role.jobs_socket}")  # the other workers' Training calls
+    return port
+
+
+def _serve_metrics(config: ServerConfig, registry: Registry) -> ThreadingHTTPServer | None:
+    """The /metrics endpoint, or None with --metrics-port -1; a taken port is PortInUse."""
+    if config.metrics_port < 0:
+        return None
+    try:
+        return serve_http(registry, config.host, config.metrics_port)
+    except OSError as error:
+        raise PortInUse(f"metrics port {config.metrics_port} on {config.host} is not "
+                        f"available ({error.strerror}); choose another --metrics-port, "
+                        "or -1 to turn metrics off") from None
+
+
+async def stop(replica: Replica, grace_s: float | None = None) -> None:
+    """Drain: NOT_SERVING at once, refuse new calls, let calls in flight finish within grace."""
+    await replica.health.enter_graceful_shutdown()
+    # The batcher and manager keep running until the calls in flight have finished.
+    await replica.server.stop(replica.config.grace_period_s if grace_s is None else grace_s)
+    replica.stopping.set()
+    for task in replica.tasks:
+        task.cancel()
+    for task in replica.tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    if replica.decode_pool is not None:
+        replica.decode_pool.shutdown(wait=False, cancel_futures=True)
+    if replica.metrics_server is not None:
+        await asyncio.to_thread(replica.metrics_server.shutdown)
+        replica.metrics_server.server_close()
+
+
+async def serve(config: ServerConfig, role: WorkerRole | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then drain and return."""
+    map_large_blocks_separately()  # before any session is loaded (service/lifecycle.py)
+    replica = await start(config, role)
+    signalled = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, signalled.set)
+    if replica.metrics_url:
+        print(f"{METRICS_PREFIX}{replica.metrics_url}", flush=True)
+    print(f"{LISTENING_PREFIX}{replica.address}", flush=True)
+    await signalled.wait()
+    log.info("signal received: draining (grace %.1f s)", config.grace_period_s)
+    await stop(replica)
+
+
+async def _recover_jobs(replica: Replica) -> None:
+    """Every replica keeps looking for jobs whose replica died (stale heartbeat), not only at
+    start-up: otherwise a watcher of such a job would wait until some replica restarts."""
+    interval = max(1.0, replica.config.stale_job_after_s / 2)
+    while not replica.stopping.is_set():
+        await asyncio.sleep(interval)
+        try:
+            recovered = await asyncio.to_thread(replica.runner.recover)
+        except Exception:  # a broken job file must not stop the loop
+            log.exception("job recovery failed")
+            continue
+        if recovered:
+            log.warning("recovered %d jobs whose replica is gone (see their records): %s", len(recovered),
+                        ", ".join(recovered))
+
+
+async def _follow_health(replica: Replica) -> None:
+    """SERVING exactly while a model is live (set from the loop, not the manager's thread)."""
+    serving = replica.manager.live_version is not None
+    while not replica.stopping.is_set():
+        live = replica.manager.live_version is not None
+        if live != serving:
+            serving = live
+            await _set_health(replica, live)
+        await asyncio.sleep(HEALTH_CHECK_INTERVAL_S)
+
+
+async def _set_health(replica: Replica, serving: bool) -> None:
+    status = (health_pb2.HealthCheckResponse.SERVING if serving
+              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    for name in ("", *SERVICE_NAMES):
+        await replica.health.set(name, status)

@@ -1,0 +1,300 @@
+"""The RPC methods: decode, one call into the service, encode. Nothing else lives here.
+
+Every method is wrapped by `rpc`/`rpc_stream`, the single place where an exception becomes a
+status code (through `convserve.errors.status_of`); an unexpected one is logged with its traceback
+and answered INTERNAL, and the server keeps serving. The wrappers also give each call its request
+id (logged, echoed to the caller) and record its latency and status code
+(`convserve.server.telemetry.RequestMetrics`; a stream's latency is its whole duration).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+import grpc
+
+from convserve.contracts.headers import REQUEST_ID_HEADER
+from convserve.contracts.job_dir import JobState
+from convserve.contracts.store import ModelStore
+from convserve.errors import InvalidInput, status_of
+from convserve.jobs import JobRunner
+from convserve.pb.convserve.v1 import convserve_pb2 as pb
+from convserve.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
+from convserve.server import messages
+from convserve.server.guard import Undecodable
+from convserve.server.logs import REQUEST_ID
+from convserve.server.telemetry import RequestMetrics
+from convserve.serving import codec
+from convserve.serving.batcher import DynamicBatcher
+from convserve.serving.manager import ModelManager
+
+log = logging.getLogger("convserve.rpc")
+# A raw request larger than this (about 80 float32 images) is converted off the loop too.
+INLINE_RAW_BYTES = 1 << 20
+FORWARD_TIMEOUT_S = 60.0  # a forwarded call without a deadline of its own (cancel may wait)
+Reply = TypeVar("Reply")
+
+
+def rpc(method: Callable[..., Awaitable[Reply]]) -> Callable[..., Awaitable[Reply]]:
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Reply:
+        async with _Call(self.metrics, method.__name__, context):
+            return await method(self, _decoded(request), context)
+        raise AssertionError("unreachable: _Call re-raises")
+
+    return wrapper
+
+
+def rpc_stream(method: Callable[..., AsyncIterator[Reply]]) -> Callable[..., AsyncIterator[Reply]]:
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext
+                      ) -> AsyncIterator[Reply]:
+        async with _Call(self.metrics, method.__name__, context):
+            async for reply in method(self, _decoded(request), context):
+                yield reply
+
+    return wrapper
+
+
+def _decoded(request: Any) -> Any:
+    """The request, or InvalidInput when its body did not parse (see convserve.server.guard)."""
+    if isinstance(request, Undecodable):
+        raise InvalidInput(request.message)
+    return request
+
+
+class _Call:
+    """One API call, around its method: the request id (the caller's `x-request-id`, or a new
+    one; echoed in the trailing metadata and set for every log line), the status code (an
+    exception becomes its code here, through `status_of`), the latency metric, a DEBUG line."""
+
+    def __init__(self, metrics: RequestMetrics, name: str, context: grpc.aio.ServicerContext
+                 ) -> None:
+        self._metrics, self._name, self._context = metrics, name, context
+
+    async def __aenter__(self) -> _Call:
+        self.request_id = _request_id(self._context)
+        self._token = REQUEST_ID.set(self.request_id)
+        self._context.set_trailing_metadata(((REQUEST_ID_HEADER, self.request_id),))
+        self._started = time.perf_counter()
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        traceback: object) -> bool:
+        code = "OK"
+        if isinstance(error, asyncio.CancelledError):
+            code = "CANCELLED"
+        elif isinstance(error, grpc.aio.AbortError):  # the method aborted by itself
+            code = _code_name(self._context)
+        elif isinstance(error, Exception):  # the one place errors become status codes
+            code = status_of(error)[0].name
+        # Recorded before the status goes out, so a caller who has its answer finds it counted.
+        seconds = time.perf_counter() - self._started
+        self._metrics.observe(self._name, code, seconds)
+        log.debug("%s %s in %.2f ms", self._name, code, seconds * 1000,
+                  extra={"method": self._name, "code": code, "ms": round(seconds * 1000, 3)})
+        try:
+            if isinstance(error, Exception) and not isinstance(error, grpc.aio.AbortError):
+                await _abort(self._context, self._name, error)  # raises AbortError
+        finally:
+            with contextlib.suppress(ValueError):  # a stream may end in another context
+                REQUEST_ID.reset(self._token)
+        return False
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    """The caller's id when it is a sane token (it ends up in logs), otherwise a new one: this
+    process's random prefix and a counter (unique like a uuid4, without its urandom call)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str) and _REQUEST_ID_RE.fullmatch(value):
+            return value
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"  # 32 hex digits, as a uuid4().hex
+
+
+_ID_PREFIX = uuid.uuid4().hex[:16]
+_ID_COUNTER = itertools.count(1)
+
+
+async def _abort(context: grpc.aio.ServicerContext, name: str, error: BaseException) -> None:
+    code, message = status_of(error)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("%s failed", name, exc_info=error)
+    await context.abort(code, message)
+
+
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def _code_name(context: grpc.aio.ServicerContext) -> str:
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+
+
+class _Measured:
+    """Servicers share one RequestMetrics (the server passes it; tests may leave it out)."""
+
+    def __init__(self, metrics: RequestMetrics | None) -> None:
+        self.metrics = metrics or RequestMetrics()
+
+
+class InferenceServicer(_Measured, pb_grpc.InferenceServicer):
+    """`decode_pool`: where encoded (PNG/JPEG) and large raw requests are decoded, off the event
+    loop, so a heavy request waits only on its own decoding; the pool's size bounds how many
+    decode at once (and so the memory decoding holds: see `codec.Limits`)."""
+
+    def __init__(self, manager: ModelManager, store: ModelStore, limits: codec.Limits,
+                 batcher: DynamicBatcher, metrics: RequestMetrics | None = None,
+                 decode_pool: Executor | None = None) -> None:
+        super().__init__(metrics)
+        self._manager = manager
+        self._store = store
+        self._limits = limits
+        self._batcher = batcher
+        self._decode_pool = decode_pool
+
+    @rpc
+    async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
+                      ) -> pb.PredictResponse:
+        # Validated pixels: bad input stops here, before any queue. Small raw images are a view
+        # of the request's bytes (microseconds): on the loop; everything heavier: in the pool.
+        if request.WhichOneof("images") == "encoded" or len(request.raw.data) > INLINE_RAW_BYTES:
+            pixels = await asyncio.get_running_loop().run_in_executor(
+                self._decode_pool, codec.decode_images, request, self._limits)
+        else:
+            pixels = codec.decode_images(request, self._limits)
+        if request.version:
+            # A pinned version is rare and may need loading: its own call, off the event loop.
+            model = await asyncio.to_thread(self._manager.get, request.version)
+            probabilities = await asyncio.to_thread(model.predict, pixels)
+        else:
+            model, probabilities = await self._batcher.predict(pixels)
+        return codec.predict_response(model.version, model.classes, probabilities, request.top_k)
+
+    @rpc
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
+                       ) -> pb.ModelInfo:
+        version = request.version or self._manager.current().version
+        return _model_info(self._store, version)
+
+    @rpc
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.ListModelsResponse:
+        promoted = self._store.promoted_version() or 0
+        infos = [_model_info(self._store, v) for v in self._store.versions()]
+        return pb.ListModelsResponse(models=infos, promoted_version=promoted)
+
+
+class TrainingServicer(_Measured, pb_grpc.TrainingServicer):
+    """With `forward_to` (a worker of a `--workers N` replica that does not run jobs), Train,
+    GetJob, ListJobs and CancelJob go to the worker that does, so a job is queued once and
+    queue positions are that worker's; WatchJob reads the shared store here."""
+
+    def __init__(self, runner: JobRunner,
+                 metrics: RequestMetrics | None = None, forward_to: str = "") -> None:
+        super().__init__(metrics)
+        self._runner = runner
+        self._jobs_worker = (pb_grpc.TrainingStub(grpc.aio.insecure_channel(forward_to))
+                             if forward_to else None)
+
+    async def _forward(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """The same call on the jobs worker, with the caller's token, request id and deadline;
+        its status and message come back unchanged."""
+        assert self._jobs_worker is not None
+        metadata = [(REQUEST_ID_HEADER, REQUEST_ID.get())]
+        metadata += [(k, v) for k, v in context.invocation_metadata() or ()
+                     if k == "authorization"]
+        remaining = context.time_remaining()
+        try:
+            return await getattr(self._jobs_worker, method)(
+                request, metadata=metadata, wait_for_ready=True,
+                timeout=remaining if remaining is not None else FORWARD_TIMEOUT_S)
+        except grpc.aio.AioRpcError as error:
+            await context.abort(error.code(), error.details() or "")
+
+    @rpc
+    async def Train(self, request: pb.TrainRequest, context: grpc.aio.ServicerContext) -> pb.Job:
+        if self._jobs_worker is not None:
+            return await self._forward("Train", request, context)
+        if request.resume_job:
+            record = await asyncio.to_thread(self._runner.resume, request.resume_job)
+            return messages.job(record, self._runner.queue_position(record.id))
+        params = messages.train_params(request)
+        record = await asyncio.to_thread(self._runner.submit, params, request.idempotency_key)
+        return messages.job(record, self._runner.queue_position(record.id))
+
+    @rpc
+    async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
+        if self._jobs_worker is not None:
+            return await self._forward("GetJob", request, context)
+        record = await asyncio.to_thread(self._runner.get, _job_id(request.id))  # file reads
+        return messages.job(record, self._runner.queue_position(record.id))
+
+    @rpc
+    async def ListJobs(self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext
+                       ) -> pb.ListJobsResponse:
+        if self._jobs_worker is not None:
+            return await self._forward("ListJobs", request, context)
+        records = await asyncio.to_thread(self._runner.list)  # reads every job.json
+        return pb.ListJobsResponse(jobs=[messages.job(r, self._runner.queue_position(r.id))
+                                         for r in records])
+
+    @rpc_stream
+    async def WatchJob(self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[pb.JobEvent]:
+        state = JobState.QUEUED
+        async for sequence, event in self._runner.watch(_job_id(request.id)):
+            state = messages.state_after(event, state)
+            if sequence > request.after_sequence:
+                yield messages.job_event(sequence, event, state)
+
+    @rpc
+    async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext
+                        ) -> pb.Job:
+        if self._jobs_worker is not None:
+            return await self._forward("CancelJob", request, context)
+        record = await asyncio.to_thread(self._runner.cancel, _job_id(request.id))
+        return messages.job(record)
+
+
+class ModelsServicer(_Measured, pb_grpc.ModelsServicer):
+    def __init__(self, store: ModelStore, manager: ModelManager,
+                 metrics: RequestMetrics | None = None) -> None:
+        super().__init__(metrics)
+        self._store = store
+        self._manager = manager
+
+    @rpc
+    async def Promote(self, request: pb.PromoteRequest, context: grpc.aio.ServicerContext
+                      ) -> pb.ModelInfo:
+        if not request.version:
+            raise InvalidInput("Promote needs a version (>= 1)")
+        if not request.reason.strip():
+            raise InvalidInput("Promote needs a reason (it is recorded in the promotion history)")
+        await asyncio.to_thread(self._store.promote, request.version, reason=request.reason,
+                                actor="operator:grpc")
+        # Load it here too at once, so this replica answers with it as soon as Promote returns.
+        await asyncio.to_thread(self._manager.refresh)
+        return _model_info(self._store, request.version)
+
+
+def _model_info(store: ModelStore, version: int) -> pb.ModelInfo:
+    card = store.model_card(version)  # VersionNotFound -> NOT_FOUND
+    promoted = store.promoted_version() == version
+    promoted_at = next((e.time for e in reversed(store.history()) if e.version == version), "")
+    return messages.model_info(version, card, promoted=promoted, promoted_at=promoted_at)
+
+
+def _job_id(job_id: str) -> str:
+    if not job_id:
+        raise InvalidInput("a job id is required")
+    return job_id
