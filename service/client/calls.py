@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2
 from convserve import arrays
 from convserve.contracts.errors import ConfigError
 from convserve.contracts.job_dir import FINAL
-from convserve.contracts.spec import TrainConfig
+from convserve.contracts.spec import REQUEST_SETTINGS, TrainConfig
 from convserve.errors import ClientError, ConvserveError, status_of
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
 
@@ -104,6 +104,10 @@ def train_call(dataset: str, **options: Unpack[TrainOptions]) -> Call:
     allow_class_change = bool(given.pop("allow_class_change", False))
     gate = {name: given.pop(name) for name in GATE_OPTIONS if name in given}
     try:
+        unknown = sorted(set(given) - set(REQUEST_SETTINGS))
+        if unknown:  # the server's own settings (device, compile...) are not a caller's
+            raise ConfigError(f"unknown training settings {unknown}; a request may set "
+                              f"{list(REQUEST_SETTINGS)}")
         config = TrainConfig.from_dict({"dataset": dataset, **given})
     except ConfigError as error:
         raise ClientError(*status_of(error), "Train") from None

@@ -38,6 +38,13 @@ def test_the_proto_and_the_sdk_carry_exactly_the_requestable_settings() -> None:
                            "idempotency_key"} - {"dataset"}
 
 
+def test_the_sdk_refuses_a_setting_a_request_cannot_carry() -> None:
+    with Client("127.0.0.1:1") as client, pytest.raises(ClientError) as refused:
+        client.train(device="cuda")  # type: ignore[call-arg]
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown training settings ['device']" in refused.value.details
+
+
 @pytest.mark.parametrize("value", [True, "3", float("nan"), None])
 def test_a_value_of_the_wrong_kind_is_refused_not_coerced(value: object) -> None:
     with pytest.raises(ConfigError, match="epochs=.* is out of range: expected an integer"):
