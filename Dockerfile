@@ -43,9 +43,11 @@ VOLUME ["/data/store", "/data/datasets"]
 ENV CONVSERVE_STORE=/data/store \
     CONVSERVE_DATASETS_ROOT=/data/datasets \
     CONVSERVE_HOST=0.0.0.0 \
-    CONVSERVE_PORT=50051
-# gRPC; 9090 is reserved for the Prometheus metrics endpoint.
-EXPOSE 50051 9090
+    CONVSERVE_PORT=50051 \
+    CONVSERVE_HTTP_PORT=8000
+# gRPC (convserve.v1 and the Open Inference Protocol); 8000: the Open Inference Protocol over
+# HTTP, Triton's port; 9090: the Prometheus metrics endpoint.
+EXPOSE 50051 8000 9090
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["convserve", "health", "--timeout", "4"]
 # SIGTERM: health turns NOT_SERVING, calls in flight finish within CONVSERVE_GRACE_PERIOD_S.

@@ -36,6 +36,7 @@ class ServerProcess:
         self.process = launched.process
         self.address = launched.address
         self.metrics_urls = launched.metrics_urls
+        self.http_urls = launched.http_urls  # with --http-port: the Open Inference Protocol
         self.metrics_url = self.metrics_urls[0] if self.metrics_urls else None  # worker 0's
         self.stderr_lines: list[str] = []
         # Drain stderr so a chatty server never blocks on a full pipe.

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from convserve.server.config import LISTENING_PREFIX, METRICS_PREFIX
+from convserve.server.config import HTTP_PREFIX, LISTENING_PREFIX, METRICS_PREFIX
 
 START_TIMEOUT_S = 120.0  # a cold start imports onnxruntime and loads and warms a model
 
@@ -33,6 +33,7 @@ class LaunchedServer:
     process: subprocess.Popen[str]
     address: str                                        # host:port it listens on
     metrics_urls: list[str] = field(default_factory=list)  # one per serving process
+    http_urls: list[str] = field(default_factory=list)     # Open Inference over HTTP, if on
 
 
 def serve_command(*args: str, python: str = sys.executable) -> list[str]:
@@ -50,13 +51,16 @@ def launch(command: Sequence[str], *, cwd: Path | None = None,
                                text=True, start_new_session=new_session)
     assert process.stdout is not None  # stdout=PIPE
     metrics: list[str] = []
+    http: list[str] = []
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         line = process.stdout.readline()
         if line.startswith(METRICS_PREFIX):
             metrics.append(line.split()[-1])
+        elif line.startswith(HTTP_PREFIX):
+            http.append(line.split()[-1])
         elif line.startswith(LISTENING_PREFIX):
-            return LaunchedServer(process, line.split()[-1], metrics)
+            return LaunchedServer(process, line.split()[-1], metrics, http)
         elif not line and process.poll() is not None:
             raise ServerStartError(f"the server exited with code {process.returncode} before "
                                    "it listened", process)

@@ -8,6 +8,7 @@ answered UNAUTHENTICATED, with a wrong one PERMISSION_DENIED; the comparison tak
 from __future__ import annotations
 
 import hmac
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,14 @@ from convserve.errors import ConvserveError, PermissionDenied, Unauthenticated, 
 
 OPERATOR_METHODS = frozenset({"/convserve.v1.Training/Train", "/convserve.v1.Training/CancelJob",
                               "/convserve.v1.Models/Promote"})
+# With --auth-inference: Predict and its reads, and the Open Inference Protocol's methods that
+# read or run the model (its health, readiness and server metadata stay open, as probes need).
 INFERENCE_METHODS = frozenset({"/convserve.v1.Inference/Predict",
                                "/convserve.v1.Inference/GetModel",
-                               "/convserve.v1.Inference/ListModels"})
+                               "/convserve.v1.Inference/ListModels",
+                               *(f"/inference.GRPCInferenceService/{method}" for method in (
+                                   "ModelMetadata", "ModelInfer", "ModelConfig",
+                                   "ModelStatistics", "RepositoryIndex"))})
 
 
 class BearerTokenAuth(grpc.aio.ServerInterceptor):
@@ -63,3 +69,16 @@ def server_credentials(cert_file: str, key_file: str, client_ca_file: str = ""
     return grpc.ssl_server_credentials(
         [(Path(key_file).read_bytes(), Path(cert_file).read_bytes())],
         root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+def http_ssl_context(cert_file: str, key_file: str, client_ca_file: str = ""
+                     ) -> ssl.SSLContext | None:
+    """The same TLS for the HTTP port as server_credentials gives gRPC (None: plaintext)."""
+    if not cert_file:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    if client_ca_file:
+        context.load_verify_locations(client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,9 +24,11 @@ ENV_PREFIX = "CONVSERVE_"
 # The one stdout line a replica prints once it accepts calls; launchers read the address from it.
 LISTENING_PREFIX = "convserve listening on "
 METRICS_PREFIX = "convserve metrics on "  # printed just before it when the metrics port is on
+HTTP_PREFIX = "convserve http on "  # likewise, for the Open Inference Protocol's HTTP port
 
 
 SECRETS = frozenset({"auth_token"})
+_MODEL_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,10 @@ class ServerConfig:
     port: int = 50051                  # 0: any free port (tests)
     workers: int = 1                   # serving processes sharing the port (SO_REUSEPORT)
     metrics_port: int = 9090           # Prometheus GET /metrics; 0: any free port, -1: off
+    # Open Inference Protocol (KServe v2) over HTTP; -1: off (the container image turns it on at
+    # 8000, Triton's port). gRPC serves it on `port` always.
+    http_port: int = -1
+    model_name: str = "convserve"      # the model's name in the Open Inference Protocol
     poll_interval_s: float = 0.5       # how often a replica reads the promoted pointer
     model_cache_size: int = 4          # pinned versions kept loaded
     max_images_per_request: int = 1024
@@ -83,6 +90,9 @@ class ServerConfig:
         _check(1 <= self.workers <= 64, "workers", self.workers, "1..64")
         _check(-1 <= self.metrics_port <= 65535, "metrics_port", self.metrics_port,
                "-1 (off) or 0..65535")
+        _check(-1 <= self.http_port <= 65535, "http_port", self.http_port, "-1 (off) or 0..65535")
+        _check(bool(_MODEL_NAME_RE.fullmatch(self.model_name)), "model_name", self.model_name,
+               "1-64 characters of [A-Za-z0-9_.-]")
         _check(0.05 <= self.poll_interval_s <= 60, "poll_interval_s", self.poll_interval_s, "0.05..60")
         _check(self.model_cache_size >= 1, "model_cache_size", self.model_cache_size, ">= 1")
         _check(1 <= self.max_images_per_request <= 65536, "max_images_per_request",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from http.server import ThreadingHTTPServer
 from typing import Any
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
@@ -25,8 +27,9 @@ from convserve.lifecycle import map_large_blocks_separately
 from convserve.metrics import Registry, serve_http
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
 from convserve.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
-from convserve.server import auth
+from convserve.server import auth, open_inference_grpc, open_inference_http
 from convserve.server.config import (
+    HTTP_PREFIX,
     LISTENING_PREFIX,
     METRICS_PREFIX,
     PortInUse,
@@ -34,12 +37,15 @@ from convserve.server.config import (
     check_port_free,
 )
 from convserve.server.guard import GuardedRegistration, count_unknown_methods
+from convserve.server.open_inference import OpenInference
+from convserve.server.open_inference_grpc import OpenInferenceServicer
 from convserve.server.servicers import InferenceServicer, ModelsServicer, TrainingServicer
 from convserve.server.telemetry import RequestMetrics, replica_registry
 from convserve.serving import codec
 from convserve.serving.batcher import BatchingConfig, DynamicBatcher
 from convserve.serving.loader import SessionSettings
 from convserve.serving.manager import ModelManager
+from convserve.serving.predictor import Predictor
 from convserve.serving.runners import buckets_up_to
 
 log = logging.getLogger("convserve.server.server")
@@ -81,6 +87,8 @@ class Replica:
     batcher: DynamicBatcher
     metrics_server: ThreadingHTTPServer | None = None
     decode_pool: ThreadPoolExecutor | None = None
+    http: web.AppRunner | None = None   # the Open Inference Protocol over HTTP (--http-port)
+    http_url: str | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task] = field(default_factory=list)
 
@@ -168,13 +176,19 @@ async def start(config: ServerConfig, role: WorkerRole | None = None) -> Replica
         max_enqueued=config.max_enqueued, max_concurrent_batches=config.max_concurrent_batches,
         inline_max_images=config.inline_max_images))
     forward_to = "" if runs_jobs or role is None else f"unix:{role.jobs_socket}"
+    limits = codec.Limits(max_images=config.max_images_per_request,
+                          max_image_side=config.max_image_side,
+                          max_request_pixels=config.max_request_pixels)
+    open_inference = OpenInference(config.model_name, store, Predictor(manager, batcher), limits,
+                                   decode_pool, config.batch_timeout_s)
     health_servicer = _add_services(server, config, requests, store, manager, runner, batcher,
-                                    decode_pool, forward_to)
+                                    decode_pool, forward_to, open_inference)
     port = _listen(server, config, role)
     metrics_server = _serve_metrics(config, replica_registry(requests, batcher, manager, runner))
+    http, http_url = await _serve_http(config, open_inference, requests, shared=role is not None)
     await server.start()
     replica = Replica(config, server, port, store, manager, runner, health_servicer, batcher,
-                      metrics_server, decode_pool)
+                      metrics_server, decode_pool, http, http_url)
     await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     await _set_health(replica, manager.live_version is not None)
     replica.tasks = [asyncio.create_task(batcher.run(replica.stopping), name="batcher"),
@@ -190,12 +204,10 @@ async def start(config: ServerConfig, role: WorkerRole | None = None) -> Replica
 def _add_services(server: grpc.aio.Server, config: ServerConfig, requests: RequestMetrics,
                   store: ModelStore, manager: ModelManager, runner: JobRunner,
                   batcher: DynamicBatcher, decode_pool: ThreadPoolExecutor,
-                  forward_to: str) -> health.aio.HealthServicer:
+                  forward_to: str, open_inference: OpenInference) -> health.aio.HealthServicer:
     """Every service, registered through a guard (an undecodable body is INVALID_ARGUMENT);
     returns the health servicer."""
-    limits = codec.Limits(max_images=config.max_images_per_request,
-                          max_image_side=config.max_image_side,
-                          max_request_pixels=config.max_request_pixels)
+    limits = open_inference.limits
     ours = GuardedRegistration(server, requests, checked_by_servicer=True)
     others = GuardedRegistration(server, requests, checked_by_servicer=False)
     pb_grpc.add_InferenceServicer_to_server(
@@ -203,6 +215,7 @@ def _add_services(server: grpc.aio.Server, config: ServerConfig, requests: Reque
     pb_grpc.add_TrainingServicer_to_server(
         TrainingServicer(runner, requests, forward_to=forward_to), ours)
     pb_grpc.add_ModelsServicer_to_server(ModelsServicer(store, manager, requests), ours)
+    open_inference_grpc.register(ours, OpenInferenceServicer(open_inference, requests))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, others)
     # What reflection.enable_server_reflection does for an aio server, through the guard.
@@ -224,6 +237,32 @@ def _listen(server: grpc.aio.Server, config: ServerConfig, role: WorkerRole | No
     if role is not None and role.runs_jobs:
         server.add_insecure_port(f"unix:{role.jobs_socket}")  # the other workers' Training calls
     return port
+
+
+async def _serve_http(config: ServerConfig, model: OpenInference, requests: RequestMetrics, *,
+                      shared: bool) -> tuple[web.AppRunner | None, str | None]:
+    """The Open Inference Protocol over HTTP, or nothing with --http-port -1; `shared`: the
+    workers of one replica share its port (SO_REUSEPORT). A taken port is PortInUse."""
+    if config.http_port < 0:
+        return None, None
+    app = open_inference_http.build_app(
+        model, requests, token=config.token() if config.auth_inference else "",
+        max_body_bytes=config.max_message_bytes)
+    runner = web.AppRunner(app, access_log=None)  # our own log lines carry the request id
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.http_port, reuse_port=shared,
+                       ssl_context=auth.http_ssl_context(config.tls_cert_file, config.tls_key_file,
+                                                         config.tls_client_ca_file))
+    try:
+        await site.start()
+    except OSError as error:
+        await runner.cleanup()
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise PortInUse(f"HTTP port {config.http_port} on {config.host} is not available "
+                        f"({reason}); choose another --http-port, or -1 to turn it off") from None
+    port = runner.addresses[0][1]
+    scheme = "https" if config.tls_cert_file else "http"
+    return runner, f"{scheme}://{config.host}:{port}"
 
 
 def _serve_metrics(config: ServerConfig, registry: Registry) -> ThreadingHTTPServer | None:
@@ -251,6 +290,8 @@ async def stop(replica: Replica, grace_s: float | None = None) -> None:
             await task
     if replica.decode_pool is not None:
         replica.decode_pool.shutdown(wait=False, cancel_futures=True)
+    if replica.http is not None:
+        await replica.http.cleanup()
     if replica.metrics_server is not None:
         await asyncio.to_thread(replica.metrics_server.shutdown)
         replica.metrics_server.server_close()
@@ -266,6 +307,8 @@ async def serve(config: ServerConfig, role: WorkerRole | None = None) -> None:
         loop.add_signal_handler(sig, signalled.set)
     if replica.metrics_url:
         print(f"{METRICS_PREFIX}{replica.metrics_url}", flush=True)
+    if replica.http_url:
+        print(f"{HTTP_PREFIX}{replica.http_url}", flush=True)
     print(f"{LISTENING_PREFIX}{replica.address}", flush=True)
     await signalled.wait()
     log.info("signal received: draining (grace %.1f s)", config.grace_period_s)

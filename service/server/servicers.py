@@ -37,6 +37,7 @@ from convserve.server.telemetry import RequestMetrics
 from convserve.serving import codec
 from convserve.serving.batcher import DynamicBatcher
 from convserve.serving.manager import ModelManager
+from convserve.serving.predictor import Predictor
 
 log = logging.getLogger("convserve.rpc")
 # A raw request larger than this (about 80 float32 images) is converted off the loop too.
@@ -159,7 +160,7 @@ class InferenceServicer(_Measured, pb_grpc.InferenceServicer):
         self._manager = manager
         self._store = store
         self._limits = limits
-        self._batcher = batcher
+        self._predictor = Predictor(manager, batcher)
         self._decode_pool = decode_pool
 
     @rpc
@@ -172,12 +173,7 @@ class InferenceServicer(_Measured, pb_grpc.InferenceServicer):
                 self._decode_pool, codec.decode_images, request, self._limits)
         else:
             pixels = codec.decode_images(request, self._limits)
-        if request.version:
-            # A pinned version is rare and may need loading: its own call, off the event loop.
-            model = await asyncio.to_thread(self._manager.get, request.version)
-            probabilities = await asyncio.to_thread(model.predict, pixels)
-        else:
-            model, probabilities = await self._batcher.predict(pixels)
+        model, probabilities = await self._predictor.predict(pixels, request.version)
         return codec.predict_response(model.version, model.classes, probabilities, request.top_k)
 
     @rpc

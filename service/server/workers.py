@@ -34,6 +34,7 @@ from pathlib import Path
 
 from convserve.lifecycle import PARENT_PID_ENV, die_with_parent
 from convserve.server.config import (
+    HTTP_PREFIX,
     LISTENING_PREFIX,
     METRICS_PREFIX,
     ServerConfig,
@@ -107,7 +108,7 @@ async def _wait_ready(worker: asyncio.subprocess.Process) -> tuple[list[str], st
     assert worker.stdout is not None
     metrics = []
     while line := (await worker.stdout.readline()).decode():
-        if line.startswith(METRICS_PREFIX):
+        if line.startswith((METRICS_PREFIX, HTTP_PREFIX)):  # the parent repeats them
             metrics.append(line.strip())
         elif line.startswith(LISTENING_PREFIX):
             return metrics, line.strip()

@@ -53,7 +53,7 @@ def decode_images(request: pb.PredictRequest, limits: Limits) -> np.ndarray:
     check_top_k(request.top_k)
     which = request.WhichOneof("images")
     if which == "raw":
-        return _decode_raw(request.raw, limits)
+        return decode_raw(request.raw, limits)
     if which == "encoded":
         return _decode_encoded(request.encoded.images, limits)
     raise InvalidInput("PredictRequest has no images: expected `raw` or `encoded` to be set")
@@ -64,14 +64,15 @@ def check_top_k(top_k: int) -> None:
         raise InvalidInput(f"top_k: expected at most {MAX_TOP_K}, got {top_k}")
 
 
-def _decode_raw(raw: pb.RawImages, limits: Limits) -> np.ndarray:
+def decode_raw(raw: pb.RawImages, limits: Limits, what: str = "raw images") -> np.ndarray:
+    """Raw images as uint8 NHWC; `what` names them in refusals (Open Inference: its input)."""
     dtype = _raw_dtype(raw.dtype)
     layout = raw.layout or pb.NHWC  # LAYOUT_UNSPECIFIED reads as NHWC
-    shape = _checked_shape(list(raw.shape), layout, limits)
+    shape = _checked_shape(list(raw.shape), layout, limits, what)
     data = raw.data  # protobuf hands out a bytes object; everything below views it, no copy
     expected = math.prod(shape) * dtype.itemsize
     if len(data) != expected:
-        raise InvalidInput(f"raw images: expected {expected} bytes for shape {list(shape)} "
+        raise InvalidInput(f"{what}: expected {expected} bytes for shape {list(shape)} "
                            f"{dtype.name}, got {len(data)}")
     array = np.frombuffer(data, dtype=dtype).reshape(shape)
     if dtype == np.float32:
@@ -89,15 +90,16 @@ def _raw_dtype(dtype: int) -> np.dtype:
     return _LITTLE_ENDIAN[dtype]
 
 
-def _checked_shape(shape: list[int], layout: int, limits: Limits) -> tuple[int, ...]:
+def _checked_shape(shape: list[int], layout: int, limits: Limits,
+                   what: str) -> tuple[int, ...]:
     if layout not in _ITEM_SHAPES:
-        raise InvalidInput(f"raw images: expected layout NHWC or NCHW, got {layout}")
+        raise InvalidInput(f"{what}: expected layout NHWC or NCHW, got {layout}")
     item = _ITEM_SHAPES[layout]
     name = pb.Layout.Name(layout)
     if len(shape) != 4 or tuple(shape[1:]) != item:
         expected = ", ".join(["N", *map(str, item)])
-        raise InvalidInput(f"raw images: expected shape [{expected}] for {name}, got {shape}")
-    _check_count(shape[0], limits, what="raw images")
+        raise InvalidInput(f"{what}: expected shape [{expected}] for {name}, got {shape}")
+    _check_count(shape[0], limits, what=what)
     return tuple(shape)
 
 

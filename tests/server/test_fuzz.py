@@ -17,7 +17,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from convserve.contracts.store import ModelStore
+from convserve.pb.convserve.oip import open_inference_pb2 as oip
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
+from convserve.server import open_inference_grpc
 from tests.servers import ServerProcess, images, publish
 
 pytestmark = pytest.mark.slow
@@ -37,9 +39,12 @@ def _methods() -> list[Method]:
     services = [*pb.DESCRIPTOR.services_by_name.values(),
                 health_pb2.DESCRIPTOR.services_by_name["Health"],
                 reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]]
-    return [Method(f"/{service.full_name}/{m.name}", message_factory.GetMessageClass(m.input_type),
-                   m.client_streaming, m.server_streaming)
-            for service in services for m in service.methods]
+    return [*(Method(f"/{service.full_name}/{m.name}",
+                     message_factory.GetMessageClass(m.input_type), m.client_streaming,
+                     m.server_streaming) for service in services for m in service.methods),
+            # The Open Inference Protocol, registered by name (no service descriptor of its own).
+            *(Method(f"/{open_inference_grpc.SERVICE}/{name}", request, False, False)
+              for name, request in open_inference_grpc.REQUESTS.items())]
 
 
 METHODS = _methods()
@@ -153,3 +158,24 @@ def test_garbage_leaves_no_tracebacks_and_unknown_methods_are_counted(server) ->
     # gRPC's default would log an ERROR with a traceback for every undecodable body.
     assert not [line for line in server.stderr_lines if "Traceback" in line
                 or "Exception deserializing" in line]
+
+
+VALID_INFER = oip.ModelInferRequest(
+    model_name="convserve", inputs=[oip.ModelInferRequest.InferInputTensor(
+        name="pixels", datatype="UINT8", shape=[2, 32, 32, 3])],
+    outputs=[oip.ModelInferRequest.InferRequestedOutputTensor(
+        name="probabilities", parameters={"classification": oip.InferParameter(int64_param=2)})],
+    raw_input_contents=[images(2).tobytes()]).SerializeToString()
+
+
+@FUZZ
+@given(body=mutated(VALID_INFER))
+def test_a_mutated_model_infer_gets_a_deliberate_answer_and_the_server_serves_on(
+        server, body: bytes) -> None:
+    infer = next(m for m in METHODS if m.path.endswith("GRPCInferenceService/ModelInfer"))
+    with grpc.insecure_channel(server.address) as channel:
+        error = _call(channel, infer, body)
+        assert error is None or error.code() in {
+            grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.StatusCode.NOT_FOUND}, (error.code(), error.details())
+        assert _call(channel, infer, VALID_INFER) is None

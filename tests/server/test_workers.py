@@ -62,8 +62,12 @@ def _child_pids(pid: int) -> set[int]:
 
 def test_two_workers_on_one_port_both_answer_predict(store_with_model) -> None:
     store, datasets = store_with_model
-    with running_server(store, datasets, "--workers", "2") as server:
+    with running_server(store, datasets, "--workers", "2", "--http-port", "0") as server:
         assert len(server.metrics_urls) == 2 and len(_child_pids(server.process.pid)) == 2
+        # Each worker's Open Inference HTTP port (port 0: one each) answers too.
+        assert len(server.http_urls) == 2
+        for url in server.http_urls:
+            assert urlopen(f"{url}/v2/health/ready", timeout=10).status == 200
         channels = _connections_per_worker(server)
         for worker, channel in channels.items():
             before = _calls(server.metrics_urls[worker], "Predict")
@@ -187,6 +191,16 @@ def test_a_busy_metrics_port_is_refused_with_one_line_naming_it(store_with_model
     assert result.stderr.strip().splitlines() == [
         f"convserve serve: error: metrics port {port} on 127.0.0.1 is not available (Address "
         "already in use); choose another --metrics-port, or -1 to turn metrics off"]
+
+
+def test_a_busy_http_port_is_refused_with_one_line_naming_it(store_with_model) -> None:
+    port, result = _serve_beside_a_listener(
+        *store_with_model, lambda port: ["--port", "0", "--metrics-port", "-1", "--http-port",
+                                         str(port), "--log-level", "WARNING"])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"convserve serve: error: HTTP port {port} on 127.0.0.1 is not available (Address "
+        "already in use); choose another --http-port, or -1 to turn it off"]
 
 
 def test_the_configuration_reaches_a_worker_unchanged(tmp_path: Path) -> None:
