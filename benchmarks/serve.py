@@ -71,6 +71,8 @@ SCENARIOS = (
 # With --gpu: many callers, so the batcher forms full batches; compared with in-process ORT on
 # the GPU at the largest batch the server forms (the default max_batch_size, 256).
 GPU_SCENARIOS = (Scenario("C=256, uint8", 256, 1, "uint8", ceiling_batch=256),)
+# Only when named (--scenario): the load perf_analyzer generates (benchmarks/perf_analyzer.py).
+NAMED_SCENARIOS = (Scenario("C=8, uint8", 8, 1, "uint8"),)
 
 
 # --- the load generator (runs in client processes) -------------------------------------------
@@ -391,7 +393,8 @@ def main() -> None:
         asyncio.run(floor_server())
         return
 
-    offered = SCENARIOS + (GPU_SCENARIOS if args.gpu else ())
+    offered = SCENARIOS + (GPU_SCENARIOS if args.gpu else ()) + (NAMED_SCENARIOS if args.scenario
+                                                                 else ())
     scenarios = [s for s in offered
                  if not args.scenario or any(s.name.startswith(p) for p in args.scenario)]
     if not scenarios:

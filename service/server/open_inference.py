@@ -88,6 +88,7 @@ class OpenInference:
         self.batch_timeout_s = batch_timeout_s
         self._predictor = predictor
         self._decode_pool = decode_pool
+        self.draining = False  # set when the server stops: not ready any more
         self.failures = 0
         self.failure_ns = 0
         self.statistics: dict[int, Statistics] = {}
@@ -108,9 +109,13 @@ class OpenInference:
     def live_version(self) -> int | None:
         return self._predictor.manager.live_version
 
+    def server_ready(self) -> bool:
+        """A model is live and the server is not draining (as grpc.health's SERVING)."""
+        return not self.draining and self.live_version() is not None
+
     def ready(self, name: str, version: str) -> bool:
         try:
-            return bool(self.version(name, version) or self.live_version())
+            return not self.draining and bool(self.version(name, version) or self.live_version())
         except NotFound:
             return False
 

@@ -40,7 +40,7 @@ class OpenInferenceServicer(_Measured):
     @rpc
     async def ServerReady(self, request: oip.ServerReadyRequest, context: Any
                           ) -> oip.ServerReadyResponse:
-        return oip.ServerReadyResponse(ready=self._model.live_version() is not None)
+        return oip.ServerReadyResponse(ready=self._model.server_ready())
 
     @rpc
     async def ModelReady(self, request: oip.ModelReadyRequest, context: Any

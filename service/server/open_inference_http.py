@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -20,13 +21,14 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from convserve.contracts.headers import REQUEST_ID_HEADER
+from convserve.contracts.headers import REQUEST_ID_HEADER, REQUEST_ID_PATTERN
 from convserve.errors import InvalidInput, PermissionDenied, Unauthenticated, status_of
 from convserve.server.logs import REQUEST_ID
 from convserve.server.open_inference import Inferred, Input, OpenInference, Requested
 from convserve.server.telemetry import RequestMetrics
 from convserve.serving import tensors
 
+log = logging.getLogger("convserve.rpc")
 HEADER_LENGTH = "Inference-Header-Content-Length"
 HTTP_STATUS = {"OK": 200, "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "NOT_FOUND": 404,
                "ALREADY_EXISTS": 409, "RESOURCE_EXHAUSTED": 429, "UNAUTHENTICATED": 401,
@@ -63,8 +65,11 @@ def _calls(metrics: RequestMetrics, token: bytes, max_body_bytes: int) -> Any:
     @web.middleware
     async def call(request: web.Request, handler: Handler) -> web.StreamResponse:
         """Per call: request id, auth, the status map, the latency metric."""
-        name = getattr(request.match_info.route.handler, "__name__", "unknown")
-        request_id = request.headers.get(REQUEST_ID_HEADER, "")[:128] or uuid.uuid4().hex
+        route = request.match_info.route
+        name = getattr(route.handler, "__name__", "unknown") if route.resource else "unknown"
+        request_id = request.headers.get(REQUEST_ID_HEADER, "")
+        if not REQUEST_ID_PATTERN.fullmatch(request_id):
+            request_id = uuid.uuid4().hex
         reset = REQUEST_ID.set(request_id)
         started, code = time.perf_counter(), "OK"
         try:
@@ -78,6 +83,8 @@ def _calls(metrics: RequestMetrics, token: bytes, max_body_bytes: int) -> Any:
         except Exception as error:  # the one status map, as for gRPC
             status, message = status_of(error)
             code = status.name
+            if code == "INTERNAL":
+                log.error("HTTP %s failed", request.path, exc_info=error)
             response = _error(HTTP_STATUS.get(code, 500), message)
         finally:
             REQUEST_ID.reset(reset)
@@ -109,7 +116,7 @@ class _Routes:
         return web.Response(status=200)
 
     async def ready(self, request: web.Request) -> web.Response:
-        return web.Response(status=200 if self._model.live_version() is not None else 400)
+        return web.Response(status=200 if self._model.server_ready() else 400)
 
     async def server_metadata(self, request: web.Request) -> web.Response:
         return web.json_response(self._model.server_metadata())

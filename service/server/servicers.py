@@ -14,7 +14,6 @@ import contextlib
 import functools
 import itertools
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,7 +22,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from convserve.contracts.headers import REQUEST_ID_HEADER
+from convserve.contracts.headers import REQUEST_ID_HEADER, REQUEST_ID_PATTERN
 from convserve.contracts.job_dir import JobState
 from convserve.contracts.store import ModelStore
 from convserve.errors import InvalidInput, status_of
@@ -117,7 +116,7 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
     """The caller's id when it is a sane token (it ends up in logs), otherwise a new one: this
     process's random prefix and a counter (unique like a uuid4, without its urandom call)."""
     for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_ID_HEADER and isinstance(value, str) and _REQUEST_ID_RE.fullmatch(value):
+        if key == REQUEST_ID_HEADER and isinstance(value, str) and REQUEST_ID_PATTERN.fullmatch(value):
             return value
     return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"  # 32 hex digits, as a uuid4().hex
 
@@ -131,9 +130,6 @@ async def _abort(context: grpc.aio.ServicerContext, name: str, error: BaseExcept
     if code == grpc.StatusCode.INTERNAL:
         log.error("%s failed", name, exc_info=error)
     await context.abort(code, message)
-
-
-_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def _code_name(context: grpc.aio.ServicerContext) -> str:

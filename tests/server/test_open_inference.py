@@ -278,3 +278,13 @@ def _post(server: ServerProcess, path: str, body: bytes, headers: dict | None = 
             return response.status, json.loads(response.read())
     except HTTPError as error:
         return error.code, json.loads(error.read())
+
+
+def test_http_calls_carry_the_callers_request_id_or_a_fresh_one(served: ServerProcess) -> None:
+    from urllib.request import Request, urlopen
+
+    for sent, kept in (("caller-42", True), ("not a\ttoken", False)):
+        request = Request(served.http_urls[0] + "/v2/health/live", headers={"x-request-id": sent})
+        with urlopen(request, timeout=10) as response:
+            echoed = response.headers["x-request-id"]
+        assert (echoed == sent) is kept and re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", echoed)
