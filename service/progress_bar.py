@@ -1,19 +1,78 @@
-"""The one-line progress bar a terminal shows for a training run: drawn by the training CLI and by
-`convserve train --watch` (standard library only, so the client draws it without the pipeline).
+"""What a person sees of a training run, drawn by the training CLI and by `convserve train --watch`:
+on a terminal, one tqdm bar per epoch redrawn in place, with event lines printed above it; in a
+log or a pipe, the lines only (each phase and each epoch), never a bar.
+
+tqdm rather than a hand-written `\\r` bar: it pads each redraw over the last one (a shorter line
+no longer leaves "ETA 00:375" behind), clears the bar before a line is written above it, and
+adapts to the terminal's width. It is small and pure Python, so the bare SDK install carries it.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+from typing import TextIO
 
-def render_bar(step: int, steps: int, epoch: int, epochs: int, images_per_s: float,
-               eta_s: float | None, width: int = 30) -> str:
-    filled = int(width * step / steps) if steps else width
-    eta = "--:--" if eta_s is None else _clock(eta_s)
-    return (f"[{'#' * filled}{'.' * (width - filled)}] epoch {epoch}/{epochs} "
-            f"step {step}/{steps} {images_per_s:,.0f} img/s ETA {eta}")
+from tqdm import tqdm
+
+BAR_FORMAT = "{desc} [{bar:30}] step {n}/{total}{postfix}"  # postfix: ", 1,234 img/s ETA 00:42"
 
 
-def _clock(seconds: float) -> str:
+class ProgressDisplay:
+    """`lines`: where event lines go (default stdout); `bar`: the stream the bar is drawn on when
+    it is a terminal (default stderr; none otherwise)."""
+
+    def __init__(self, lines: TextIO | None = None, bar: TextIO | None = None) -> None:
+        self._lines = lines if lines is not None else sys.stdout
+        stream = bar if bar is not None else sys.stderr
+        self._bar_stream = stream if stream.isatty() else None
+        self._bar: tqdm | None = None
+        self._epoch = 0
+
+    @property
+    def draws_a_bar(self) -> bool:
+        return self._bar_stream is not None
+
+    def progress(self, step: int, steps: int, epoch: int, epochs: int, images_per_s: float,
+                 eta_s: float | None) -> None:
+        if self._bar_stream is None:
+            return
+        if self._bar is None or epoch != self._epoch or self._bar.total != steps:
+            self._close_bar()
+            self._bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", file=self._bar_stream,
+                             bar_format=BAR_FORMAT, ascii=".#", leave=False, mininterval=0,
+                             ncols=_columns(self._bar_stream))
+            self._epoch = epoch
+        self._bar.n = step
+        eta = "--:--" if eta_s is None else clock(eta_s)
+        self._bar.set_postfix_str(f"{images_per_s:,.0f} img/s ETA {eta}", refresh=False)
+        self._bar.refresh()
+
+    def line(self, text: str) -> None:
+        """A line above the bar (the bar is cleared first and redrawn after)."""
+        if self._bar is not None:
+            tqdm.write(text, file=self._lines)
+        else:
+            print(text, file=self._lines, flush=True)
+
+    def close(self) -> None:
+        self._close_bar()
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _columns(stream: TextIO) -> int:
+    """The terminal's width; 100 when it reports none (a fresh pseudo-terminal says 0)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or 100
+    except (OSError, ValueError):
+        return 100
+
+
+def clock(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"

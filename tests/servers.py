@@ -42,12 +42,10 @@ class ServerProcess:
         # Drain stderr so a chatty server never blocks on a full pipe.
         threading.Thread(target=self._drain, daemon=True).start()
 
-    def metric(self, sample: str) -> float:
-        """The value of one exact sample (name plus labels) on worker 0's /metrics; 0 if absent."""
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample's value on worker 0's /metrics (0 if absent)."""
         assert self.metrics_url, "the server was started without a metrics port"
-        text = urlopen(self.metrics_url, timeout=10).read().decode()
-        return sum(float(v) for v in re.findall(rf"^{re.escape(sample)} (\S+)$", text,
-                                                flags=re.MULTILINE))
+        return scraped(self.metrics_url, name, **labels) or 0.0
 
     def _drain(self) -> None:
         for line in self.process.stderr:
@@ -92,3 +90,17 @@ def predict_request(n: int, seed: int = 0) -> pb.PredictRequest:
     """A Predict of `n` random uint8 NHWC images, for tests that use the raw gRPC stubs."""
     return pb.PredictRequest(raw=pb.RawImages(data=images(n, seed).tobytes(), dtype=pb.UINT8,
                                               layout=pb.NHWC, shape=[n, 32, 32, 3]))
+
+
+def scraped(metrics_url: str, name: str, **labels: str) -> float | None:
+    return sample(urlopen(metrics_url, timeout=10).read().decode(), name, **labels)
+
+
+def sample(page: str, name: str, **labels: str) -> float | None:
+    """One sample of a Prometheus text page: `name` with exactly `labels`, in any order (the
+    exposition sorts label names); None if absent."""
+    for line in page.splitlines():
+        found = re.fullmatch(rf"{re.escape(name)}(?:{{(.*)}})? (\S+)", line)
+        if found and dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', found.group(1) or "")) == labels:
+            return float(found.group(2))
+    return None

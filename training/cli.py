@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import signal
 import sys
 import time
@@ -19,6 +20,7 @@ from convserve.contracts.commands import (
     EXIT_OK,
     EXIT_USAGE,
     OneLineParser,
+    add_version_flag,
 )
 from convserve.contracts.errors import ConfigError, DatasetError, ExportError, ResumeError, StoreError
 from convserve.contracts.gate_policy import GatePolicy, add_gate_arguments, gate_policy_of
@@ -27,6 +29,7 @@ from convserve.contracts.job_spec import read_job_spec
 from convserve.contracts.spec import TrainConfig
 from convserve.contracts.store import ModelStore
 from convserve.lifecycle import die_with_parent
+from convserve.progress_bar import ProgressDisplay
 from convserve.training.progress import ProgressReporter
 
 if TYPE_CHECKING:
@@ -38,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m convserve.training",
                            description="Train the documented ConvNet, export it to ONNX and check "
                                        "the export against torch.")
+    add_version_flag(parser)
     spec.add_arguments(parser, spec.SETTINGS, defaults=TrainConfig())
     run = parser.add_argument_group("the run")
     run.add_argument("--out", type=Path, default=None,
@@ -92,6 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         parser.error(str(error))
     signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: events and exit code say so
+    main_rank = os.environ.get("RANK", "0") == "0"  # torchrun's; set before torch is imported
+    display = ProgressDisplay() if main_rank else None
+    if display:  # at once: importing torch and loading data take seconds before any epoch
+        display.line(f"training {job.config.dataset} for {job.config.epochs} epochs into "
+                     f"{job.run_dir} (loading torch)")
     # Imported here so that `--help` and argument errors answer without loading torch.
     from convserve.training import distributed
 
@@ -102,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     job.run_dir.mkdir(parents=True, exist_ok=True)
     # Under torchrun only rank 0 reports; the other ranks train their shard and exit.
     reporter = ProgressReporter(job.run_dir / EVENTS_FILE if world.is_main else None,
+                                display if world.is_main else None,
                                 min_interval_s=job.progress_interval_s)
     return _run(job, args.resume, world, reporter, started)
 

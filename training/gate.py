@@ -58,7 +58,12 @@ def evaluate(policy: GatePolicy, parity: ParityReport, classes: tuple[str, ...],
     elif champion is not None and champion.metrics is not None:
         needed = champion.metrics.accuracy + policy.min_improvement
         required = max(required, needed)
-        if candidate.accuracy < needed:
+        if needed > 1.0:  # no candidate can pass: say so, not merely "does not reach"
+            failures.append(f"the bar is unreachable: champion v{champion.version}'s accuracy "
+                            f"{champion.metrics.accuracy:.4f} + min_improvement "
+                            f"{policy.min_improvement:.4f} = {needed:.4f} > 1; lower "
+                            "min_improvement to promote anything")
+        elif candidate.accuracy < needed:
             failures.append(f"accuracy {candidate.accuracy:.4f} does not reach champion "
                             f"v{champion.version}'s {champion.metrics.accuracy:.4f} + "
                             f"min_improvement {policy.min_improvement:.4f}")

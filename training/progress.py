@@ -8,15 +8,14 @@ anything, so reporting never forces a host sync.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import Any, TypeVar
 
 from convserve.contracts.job_dir import event_line
-from convserve.progress_bar import render_bar
+from convserve.progress_bar import ProgressDisplay
 
 T = TypeVar("T")
 
@@ -52,16 +51,16 @@ def enumerate_with_estimate(items: Iterable[T], total: int, *, start: int = 0) -
 
 
 class ProgressReporter:
-    """Writes events to a JSON-lines file and, when attached to a terminal, draws a progress bar."""
+    """Writes events to a JSON-lines file and shows them to a person through `display` (a bar on
+    a terminal, lines elsewhere); without a display, nothing is shown (tests, library use)."""
 
-    def __init__(self, events_path: Path | None, terminal: TextIO | None = None,
+    def __init__(self, events_path: Path | None, display: ProgressDisplay | None = None,
                  min_interval_s: float = 1.0) -> None:
         self._file = None
         if events_path is not None:
             events_path.parent.mkdir(parents=True, exist_ok=True)
             self._file = events_path.open("ab")
-        stream = terminal if terminal is not None else sys.stderr
-        self._terminal = stream if stream.isatty() else None
+        self._display = display
         self._min_interval_s = min_interval_s
         self._last_progress = 0.0
 
@@ -69,6 +68,9 @@ class ProgressReporter:
         if self._file:  # one whole line per flush (contracts.job_dir: the events' format)
             self._file.write(event_line(kind, **fields))
             self._file.flush()
+        if self._display and kind == "state" and isinstance(fields.get("state"), str):
+            phase = fields["state"].lower().replace("_", " ")  # LOADING_DATA: "loading data"
+            self._display.line(phase + (f": {fields['error']}" if fields.get("error") else ""))
 
     def progress(self, *, epoch: int, epochs: int, step: int, steps: int, images_per_s: float,
                  eta_s: float, force: bool = False) -> None:
@@ -80,17 +82,17 @@ class ProgressReporter:
         eta = round(eta_s, 1) if eta_s != float("inf") else None
         self.event("progress", epoch=epoch, epochs=epochs, step=step, steps=steps,
                    images_per_s=round(images_per_s, 1), eta_s=eta)
-        if self._terminal:
-            self._terminal.write("\r" + render_bar(step, steps, epoch, epochs, images_per_s, eta))
-            self._terminal.flush()
+        if self._display:
+            self._display.progress(step, steps, epoch, epochs, images_per_s, eta)
 
     def line(self, text: str) -> None:
-        """A human-readable line for the terminal (ends the current bar)."""
-        if self._terminal:
-            self._terminal.write("\r\033[K" + text + "\n")
-            self._terminal.flush()
+        """A human-readable line: above the bar on a terminal, a plain line elsewhere."""
+        if self._display:
+            self._display.line(text)
 
     def close(self) -> None:
+        if self._display:
+            self._display.close()
         if self._file:
             self._file.close()
             self._file = None

@@ -1,9 +1,9 @@
 """The training loop of the seed tutorial, made repeatable, compiled and resumable.
 
 Per epoch it keeps the tutorial's `log_dict` (training loss per batch, validation loss per batch,
-training and validation accuracy per epoch), writes TensorBoard scalars, emits progress events and
-saves a checkpoint. Images stay uint8 on the device; `Preprocess` normalises each batch inside the
-model, exactly as the exported graph does.
+training and validation accuracy per epoch), writes TensorBoard (`convserve.training.tensorboard`),
+emits progress events and saves a checkpoint. Images stay uint8 on the device; `Preprocess`
+normalises each batch inside the model, exactly as the exported graph does.
 
 The fast path: the whole dataset is moved to the device once (or, when it does not fit, a DataLoader
 brings each batch: `convserve.training.batches`), batches have fixed shapes, augmentation runs on the batch on
@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.tensorboard import SummaryWriter
 
 from convserve.contracts.errors import ConfigError, ResumeError
 from convserve.contracts.job_dir import TENSORBOARD_DIR, checkpoint_path
@@ -42,6 +41,7 @@ from convserve.training.data import Dataset
 from convserve.training.metrics import ValidationMetrics, validation_metrics
 from convserve.training.model import ConvNet, Preprocess
 from convserve.training.progress import ProgressReporter, enumerate_with_estimate
+from convserve.training.tensorboard import TrainingBoard, run_settings
 
 EVAL_BATCH_SIZE = 512
 # Settings a resumed run may change: how long it runs, where and how fast, not what it learns.
@@ -189,9 +189,9 @@ def _epochs(config: TrainConfig, data: Dataset, run_dir: Path, reporter: Progres
     val_y = torch.from_numpy(data.val_labels).to(state.device)
     validation: ValidationMetrics | None = None
     compile_seconds = 0.0
-    writer = (SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR), purge_step=state.start_epoch)
-              if world.is_main else None)
-    with writer if writer is not None else contextlib.nullcontext():
+    board = (TrainingBoard(run_dir / TENSORBOARD_DIR, state.start_epoch, data,
+                           run_settings(config, state.device, compiled)) if world.is_main else None)
+    with board if board is not None else contextlib.nullcontext():
         for epoch in range(state.start_epoch, config.epochs):
             started = time.perf_counter()
             batch_losses, train_accuracy, first_step_s = _train_epoch(
@@ -199,22 +199,25 @@ def _epochs(config: TrainConfig, data: Dataset, run_dir: Path, reporter: Progres
             if epoch == state.start_epoch and compiled:
                 compile_seconds = first_step_s
                 reporter.event("compiled", seconds=round(first_step_s, 3), mode=config.compile_mode)
-            val_losses, validation = evaluate(net, preprocess, val_x, val_y, data.classes,
-                                              config.batch_size)
+            val_losses, validation, probabilities = evaluate(net, preprocess, val_x, val_y,
+                                                             data.classes, config.batch_size)
             log.training_loss_per_batch += batch_losses
             log.validation_loss_per_batch += val_losses
             log.training_accuracy_per_epoch.append(train_accuracy)
             log.validation_accuracy_per_epoch.append(validation.accuracy)
             log.epoch_seconds.append(time.perf_counter() - started)
-            if writer is not None:
-                _write_scalars(writer, epoch + 1, batch_losses, val_losses, train_accuracy,
-                               validation, state.optimizer)
+            if board is not None:
+                board.write_epoch(epoch + 1, net, state.optimizer, batch_losses, val_losses,
+                                  train_accuracy, validation, probabilities)
+                if epoch + 1 == config.epochs:
+                    board.write_hparams(epoch + 1)
                 save_checkpoint(run_dir, net, state.optimizer, state.schedule, config, epoch + 1,
                                 log, state.mean, state.std, data.classes)
             _report_epoch(reporter, epoch + 1, config.epochs, batch_losses, val_losses,
                           train_accuracy, validation, log.epoch_seconds[-1])
     if validation is None:  # resumed a run that had already finished: score it once more
-        _, validation = evaluate(net, preprocess, val_x, val_y, data.classes, config.batch_size)
+        _, validation, _ = evaluate(net, preprocess, val_x, val_y, data.classes,
+                                    config.batch_size)
     return validation, compile_seconds
 
 
@@ -293,9 +296,10 @@ def _train_epoch(step_fn: Step, batches: Iterator[tuple[torch.Tensor, torch.Tens
 
 @torch.inference_mode()
 def evaluate(net: ConvNet, preprocess: Preprocess, images: torch.Tensor, labels: torch.Tensor,
-             classes: tuple[str, ...], loss_batch_size: int) -> tuple[list[float],
-                                                                        ValidationMetrics]:
-    """Validation loss per batch (the tutorial's batch size) and metrics, in eval mode.
+             classes: tuple[str, ...], loss_batch_size: int
+             ) -> tuple[list[float], ValidationMetrics, np.ndarray]:
+    """Validation loss per batch (the tutorial's batch size), metrics and the softmax
+    probabilities [N, C] (TensorBoard's PR curves), in eval mode.
 
     Runs the uncompiled module: eval mode is a different graph, and a second compilation would
     cost more than this pass on the small validation split.
@@ -309,7 +313,8 @@ def evaluate(net: ConvNet, preprocess: Preprocess, images: torch.Tensor, labels:
     net.train(was_training)
     predicted = logits.argmax(dim=1).cpu().numpy()
     metrics = validation_metrics(predicted, labels.cpu().numpy(), classes)
-    return torch.stack(losses).cpu().tolist(), metrics
+    probabilities = logits.float().softmax(dim=1).cpu().numpy()
+    return torch.stack(losses).cpu().tolist(), metrics, probabilities
 
 
 def save_checkpoint(run_dir: Path, net: ConvNet, optimizer: torch.optim.Optimizer,
@@ -351,19 +356,6 @@ def load_checkpoint(run_dir: Path, config: TrainConfig) -> dict[str, Any]:
         raise ResumeError(f"checkpoint {path} was made with different {', '.join(mismatched)}; "
                           "start a new run directory instead")
     return state
-
-
-def _write_scalars(writer: SummaryWriter, step: int, batch_losses: list[float],
-                   val_losses: list[float], train_accuracy: float,
-                   validation: ValidationMetrics, optimizer: torch.optim.Optimizer) -> None:
-    writer.add_scalar("Loss/train", float(np.mean(batch_losses)), step)
-    writer.add_scalar("Loss/val", float(np.mean(val_losses)), step)
-    writer.add_scalar("Accuracy/train", train_accuracy, step)
-    writer.add_scalar("Accuracy/val", validation.accuracy, step)
-    writer.add_scalar("LearningRate", optimizer.param_groups[0]["lr"], step)
-    for name, recall in validation.recall_by_class().items():
-        writer.add_scalar(f"Recall/{name}", recall, step)
-    writer.flush()
 
 
 def _report_epoch(reporter: ProgressReporter, epoch: int, epochs: int, batch_losses: list[float],

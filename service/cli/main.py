@@ -42,6 +42,8 @@ from convserve.contracts.commands import (
     EXIT_OK,
     EXIT_USAGE,
     OneLineParser,
+    add_output_flag,
+    add_version_flag,
 )
 from convserve.contracts.errors import ConfigError, IntegrityError, StoreError
 from convserve.contracts.store import HistoryEntry, ModelStore
@@ -153,9 +155,16 @@ def _fail(code: int, message: str) -> int:
 # ----------------------------------------------------------------------------- models commands
 
 
+def _add_list_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_store(parser)
+    add_output_flag(parser)
+
+
 def models_list(args: argparse.Namespace) -> int:
     store = open_store(args)
-    if store.versions():
+    if args.output == "json":
+        print(json.dumps(_versions(store), indent=2))
+    elif store.versions():
         print(format_versions_table(store))
     else:
         print(f"no versions in {store.root}")
@@ -165,20 +174,27 @@ def models_list(args: argparse.Namespace) -> int:
 def _add_show_arguments(parser: argparse.ArgumentParser) -> None:
     _add_version(parser)
     _add_store(parser)
+    add_output_flag(parser)
 
 
 def models_show(args: argparse.Namespace) -> int:
     store = open_store(args)
     card = store.card(args.version)
-    print(json.dumps(card, indent=2, sort_keys=True))
     status = _promotion_status(store, args.version)
     try:
         store.verify(args.version)
+        failure = None
     except IntegrityError as error:
-        print(f"version {args.version}: {status}; sha256 NOT verified")
-        return _fail(EXIT_FAILED, str(error))
-    print(f"version {args.version}: {status}; sha256 verified")
-    return EXIT_OK
+        failure = str(error)
+    verified = "NOT verified" if failure else "verified"
+    if args.output == "json":
+        print(json.dumps({"version": args.version, "status": status,
+                          "sha256_verified": failure is None, "card": card}, indent=2,
+                         sort_keys=True))
+    else:
+        print(json.dumps(card, indent=2, sort_keys=True))
+        print(f"version {args.version}: {status}; sha256 {verified}")
+    return _fail(EXIT_FAILED, failure) if failure else EXIT_OK
 
 
 def _add_promote_arguments(parser: argparse.ArgumentParser) -> None:
@@ -224,6 +240,25 @@ def format_versions_table(store: ModelStore) -> str:
     )
 
 
+def _versions(store: ModelStore) -> list[dict[str, object]]:
+    """`models list -o json`: one object per version (null fields: an unreadable card)."""
+    try:
+        promoted = store.promoted_version()
+    except StoreError:
+        promoted = None
+    rows: list[dict[str, object]] = []
+    for version in store.versions():
+        try:
+            card = store.model_card(version)
+        except StoreError:
+            rows.append({"version": version, "promoted": version == promoted, "card": None})
+            continue
+        rows.append({"version": version, "promoted": version == promoted,
+                     "created_at": card.created_at or None, "dataset": card.dataset or None,
+                     "val_accuracy": card.val_accuracy, "job_id": card.job_id})
+    return rows
+
+
 def _version_row(store: ModelStore, version: int, promoted: bool) -> tuple[str, ...]:
     marker = "*" if promoted else ""
     try:
@@ -243,7 +278,7 @@ GROUPS: dict[tuple[str, ...], str] = {
 
 COMMANDS: tuple[Command, ...] = (
     Command(("models", "list"), models_list, "list versions ('*' marks the promoted one)",
-            _add_store),
+            _add_list_arguments),
     Command(("models", "show"), models_show, "print a version's card and check its sha256",
             _add_show_arguments),
     Command(("models", "promote"), models_promote,
@@ -258,7 +293,7 @@ COMMANDS: tuple[Command, ...] = (
             remote.add_train_arguments),
     Command(("watch",), remote.watch, "follow a job's progress until it ends",
             remote.add_job_arguments),
-    Command(("jobs",), remote.jobs, "list training jobs", remote.add_address),
+    Command(("jobs",), remote.jobs, "list training jobs", remote.add_jobs_arguments),
     Command(("resume",), remote.resume,
             "continue an INTERRUPTED job (its server stopped) from its checkpoint",
             remote.add_resume_arguments),
@@ -277,6 +312,7 @@ COMMANDS: tuple[Command, ...] = (
 
 def build_parser(commands: Sequence[Command] = COMMANDS) -> OneLineParser:
     parser = OneLineParser(prog=PROG, description="Train, serve and manage ConvNet models.")
+    add_version_flag(parser)
     parsers: dict[tuple[str, ...], argparse.ArgumentParser] = {(): parser}
     actions: dict[tuple[str, ...], argparse._SubParsersAction] = {}
     for command in commands:
@@ -322,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # The install extra that brings each module a bare `pip install convserve` lacks (pyproject.toml).
 EXTRA_OF_MODULE = {"onnxruntime": "serve", "grpc_reflection": "serve", "PIL": "serve",
+                   "prometheus_client": "serve", "aiohttp": "serve",
                    "torch": "train", "torchvision": "train", "onnx": "train",
                    "onnxscript": "train", "tensorboard": "train", "sklearn": "train"}
 

@@ -7,13 +7,20 @@ grpc, numpy and the SDK are imported inside the handlers, so `convserve --help` 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from convserve.contracts import spec
-from convserve.contracts.commands import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from convserve.contracts.commands import (
+    EXIT_FAILED,
+    EXIT_OF_JOB_STATE,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_output_flag,
+)
 from convserve.contracts.gate_policy import add_gate_arguments, gate_overrides_of
 
 if TYPE_CHECKING:
@@ -120,9 +127,20 @@ def watch(args: argparse.Namespace) -> int:
         return follow(client, args.job_id)
 
 
+def add_jobs_arguments(parser: argparse.ArgumentParser) -> None:
+    add_address(parser)
+    add_output_flag(parser)
+
+
 def jobs(args: argparse.Namespace) -> int:
     with connect(args) as client:
         listed = client.jobs()
+    if args.output == "json":
+        from google.protobuf.json_format import MessageToDict
+
+        print(json.dumps([MessageToDict(job.message, preserving_proto_field_name=True)
+                          for job in listed], indent=2))
+        return EXIT_OK
     if not listed:
         print("no jobs")
     for job in listed:
@@ -154,24 +172,24 @@ def resume(args: argparse.Namespace) -> int:
 
 
 def follow(client: Client, job_id: str) -> int:
-    """Stream a job's events; a progress bar with ETA on a terminal, event lines otherwise."""
-    from convserve.progress_bar import render_bar
+    """Stream a job's events: a progress bar on a terminal, a line per phase and epoch always.
+    The exit code says how the job ended (EXIT_OF_JOB_STATE)."""
+    from convserve.progress_bar import ProgressDisplay
 
-    tty = sys.stdout.isatty()
+    display = ProgressDisplay(lines=sys.stdout, bar=sys.stdout)
     for event in client.watch(job_id):
         if event.type == "progress":
-            if tty:
-                eta = event.eta_s if event.HasField("eta_s") else None
-                bar = render_bar(event.step, event.steps, event.epoch, event.epochs,
-                                 event.images_per_s, eta)
-                print("\r" + bar, end="", flush=True)
-            continue
-        print(("\r\033[K" if tty else "") + event.message, flush=True)
+            eta = event.eta_s if event.HasField("eta_s") else None
+            display.progress(event.step, event.steps, event.epoch, event.epochs,
+                             event.images_per_s, eta)
+        else:
+            display.line(event.message)
+    display.close()
     job = client.job(job_id)
     outcome = {"PROMOTED": f"promoted as version {job.model_version}",
                "REJECTED": f"rejected by the gate: {job.gate_reason}"}.get(job.state, job.error)
     print(f"job {job.id}: {job.state}" + (f" ({outcome})" if outcome else ""))
-    return EXIT_OK if job.state in ("PROMOTED", "REJECTED") else EXIT_FAILED
+    return EXIT_OF_JOB_STATE.get(job.state, EXIT_FAILED)
 
 
 # --- inference and promotion -----------------------------------------------------------------
@@ -182,6 +200,7 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--version", type=int, default=0, help="pin a version (0: promoted)")
     add_address(parser)
+    add_output_flag(parser)
 
 
 def predict(args: argparse.Namespace) -> int:
@@ -196,6 +215,14 @@ def predict(args: argparse.Namespace) -> int:
             return EXIT_FAILED
     with connect(args) as client:
         result = client.predict(payloads, top_k=args.top_k, version=args.version)
+    if args.output == "json":
+        print(json.dumps({"version": result.version, "images": [
+            {"file": str(path), "class": name, "top_k": [{"class": label, "probability": p}
+                                                          for label, p in ranked]}
+            for path, name, ranked in zip(args.files, result.names,
+                                          result.top_k or [()] * len(payloads), strict=True)]},
+            indent=2))
+        return EXIT_OK
     for path, name, ranked in zip(args.files, result.names, result.top_k or [()] * len(payloads),
                                   strict=True):
         others = ", ".join(f"{label} {p:.3f}" for label, p in ranked)

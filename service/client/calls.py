@@ -1,6 +1,6 @@
 """What the SDK's calls send and what they give back, built once for Client and AsyncClient:
-the result types (Prediction, Job), one `Call` per RPC (stub, request, whether a retry is safe,
-how the reply becomes the result) and the replies' conversions."""
+the result types (Prediction, Job), one `Call` per RPC (stub, request, how the reply becomes
+the result), which methods are safe to retry, and the replies' conversions."""
 
 from __future__ import annotations
 
@@ -49,14 +49,24 @@ class Job:
 
 @dataclass(frozen=True)
 class Call:
-    """One logical call, built once for both clients: which stub method, the request, whether a
-    retry is safe, and how the reply becomes the SDK's value."""
+    """One logical call, built once for both clients: which stub method, the request, and how the
+    reply becomes the SDK's value (whether it is retried is the method's: RETRIED)."""
 
     service: str                      # "inference", "training", "models" or "health"
     method: str
     request: Any
-    retry: bool
     result: Callable[[Any], Any] = lambda reply: reply
+
+
+# The methods that are safe to send again, by gRPC service: gRPC's retry policy (the SDK channel's
+# service config) retries exactly these on UNAVAILABLE. Predict and the reads change nothing;
+# Train always carries an idempotency key (or a resume's job id), so a repeat returns the same job.
+# Promote and CancelJob change state and are sent once; so is the health check, a probe that
+# should report what it finds.
+RETRIED: dict[str, tuple[str, ...]] = {
+    "convserve.v1.Inference": ("Predict", "GetModel", "ListModels"),
+    "convserve.v1.Training": ("Train", "GetJob", "ListJobs"),
+}
 
 
 def predict_call(images: np.ndarray | Sequence[bytes], top_k: int, version: int) -> Call:
@@ -68,7 +78,7 @@ def predict_call(images: np.ndarray | Sequence[bytes], top_k: int, version: int)
             raise ClientError(*status_of(error), "Predict") from None
     else:
         request.encoded.images.extend(bytes(image) for image in images)
-    return Call("inference", "Predict", request, retry=True, result=prediction_of)
+    return Call("inference", "Predict", request, result=prediction_of)
 
 
 class TrainOptions(TypedDict, total=False):
@@ -116,44 +126,42 @@ def train_call(dataset: str, **options: Unpack[TrainOptions]) -> Call:
     for name, value in gate.items():
         setattr(request.gate, name, value)
     request.gate.allow_class_change = allow_class_change
-    return Call("training", "Train", request, retry=True, result=job_of)
+    return Call("training", "Train", request, result=job_of)
 
 
 def model_call(version: int) -> Call:
-    return Call("inference", "GetModel", pb.GetModelRequest(version=version), retry=True)
+    return Call("inference", "GetModel", pb.GetModelRequest(version=version))
 
 
 def models_call() -> Call:
-    return Call("inference", "ListModels", pb.ListModelsRequest(), retry=True)
+    return Call("inference", "ListModels", pb.ListModelsRequest())
 
 
 def promote_call(version: int, reason: str) -> Call:
-    return Call("models", "Promote", pb.PromoteRequest(version=version, reason=reason),
-                 retry=False)
+    return Call("models", "Promote", pb.PromoteRequest(version=version, reason=reason))
 
 
 def health_call(service: str) -> Call:
-    return Call("health", "Check", health_pb2.HealthCheckRequest(service=service), retry=False,
+    return Call("health", "Check", health_pb2.HealthCheckRequest(service=service),
                  result=lambda reply: health_pb2.HealthCheckResponse.ServingStatus.Name(
                      reply.status))
 
 
 def resume_call(job_id: str) -> Call:
-    return Call("training", "Train", pb.TrainRequest(resume_job=job_id), retry=True, result=job_of)
+    return Call("training", "Train", pb.TrainRequest(resume_job=job_id), result=job_of)
 
 
 def job_call(job_id: str) -> Call:
-    return Call("training", "GetJob", pb.GetJobRequest(id=job_id), retry=True, result=job_of)
+    return Call("training", "GetJob", pb.GetJobRequest(id=job_id), result=job_of)
 
 
 def jobs_call() -> Call:
-    return Call("training", "ListJobs", pb.ListJobsRequest(), retry=True,
+    return Call("training", "ListJobs", pb.ListJobsRequest(),
                  result=lambda reply: [job_of(j) for j in reply.jobs])
 
 
 def cancel_call(job_id: str) -> Call:
-    return Call("training", "CancelJob", pb.CancelJobRequest(id=job_id), retry=False,
-                 result=job_of)
+    return Call("training", "CancelJob", pb.CancelJobRequest(id=job_id), result=job_of)
 
 
 def prediction_of(reply: pb.PredictResponse) -> Prediction:

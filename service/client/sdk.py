@@ -11,18 +11,22 @@
         prediction = await client.predict(images, timeout=2.0)
         async for event in client.watch(job.id): ...
 
-Every unary call takes `timeout=` (seconds; the client's default otherwise). Idempotent calls
-(Predict, reads, and Train, which always carries an idempotency key) are retried on UNAVAILABLE
-with exponential backoff; nothing else is retried. Installed by a bare `pip install convserve`:
-grpcio, protobuf and numpy only (no ONNX Runtime, torch or Pillow).
+Every unary call takes `timeout=` (seconds; the client's default otherwise): one deadline for
+the call, its retries included. Idempotent calls (Predict, reads, and Train, which always carries
+an idempotency key) are retried on UNAVAILABLE by gRPC itself (its retry policy, set in the
+channel's service config: exponential backoff with jitter, `retries` + 1 attempts, at most
+gRPC's 5); nothing else is retried. A watch resumes a broken stream where it stopped. Installed
+by a bare `pip install convserve`: grpcio, protobuf and numpy only (no ONNX Runtime, torch or
+Pillow).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +46,8 @@ if TYPE_CHECKING:
 
 __all__ = ["AsyncClient", "Client", "ClientError", "Job", "Prediction", "TrainOptions"]
 
+MAX_ATTEMPTS = 5  # gRPC's cap on a retry policy's maxAttempts (gRFC A6); it clamps larger ones
+
 
 class _Connection:
     """What both clients hold: the settings, the stubs of one channel, the latest request id."""
@@ -60,21 +66,18 @@ class _Connection:
                        "health": health_pb2_grpc.HealthStub(channel)}
         self.last_request_id = ""  # of the latest call: quote it when asking about a server log
 
-    def _start(self, call: calls.Call, timeout: float | None) -> tuple[Callable[..., Any], dict, int]:
-        """The stub, its keyword arguments and the attempts allowed, for one logical call
-        (retries keep its request id, which the server logs and echoes)."""
+    def _start(self, call: calls.Call, timeout: float | None) -> tuple[Callable[..., Any], dict]:
+        """The stub and its keyword arguments for one logical call. gRPC retries it within the one
+        deadline, resending the same metadata: its request id, which the server logs and echoes."""
         self.last_request_id = uuid.uuid4().hex
         metadata = ((REQUEST_ID_HEADER, self.last_request_id), *self._auth)
         stub = getattr(self._stubs[call.service], call.method)
-        kwargs = {"timeout": self.timeout if timeout is None else timeout, "metadata": metadata}
-        return stub, kwargs, self.retries + 1 if call.retry else 1
+        return stub, {"timeout": self.timeout if timeout is None else timeout, "metadata": metadata}
 
-    def _failed(self, call: calls.Call, error: grpc.RpcError, attempt: int, attempts: int) -> float:
-        """Seconds to wait before the next attempt; raises ClientError when there is none."""
-        if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == attempts - 1:
-            raise ClientError(error.code(), error.details() or "", call.method,
-                              request_id=self.last_request_id) from None
-        return self.backoff_s * 2 ** attempt
+    def _error(self, call: calls.Call, error: grpc.RpcError) -> ClientError:
+        """What a call raises once gRPC has given up on it (its last attempt's status)."""
+        return ClientError(error.code(), error.details() or "", call.method,
+                           request_id=self.last_request_id)
 
     def _watch_failed(self, error: grpc.RpcError, attempt: int) -> float:
         if error.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
@@ -82,11 +85,36 @@ class _Connection:
         return self.backoff_s * 2 ** attempt
 
 
-def _channel_args(address: str, max_message_bytes: int, tls: bool, tls_ca_file: str,
-                  tls_cert_file: str, tls_key_file: str) -> tuple[Any, list[tuple[str, int]]]:
+def service_config(retries: int, backoff_s: float) -> str:
+    """The channel's service config (JSON, gRFC A6): the methods in calls.RETRIED retried on
+    UNAVAILABLE, `retries` times at most (gRPC allows 4), the backoff doubling from `backoff_s`
+    with gRPC's jitter. All attempts share the call's one deadline."""
+    attempts = min(retries + 1, MAX_ATTEMPTS)
+    if attempts < 2:  # gRPC rejects a policy of fewer than 2 attempts: then none at all
+        return json.dumps({})
+    # gRPC rejects a zero backoff, and grpcio 1.85 loses a retry whose jittered backoff rounds
+    # down to 0 ms (the call then waits out its deadline): 10 ms at least.
+    first = max(backoff_s, 0.01)
+    policy = {"maxAttempts": attempts, "initialBackoff": f"{first:.3f}s",
+              "maxBackoff": f"{first * 2 ** (attempts - 2):.3f}s",  # the last retry's: no cap
+              "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
+    names = [{"service": service, "method": method}
+             for service, methods in calls.RETRIED.items() for method in methods]
+    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}]})
+
+
+def _channel_args(address: str, max_message_bytes: int, retries: int, backoff_s: float, tls: bool,
+                  tls_ca_file: str, tls_cert_file: str, tls_key_file: str
+                  ) -> tuple[Any, list[tuple[str, int | str]]]:
     """(credentials or None, options) for a channel to `address`."""
-    options = [("grpc.max_receive_message_length", max_message_bytes),
-               ("grpc.max_send_message_length", max_message_bytes)]
+    options: list[tuple[str, int | str]] = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", service_config(retries, backoff_s)),
+        # gRPC stops retrying a call whose request outgrows this buffer (256 KiB by default: 86
+        # uint8 images): let any request the channel may send be retried.
+        ("grpc.per_rpc_retry_buffer_size", max_message_bytes)]
     if tls or tls_ca_file or tls_cert_file or tls_key_file:
         return channel_credentials(tls_ca_file, tls_cert_file, tls_key_file), options
     return None, options
@@ -100,8 +128,8 @@ class Client(_Connection):
         """`token`: the bearer token operator calls need (and Predict, where the server says so).
         TLS when `tls` or any tls_* file is given: the server's CA (system roots when empty),
         and a client certificate and key where the server requires one."""
-        credentials, options = _channel_args(address, max_message_bytes, tls, tls_ca_file,
-                                             tls_cert_file, tls_key_file)
+        credentials, options = _channel_args(address, max_message_bytes, retries, backoff_s, tls,
+                                             tls_ca_file, tls_cert_file, tls_key_file)
         channel = (grpc.secure_channel(address, credentials, options=options) if credentials
                    else grpc.insecure_channel(address, options=options))
         super().__init__(address, channel, timeout, retries, backoff_s, token)
@@ -184,13 +212,12 @@ class Client(_Connection):
         return self.job(job_id)
 
     def _call(self, call: calls.Call, timeout: float | None) -> Any:
-        stub, kwargs, attempts = self._start(call, timeout)
-        for attempt in range(attempts):
-            try:
-                return call.result(stub(call.request, **kwargs))
-            except grpc.RpcError as error:
-                time.sleep(self._failed(call, error, attempt, attempts))
-        raise AssertionError("unreachable")
+        stub, kwargs = self._start(call, timeout)
+        try:
+            reply = stub(call.request, **kwargs)
+        except grpc.RpcError as error:
+            raise self._error(call, error) from None
+        return call.result(reply)
 
 
 class AsyncClient(_Connection):
@@ -201,8 +228,8 @@ class AsyncClient(_Connection):
                  backoff_s: float = 0.1, max_message_bytes: int = 64 << 20, token: str = "",
                  tls: bool = False, tls_ca_file: str = "", tls_cert_file: str = "",
                  tls_key_file: str = "") -> None:
-        credentials, options = _channel_args(address, max_message_bytes, tls, tls_ca_file,
-                                             tls_cert_file, tls_key_file)
+        credentials, options = _channel_args(address, max_message_bytes, retries, backoff_s, tls,
+                                             tls_ca_file, tls_cert_file, tls_key_file)
         channel = (grpc.aio.secure_channel(address, credentials, options=options) if credentials
                    else grpc.aio.insecure_channel(address, options=options))
         super().__init__(address, channel, timeout, retries, backoff_s, token)
@@ -280,14 +307,12 @@ class AsyncClient(_Connection):
         return await self.job(job_id)
 
     async def _call(self, call: calls.Call, timeout: float | None) -> Any:
-        stub, kwargs, attempts = self._start(call, timeout)
-        for attempt in range(attempts):
-            try:
-                reply: Awaitable[Any] = stub(call.request, **kwargs)
-                return call.result(await reply)
-            except grpc.RpcError as error:
-                await asyncio.sleep(self._failed(call, error, attempt, attempts))
-        raise AssertionError("unreachable")
+        stub, kwargs = self._start(call, timeout)
+        try:
+            reply = await stub(call.request, **kwargs)
+        except grpc.RpcError as error:
+            raise self._error(call, error) from None
+        return call.result(reply)
 
 
 def channel_credentials(ca_file: str = "", cert_file: str = "", key_file: str = ""

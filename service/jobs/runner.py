@@ -31,6 +31,13 @@ class JobRunner(ChildSupervision):
     child to end): call them from a worker thread in async code, as the servicers do.
     """
 
+    def own_jobs(self) -> dict[str, int]:
+        """This replica's QUEUED and RUNNING jobs: counted from memory (a metrics scrape must
+        not read every record of the shared store)."""
+        with self._lock:
+            return {JobState.QUEUED.value: len(self._queue),
+                    JobState.RUNNING.value: int(self._current is not None)}
+
     def validate(self, params: TrainParams) -> GatePolicy:
         """This server's limits on top of the training spec's ranges (checked when the request's
         TrainConfig was built); returns the job's gate policy."""

@@ -31,59 +31,85 @@ SECRETS = frozenset({"auth_token"})
 _MODEL_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
+def _setting(default: Any, help: str) -> Any:
+    """A field whose help sentence is the flag's `--help` (the one place a setting is described)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    store: Path = Path("store")
-    datasets_root: Path = Path("datasets")
-    host: str = "127.0.0.1"
-    port: int = 50051                  # 0: any free port (tests)
-    workers: int = 1                   # serving processes sharing the port (SO_REUSEPORT)
-    metrics_port: int = 9090           # Prometheus GET /metrics; 0: any free port, -1: off
-    # Open Inference Protocol (KServe v2) over HTTP; -1: off (the container image turns it on at
-    # 8000, Triton's port). gRPC serves it on `port` always.
-    http_port: int = -1
-    model_name: str = "convserve"      # the model's name in the Open Inference Protocol
-    poll_interval_s: float = 0.5       # how often a replica reads the promoted pointer
-    model_cache_size: int = 4          # pinned versions kept loaded
-    max_images_per_request: int = 1024
-    max_image_side: int = 4096         # encoded images: width and height each
-    max_request_pixels: int = 4 * 4096 * 4096  # encoded images: decoded pixels per request
-    decode_threads: int = 2            # encoded images decode in this many threads, off the loop
-    max_message_bytes: int = 64 << 20
-    max_batch_size: int = 256          # images per ONNX Runtime call (dynamic batching)
-    batch_timeout_s: float = 0.0       # wait for more requests once a batch has one (0: none)
-    max_enqueued: int = 4096           # images waiting for a batch before RESOURCE_EXHAUSTED
-    max_concurrent_batches: int = 1    # ORT calls in flight at once (Triton's instance count)
-    inline_max_images: int = 8         # idle fast path: a request this small runs on the loop
-    allow_spinning: bool = False       # ORT spin-waiting: off when training shares the host
-    graph_optimization: str = "all"    # disable | basic | extended | all
-    max_queued_jobs: int = 8
-    max_epochs: int = 200
-    min_accuracy: float = 0.5          # gate default; a request may raise it, never lower it
-    min_accuracy_floor: float = 0.0
-    min_improvement: float = 0.0
-    allow_class_change_requests: bool = True
-    providers: str = "auto"            # auto | cpu | cuda | tensorrt, comma-separated, in order
-    intra_op_threads: int = 0
-    cuda_graphs: bool = False          # CUDA provider: replay one CUDA graph per batch bucket
-    tensorrt_fp16: bool = False        # TensorRT provider: fp16 kernels
-    tensorrt_cache_dir: str = ""       # TensorRT provider: engine cache ("" = rebuild at load)
-    training_python: str = ""          # interpreter for training jobs ("" = this one)
-    training_processes: int = 1       # > 1: jobs run data-parallel under torchrun (one per GPU)
-    job_heartbeat_s: float = 2.0
-    job_progress_interval_s: float = 1.0  # a job's progress events, at most one per interval
-    stale_job_after_s: float = 20.0
-    grace_period_s: float = 10.0       # calls in flight may finish this long after SIGTERM
-    log_level: str = "INFO"
-    log_format: str = "auto"           # auto (text on a terminal, else JSON lines) | json | text
-    # Access control (service/server/auth.py). The token guards Train, CancelJob and Promote, and with
-    # auth_inference also Predict, GetModel and ListModels. Prefer auth_token_file to the value.
-    auth_token: str = ""
-    auth_token_file: str = ""
-    auth_inference: bool = False
-    tls_cert_file: str = ""            # with tls_key_file: serve TLS instead of plaintext
-    tls_key_file: str = ""
-    tls_client_ca_file: str = ""       # also require client certificates signed by this CA
+    store: Path = _setting(Path("store"), "the model store (shared by every replica)")
+    datasets_root: Path = _setting(Path("datasets"), "folder that Train's dataset names resolve in")
+    host: str = _setting("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+    port: int = _setting(50051, "gRPC port, convserve.v1 and the Open Inference Protocol "
+                         "(0: any free port)")
+    workers: int = _setting(1, "serving processes sharing the port (SO_REUSEPORT); jobs run on "
+                            "worker 0")
+    metrics_port: int = _setting(9090, "Prometheus GET /metrics (0: any free port, -1: off)")
+    http_port: int = _setting(-1, "the Open Inference Protocol (KServe v2) over HTTP (0: any "
+                              "free port, -1: off; the container image uses 8000)")
+    model_name: str = _setting("convserve", "the model's name in the Open Inference Protocol")
+    poll_interval_s: float = _setting(0.5, "seconds between reads of the promoted pointer")
+    model_cache_size: int = _setting(4, "pinned versions kept loaded (LRU)")
+    max_images_per_request: int = _setting(1024, "images one request may carry")
+    max_image_side: int = _setting(4096, "encoded images: largest width and height, each")
+    max_request_pixels: int = _setting(4 * 4096 * 4096, "encoded images: decoded pixels one "
+                                       "request may need")
+    decode_threads: int = _setting(2, "threads that decode encoded images, off the event loop")
+    max_message_bytes: int = _setting(64 << 20, "largest gRPC message and HTTP body, in bytes")
+    max_batch_size: int = _setting(256, "images per ONNX Runtime call (dynamic batching)")
+    batch_timeout_s: float = _setting(0.0, "seconds a batch waits for more requests once it "
+                                      "has one (0: none)")
+    max_enqueued: int = _setting(4096, "images waiting for a batch before RESOURCE_EXHAUSTED")
+    max_concurrent_batches: int = _setting(1, "ONNX Runtime calls in flight at once (Triton's "
+                                           "instance count)")
+    inline_max_images: int = _setting(8, "idle fast path: a request this small runs at once on "
+                                      "the loop (0: off)")
+    allow_spinning: bool = _setting(False, "let ONNX Runtime's threads spin-wait (off: training "
+                                    "shares the cores)")
+    graph_optimization: str = _setting("all", "ONNX Runtime graph optimisation: disable, basic, "
+                                       "extended or all")
+    max_queued_jobs: int = _setting(8, "training jobs one replica queues before "
+                                    "RESOURCE_EXHAUSTED")
+    max_epochs: int = _setting(200, "most epochs a Train request may ask for")
+    min_accuracy: float = _setting(0.5, "gate: lowest validation accuracy to promote (a request "
+                                   "may raise it)")
+    min_accuracy_floor: float = _setting(0.0, "gate: lowest min_accuracy a request may ask for")
+    min_improvement: float = _setting(0.0, "gate: accuracy a candidate must gain over the "
+                                      "champion (0: ties promote, regressions never)")
+    allow_class_change_requests: bool = _setting(True, "gate: may a request let a candidate "
+                                                 "with other classes replace the champion")
+    providers: str = _setting("auto", "ONNX Runtime providers in order: auto, cpu, cuda, "
+                              "tensorrt, comma-separated")
+    intra_op_threads: int = _setting(0, "ONNX Runtime intra-op threads (0: its default, or "
+                                     "cores / workers)")
+    cuda_graphs: bool = _setting(False, "CUDA provider: replay one captured graph per batch "
+                                 "bucket")
+    tensorrt_fp16: bool = _setting(False, "TensorRT provider: fp16 kernels")
+    tensorrt_cache_dir: str = _setting("", "TensorRT provider: engine cache folder (empty: "
+                                       "rebuild at every load)")
+    training_python: str = _setting("", "interpreter for training jobs (empty: this one)")
+    training_processes: int = _setting(1, "processes per job; > 1: data-parallel under "
+                                       "torchrun, one per GPU")
+    job_heartbeat_s: float = _setting(2.0, "seconds between a running job's heartbeats")
+    job_progress_interval_s: float = _setting(1.0, "a job's progress events: at most one per "
+                                              "this many seconds")
+    stale_job_after_s: float = _setting(20.0, "a job without a heartbeat this long belongs to a "
+                                        "replica that died")
+    grace_period_s: float = _setting(10.0, "seconds calls in flight may finish after SIGTERM")
+    log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = _setting("auto", "json (one object per line), text, or auto: text on a "
+                               "terminal")
+    # Access control (service/server/auth.py). Prefer auth_token_file to the value itself.
+    auth_token: str = _setting("", "bearer token that Train, CancelJob and Promote need "
+                               "(logged as <redacted>)")
+    auth_token_file: str = _setting("", "file holding the bearer token")
+    auth_inference: bool = _setting(False, "the token also guards Predict, GetModel, ListModels "
+                                    "and the Open Inference Protocol's model calls")
+    tls_cert_file: str = _setting("", "TLS certificate (PEM): serve TLS instead of plaintext")
+    tls_key_file: str = _setting("", "TLS private key (PEM)")
+    tls_client_ca_file: str = _setting("", "also require client certificates signed by this "
+                                       "CA (PEM)")
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", self.port, "0..65535")
@@ -180,11 +206,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         env = ENV_PREFIX + field.name.upper()
         flag = "--" + field.name.replace("_", "-")
         default = field.default
+        text = f"{field.metadata['help']} (env {env}, default {default})"
         if field.type in ("bool", bool):
             parser.add_argument(flag, default=None, type=_parse_bool, metavar="true|false",
-                                help=f"(env {env}, default {default})")
+                                help=text)
         else:
-            parser.add_argument(flag, default=None, help=f"(env {env}, default {default})")
+            parser.add_argument(flag, default=None, help=text)
 
 
 def from_sources(args: argparse.Namespace | None, environ: Mapping[str, str] | None = None

@@ -73,7 +73,8 @@ def count_unknown_methods(server: grpc.aio.Server, metrics: RequestMetrics) -> N
 
     class _Unknown(grpc.GenericRpcHandler):
         def service(self, details: grpc.HandlerCallDetails) -> None:
-            metrics.observe(UNKNOWN_METHOD, grpc.StatusCode.UNIMPLEMENTED.name, 0.0)
+            metrics.observe(UNKNOWN_METHOD, grpc.StatusCode.UNIMPLEMENTED.name, 0.0,
+                            service=UNKNOWN_METHOD)
             return None  # gRPC answers UNIMPLEMENTED
 
     server.add_generic_rpc_handlers((_Unknown(),))
@@ -109,11 +110,12 @@ def _safe_parse(method: str, parse: Callable[[bytes], Any]) -> Callable[[bytes],
 def _answering_undecodable(handler: Any, method: str, metrics: RequestMetrics) -> Any:
     """The handler with its behaviour wrapped to answer an `Undecodable` request (or a stream
     holding one) INVALID_ARGUMENT, counted under the method's name."""
-    name = method.rsplit("/", 1)[-1]
+    service, _, name = method.strip("/").rpartition("/")
 
     async def check(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if isinstance(request, Undecodable):
-            metrics.observe(name, grpc.StatusCode.INVALID_ARGUMENT.name, 0.0)
+            metrics.observe(name, grpc.StatusCode.INVALID_ARGUMENT.name, 0.0, service=service,
+                            stream=handler.response_streaming)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         return request
 

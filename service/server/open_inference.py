@@ -14,12 +14,12 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from importlib import metadata as distribution
 from typing import Any
 
 import numpy as np
 
 from convserve.arrays import IMAGE_SHAPE
+from convserve.contracts.commands import package_version
 from convserve.contracts.errors import NoModel
 from convserve.contracts.store import ModelStore
 from convserve.errors import InvalidInput, NotFound
@@ -138,11 +138,8 @@ class OpenInference:
     # --- what the protocol reports, in its JSON form (gRPC parses the same into its messages) --
 
     def server_metadata(self) -> dict[str, Any]:
-        try:
-            version = distribution.version("convserve")
-        except distribution.PackageNotFoundError:  # run from a checkout without installing
-            version = "0+unknown"
-        return {"name": "convserve", "version": version, "extensions": list(EXTENSIONS)}
+        return {"name": "convserve", "version": package_version(),
+                "extensions": list(EXTENSIONS)}
 
     def model_metadata(self, name: str, version: str) -> dict[str, Any]:
         classes = self.classes(self.served_version(name, version))

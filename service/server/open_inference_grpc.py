@@ -28,6 +28,7 @@ _TYPED_FIELD = {"UINT8": "uint_contents", "FP32": "fp32_contents"}
 
 
 class OpenInferenceServicer(_Measured):
+    SERVICE = SERVICE
     def __init__(self, model: OpenInference, metrics: RequestMetrics | None = None) -> None:
         super().__init__(metrics)
         self._model = model

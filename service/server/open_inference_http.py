@@ -88,7 +88,7 @@ def _calls(metrics: RequestMetrics, token: bytes, max_body_bytes: int) -> Any:
             response = _error(HTTP_STATUS.get(code, 500), message)
         finally:
             REQUEST_ID.reset(reset)
-        metrics.observe(f"http:{name}", code, time.perf_counter() - started)
+        metrics.observe(f"http:{name}", code, time.perf_counter() - started, service="http")
         response.headers[REQUEST_ID_HEADER] = request_id
         return response
 

@@ -12,18 +12,19 @@ import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from http.server import ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 from convserve.contracts.gate_policy import GateBounds, GatePolicy
 from convserve.contracts.store import ModelStore
 from convserve.jobs import JobRunner, RunnerConfig
 from convserve.lifecycle import map_large_blocks_separately
-from convserve.metrics import Registry, serve_http
+from convserve.metrics import serve_http
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
 from convserve.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from convserve.server import auth, open_inference_grpc
@@ -87,7 +88,7 @@ class Replica:
     runner: JobRunner
     health: health.aio.HealthServicer
     batcher: DynamicBatcher
-    metrics_server: ThreadingHTTPServer | None = None
+    metrics_server: WSGIServer | None = None
     decode_pool: ThreadPoolExecutor | None = None
     http: web.AppRunner | None = None   # the Open Inference Protocol over HTTP (--http-port)
     http_url: str | None = None
@@ -182,12 +183,14 @@ async def start(config: ServerConfig, role: WorkerRole | None = None) -> Replica
     limits = codec.Limits(max_images=config.max_images_per_request,
                           max_image_side=config.max_image_side,
                           max_request_pixels=config.max_request_pixels)
-    open_inference = OpenInference(config.model_name, store, Predictor(manager, batcher), limits,
-                                   decode_pool, config.batch_timeout_s)
-    health_servicer = _add_services(server, config, requests, store, manager, runner, batcher,
+    predictor = Predictor(manager, batcher)
+    open_inference = OpenInference(config.model_name, store, predictor, limits, decode_pool,
+                                   config.batch_timeout_s)
+    health_servicer = _add_services(server, config, requests, store, manager, runner, predictor,
                                     decode_pool, forward_to, open_inference)
     port = _listen(server, config, role)
-    metrics_server = _serve_metrics(config, replica_registry(requests, batcher, manager, runner))
+    metrics_server = _serve_metrics(config, replica_registry(requests, batcher, manager, runner,
+                                                             predictor))
     http, http_url = await _serve_http(config, open_inference, requests, shared=role is not None)
     await server.start()
     replica = Replica(config, server, port, store, manager, runner, health_servicer, batcher,
@@ -206,7 +209,7 @@ async def start(config: ServerConfig, role: WorkerRole | None = None) -> Replica
 
 def _add_services(server: grpc.aio.Server, config: ServerConfig, requests: RequestMetrics,
                   store: ModelStore, manager: ModelManager, runner: JobRunner,
-                  batcher: DynamicBatcher, decode_pool: ThreadPoolExecutor,
+                  predictor: Predictor, decode_pool: ThreadPoolExecutor,
                   forward_to: str, open_inference: OpenInference) -> health.aio.HealthServicer:
     """Every service, registered through a guard (an undecodable body is INVALID_ARGUMENT);
     returns the health servicer."""
@@ -214,7 +217,7 @@ def _add_services(server: grpc.aio.Server, config: ServerConfig, requests: Reque
     ours = GuardedRegistration(server, requests, checked_by_servicer=True)
     others = GuardedRegistration(server, requests, checked_by_servicer=False)
     pb_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(manager, store, limits, batcher, requests, decode_pool), ours)
+        InferenceServicer(manager, store, limits, predictor, requests, decode_pool), ours)
     pb_grpc.add_TrainingServicer_to_server(
         TrainingServicer(runner, requests, forward_to=forward_to), ours)
     pb_grpc.add_ModelsServicer_to_server(ModelsServicer(store, manager, requests), ours)
@@ -274,7 +277,7 @@ async def _serve_http(config: ServerConfig, model: OpenInference, requests: Requ
     return runner, f"{scheme}://{config.host}:{port}"
 
 
-def _serve_metrics(config: ServerConfig, registry: Registry) -> ThreadingHTTPServer | None:
+def _serve_metrics(config: ServerConfig, registry: CollectorRegistry) -> WSGIServer | None:
     """The /metrics endpoint, or None with --metrics-port -1; a taken port is PortInUse."""
     if config.metrics_port < 0:
         return None

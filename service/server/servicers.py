@@ -34,7 +34,6 @@ from convserve.server.guard import Undecodable
 from convserve.server.logs import REQUEST_ID
 from convserve.server.telemetry import RequestMetrics
 from convserve.serving import codec
-from convserve.serving.batcher import DynamicBatcher
 from convserve.serving.manager import ModelManager
 from convserve.serving.predictor import Predictor
 
@@ -48,7 +47,7 @@ Reply = TypeVar("Reply")
 def rpc(method: Callable[..., Awaitable[Reply]]) -> Callable[..., Awaitable[Reply]]:
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Reply:
-        async with _Call(self.metrics, method.__name__, context):
+        async with _Call(self.metrics, self.SERVICE, method.__name__, context):
             return await method(self, _decoded(request), context)
         raise AssertionError("unreachable: _Call re-raises")
 
@@ -59,7 +58,7 @@ def rpc_stream(method: Callable[..., AsyncIterator[Reply]]) -> Callable[..., Asy
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext
                       ) -> AsyncIterator[Reply]:
-        async with _Call(self.metrics, method.__name__, context):
+        async with _Call(self.metrics, self.SERVICE, method.__name__, context, stream=True):
             async for reply in method(self, _decoded(request), context):
                 yield reply
 
@@ -78,9 +77,10 @@ class _Call:
     one; echoed in the trailing metadata and set for every log line), the status code (an
     exception becomes its code here, through `status_of`), the latency metric, a DEBUG line."""
 
-    def __init__(self, metrics: RequestMetrics, name: str, context: grpc.aio.ServicerContext
-                 ) -> None:
-        self._metrics, self._name, self._context = metrics, name, context
+    def __init__(self, metrics: RequestMetrics, service: str, name: str,
+                 context: grpc.aio.ServicerContext, *, stream: bool = False) -> None:
+        self._metrics, self._service, self._name = metrics, service, name
+        self._context, self._stream = context, stream
 
     async def __aenter__(self) -> _Call:
         self.request_id = _request_id(self._context)
@@ -100,7 +100,8 @@ class _Call:
             code = status_of(error)[0].name
         # Recorded before the status goes out, so a caller who has its answer finds it counted.
         seconds = time.perf_counter() - self._started
-        self._metrics.observe(self._name, code, seconds)
+        self._metrics.observe(self._name, code, seconds, service=self._service,
+                              stream=self._stream)
         log.debug("%s %s in %.2f ms", self._name, code, seconds * 1000,
                   extra={"method": self._name, "code": code, "ms": round(seconds * 1000, 3)})
         try:
@@ -138,25 +139,29 @@ def _code_name(context: grpc.aio.ServicerContext) -> str:
 
 
 class _Measured:
-    """Servicers share one RequestMetrics (the server passes it; tests may leave it out)."""
+    """Servicers share one RequestMetrics (the server passes it; tests may leave it out), and
+    name their gRPC service for it."""
+
+    SERVICE = "unknown"
 
     def __init__(self, metrics: RequestMetrics | None) -> None:
         self.metrics = metrics or RequestMetrics()
 
 
 class InferenceServicer(_Measured, pb_grpc.InferenceServicer):
+    SERVICE = "convserve.v1.Inference"
     """`decode_pool`: where encoded (PNG/JPEG) and large raw requests are decoded, off the event
     loop, so a heavy request waits only on its own decoding; the pool's size bounds how many
     decode at once (and so the memory decoding holds: see `codec.Limits`)."""
 
     def __init__(self, manager: ModelManager, store: ModelStore, limits: codec.Limits,
-                 batcher: DynamicBatcher, metrics: RequestMetrics | None = None,
+                 predictor: Predictor, metrics: RequestMetrics | None = None,
                  decode_pool: Executor | None = None) -> None:
         super().__init__(metrics)
         self._manager = manager
         self._store = store
         self._limits = limits
-        self._predictor = Predictor(manager, batcher)
+        self._predictor = predictor
         self._decode_pool = decode_pool
 
     @rpc
@@ -187,6 +192,7 @@ class InferenceServicer(_Measured, pb_grpc.InferenceServicer):
 
 
 class TrainingServicer(_Measured, pb_grpc.TrainingServicer):
+    SERVICE = "convserve.v1.Training"
     """With `forward_to` (a worker of a `--workers N` replica that does not run jobs), Train,
     GetJob, ListJobs and CancelJob go to the worker that does, so a job is queued once and
     queue positions are that worker's; WatchJob reads the shared store here."""
@@ -259,6 +265,7 @@ class TrainingServicer(_Measured, pb_grpc.TrainingServicer):
 
 
 class ModelsServicer(_Measured, pb_grpc.ModelsServicer):
+    SERVICE = "convserve.v1.Models"
     def __init__(self, store: ModelStore, manager: ModelManager,
                  metrics: RequestMetrics | None = None) -> None:
         super().__init__(metrics)

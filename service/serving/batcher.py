@@ -30,12 +30,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from prometheus_client import Histogram
 
 from convserve.errors import LimitExceeded
-from convserve.metrics import Histogram
 from convserve.serving.loader import LoadedModel
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+QUEUE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                 1.0)
 
 
 @dataclass(frozen=True)
@@ -58,11 +60,30 @@ class BatchingConfig:
 class _Request:
     pixels: np.ndarray
     future: asyncio.Future[tuple[LoadedModel, np.ndarray]]
+    queued_at: float
+
+
+class BatchMetrics:
+    """Images per ONNX Runtime call, each request's wait for its batch, and each call's time
+    (Triton's queue and compute_infer durations). Registered by the server's telemetry."""
+
+    def __init__(self) -> None:
+        self.batch_sizes = Histogram("convserve_batch_size", "Images per ONNX Runtime call",
+                                     buckets=BATCH_SIZE_BUCKETS, registry=None)
+        self.queue_seconds = Histogram(
+            "convserve_queue_seconds", "A request's wait for its batch to start, in seconds "
+            "(0 on the idle fast path)", buckets=QUEUE_BUCKETS, registry=None)
+        self.compute_seconds = Histogram("convserve_compute_seconds",
+                                         "One ONNX Runtime call, in seconds",
+                                         buckets=QUEUE_BUCKETS, registry=None)
+
+    def all(self) -> tuple[Histogram, ...]:
+        return self.batch_sizes, self.queue_seconds, self.compute_seconds
 
 
 class DynamicBatcher:
     def __init__(self, current_model: Callable[[], LoadedModel], config: BatchingConfig,
-                 batch_sizes: Histogram | None = None) -> None:
+                 metrics: BatchMetrics | None = None) -> None:
         self._current_model = current_model
         self._config = config
         self._waiting: deque[_Request] = deque()
@@ -75,8 +96,7 @@ class DynamicBatcher:
         # run after that found others arriving or waiting: it goes through the batch loop.
         self._last_activity = 0.0
         self._inline_seconds = 0.0
-        self.batch_sizes = batch_sizes or Histogram(
-            "convserve_batch_size", "Images per ONNX Runtime call", BATCH_SIZE_BUCKETS)
+        self.metrics = metrics or BatchMetrics()
 
     @property
     def queued_images(self) -> int:
@@ -95,7 +115,7 @@ class DynamicBatcher:
                 and idle > self._inline_seconds):
             return model, self._run_inline(model, pixels)
         future = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Request(pixels, future))
+        self._waiting.append(_Request(pixels, future, now))
         self._waiting_images += len(pixels)
         self._arrived.set()
         return await future
@@ -104,7 +124,8 @@ class DynamicBatcher:
         """The idle fast path (module doc). No await between the caller's check and the run, so
         no other batch starts meanwhile and max_concurrent_batches holds."""
         self.inline_batches += 1
-        self.batch_sizes.observe(len(pixels))
+        self.metrics.batch_sizes.observe(len(pixels))
+        self.metrics.queue_seconds.observe(0.0)
         self._running += 1
         started = time.perf_counter()
         try:
@@ -112,7 +133,9 @@ class DynamicBatcher:
         finally:
             self._running -= 1
             self._last_activity = time.perf_counter()
-            self._inline_seconds += 0.2 * (self._last_activity - started - self._inline_seconds)
+            seconds = self._last_activity - started
+            self.metrics.compute_seconds.observe(seconds)
+            self._inline_seconds += 0.2 * (seconds - self._inline_seconds)
 
     async def run(self, stop: asyncio.Event) -> None:
         """The batch loop: runs until `stop` is set; fails what is still queued when it stops.
@@ -183,8 +206,12 @@ class DynamicBatcher:
             model = self._current_model()  # one model per batch: every row from one version
             pixels = (batch[0].pixels if len(batch) == 1
                       else np.concatenate([r.pixels for r in batch]))
-            self.batch_sizes.observe(len(pixels))
-            probabilities = await asyncio.to_thread(model.predict, pixels)
+            self.metrics.batch_sizes.observe(len(pixels))
+            started = time.perf_counter()
+            for request in batch:
+                self.metrics.queue_seconds.observe(started - request.queued_at)
+            probabilities, seconds = await asyncio.to_thread(_timed_predict, model, pixels)
+            self.metrics.compute_seconds.observe(seconds)
         except Exception as error:  # e.g. no model any more: every request of the batch learns why
             for request in batch:
                 if not request.future.done():
@@ -196,3 +223,10 @@ class DynamicBatcher:
             if not request.future.done():
                 request.future.set_result((model, probabilities[start:end]))
             start = end
+
+
+def _timed_predict(model: LoadedModel, pixels: np.ndarray) -> tuple[np.ndarray, float]:
+    """In the worker thread: the call's own time, not the thread hand-off's."""
+    started = time.perf_counter()
+    probabilities = model.predict(pixels)
+    return probabilities, time.perf_counter() - started

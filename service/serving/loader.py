@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,8 @@ class LoadedModel:
     providers: list[str]          # what the session actually uses
     session: ort.InferenceSession
     runner: Runner | None = None  # None: a plain session.run
+    open_seconds: float = 0.0     # verify, open, check: what loading it took before warm-up
+    warmup_seconds: float = 0.0
     input_name: str = field(init=False)
     output_name: str = field(init=False)
 
@@ -108,6 +111,7 @@ def load_version(store: ModelStore, version: int, settings: SessionSettings) -> 
     IntegrityError / VersionNotFound come from the store unchanged; anything that makes an intact
     file unservable is a ModelLoadError.
     """
+    started = time.perf_counter()
     path = store.verify(version)
     card = store.model_card(version)
     requested = choose_providers(settings.providers, available_providers())
@@ -118,10 +122,12 @@ def load_version(store: ModelStore, version: int, settings: SessionSettings) -> 
     _check_signature(session, len(classes), version)
     model = LoadedModel(version, classes, card, path, session.get_providers(), session)
     model.runner = choose_runner(model, settings)
+    opened = time.perf_counter()
     # A graph is captured per bucket on its first runs: warm every bucket, not just a few sizes.
     graphs = isinstance(model.runner, GraphRunner)
     _warm_up(model, settings.graph_buckets if graphs else settings.warmup_batch_sizes,
              repeats=3 if graphs else 1)
+    model.open_seconds, model.warmup_seconds = opened - started, time.perf_counter() - opened
     _log_providers(model, settings, requested)
     return model
 

@@ -19,6 +19,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from prometheus_client import Counter, Histogram
+
 from convserve.contracts.store import ModelStore, VersionNotFound
 from convserve.errors import NoModel, NotFound
 from convserve.lifecycle import release_freed_memory
@@ -27,6 +29,7 @@ from convserve.serving.loader import LoadedModel, SessionSettings, load_version
 log = logging.getLogger("convserve.serving.manager")
 
 RETRY_AFTER_S = 30.0
+LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,25 @@ class _Failure:
     version: int
     at: float        # time.monotonic() of the failed attempt
     message: str
+
+
+class ManagerMetrics:
+    """How long loading and warming up versions takes, and how often the live model swaps."""
+
+    def __init__(self) -> None:
+        self.load_seconds = Histogram(
+            "convserve_model_load_seconds", "Loading a version: phase 'open' (verify, open the "
+            "session, check it) and 'warmup'", ("phase",), buckets=LOAD_BUCKETS, registry=None)
+        self.swaps = Counter("convserve_model_swaps", "Live-model swaps (a new promoted version "
+                             "went live)", registry=None)
+
+    def loaded(self, model: LoadedModel) -> LoadedModel:
+        self.load_seconds.labels("open").observe(model.open_seconds)
+        self.load_seconds.labels("warmup").observe(model.warmup_seconds)
+        return model
+
+    def all(self) -> tuple[Histogram | Counter, ...]:
+        return self.load_seconds, self.swaps
 
 
 class ModelManager:
@@ -48,6 +70,7 @@ class ModelManager:
         self._cache_size = cache_size
         self._on_live = on_live
         self._retry_after_s = retry_after_s
+        self.metrics = ManagerMetrics()
         self._live: LoadedModel | None = None
         self._pinned: OrderedDict[int, LoadedModel] = OrderedDict()  # LRU, most recent last
         self._cache_lock = threading.Lock()
@@ -93,7 +116,7 @@ class ModelManager:
 
     def _load_pinned(self, version: int) -> LoadedModel:
         try:
-            return load_version(self._store, version, self._settings)
+            return self.metrics.loaded(load_version(self._store, version, self._settings))
         except VersionNotFound:
             raise NotFound(f"model version {version} not found; versions: "
                            f"{self._store.versions()}") from None
@@ -121,6 +144,8 @@ class ModelManager:
             if model is None:
                 return False
             self._live = model  # the swap: one reference; holders of the old one finish with it
+            self.metrics.loaded(model)
+            self.metrics.swaps.inc()
             if live is not None:
                 self._released.append(weakref.ref(live))
             self._failure = None

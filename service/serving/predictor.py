@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+from prometheus_client import Counter
 
 from convserve.serving.batcher import DynamicBatcher
 from convserve.serving.loader import LoadedModel
@@ -17,11 +18,16 @@ class Predictor:
     def __init__(self, manager: ModelManager, batcher: DynamicBatcher) -> None:
         self.manager = manager
         self._batcher = batcher
+        self.images = Counter("convserve_images", "Images served, by the model version that "
+                              "served them", ("version",), registry=None)
 
     async def predict(self, pixels: np.ndarray, version: int = 0
                       ) -> tuple[LoadedModel, np.ndarray]:
         """`version` 0: the live model, batched; N: version N (VersionNotFound: NOT_FOUND)."""
         if version:
             model = await asyncio.to_thread(self.manager.get, version)
-            return model, await asyncio.to_thread(model.predict, pixels)
-        return await self._batcher.predict(pixels)
+            probabilities = await asyncio.to_thread(model.predict, pixels)
+        else:
+            model, probabilities = await self._batcher.predict(pixels)
+        self.images.labels(str(model.version)).inc(len(pixels))
+        return model, probabilities

@@ -87,10 +87,11 @@ def _parses(method: Method, body: bytes) -> bool:
 
 
 def _count(url: str, method: str, code: str) -> float:
-    text = urlopen(url, timeout=10).read().decode()
-    found = re.search(rf'^convserve_request_seconds_count{{method="{method}",code="{code}"}} (\S+)$',
-                      text, flags=re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
+    """Calls of `method` answered `code`, whatever the service (unknown methods: "unknown")."""
+    page = urlopen(url, timeout=10).read().decode()
+    return sum(float(value) for labels, value in re.findall(
+        r"^convserve_requests_total\{(.*)\} (\S+)$", page, flags=re.MULTILINE)
+        if f'method="{method}"' in labels and f'code="{code}"' in labels)
 
 
 @FUZZ

@@ -14,79 +14,79 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from convserve.client import Client
-from convserve.metrics import Gauge, Histogram, Registry, serve_http
+from convserve.contracts.store import ModelStore
+from convserve.jobs import JobRunner, RunnerConfig, TrainParams
+from convserve.metrics import ReadAtScrape, new_registry, serve_http
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
 from convserve.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
-from tests.servers import images, running_server
+from convserve.server.telemetry import RequestMetrics
+from tests.servers import images, running_server, sample
 from tests.waits import wait_until
 
 
-def test_a_labelled_histogram_renders_one_series_per_label_set() -> None:
-    latency = Histogram("rpc_seconds", "latency", (0.01, 0.1), label_names=("method", "code"))
-    for seconds in (0.005, 0.05, 1.0):
-        latency.observe(seconds, method="Predict", code="OK")
-    latency.observe(0.002, method="Predict", code="INVALID_ARGUMENT")
-    text = latency.render()
-    assert 'rpc_seconds_bucket{method="Predict",code="OK",le="0.01"} 1' in text
-    assert 'rpc_seconds_bucket{method="Predict",code="OK",le="+Inf"} 3' in text
-    assert 'rpc_seconds_count{method="Predict",code="INVALID_ARGUMENT"} 1' in text
-    assert latency.count == 4
-    with pytest.raises(ValueError, match="expected labels"):
-        latency.observe(1.0, method="Predict")
+def _page(registry: CollectorRegistry) -> str:
+    return generate_latest(registry).decode()
 
 
-def test_gauges_read_at_render_time_and_label_values_are_escaped() -> None:
+def test_requests_are_counted_by_service_and_code_and_streams_apart_from_unary_calls() -> None:
+    requests, registry = RequestMetrics(), CollectorRegistry()
+    for metric in (requests.calls, requests.latency, requests.streams):
+        registry.register(metric)
+    requests.observe("Predict", "OK", 0.002, service="convserve.v1.Inference")
+    requests.observe("WatchJob", "OK", 42.0, service="convserve.v1.Training", stream=True)
+    requests.observe("unknown", "UNIMPLEMENTED", 0.0)
+    page = _page(registry)
+    assert sample(page, "convserve_requests_total", service="convserve.v1.Inference",
+                   method="Predict", code="OK") == 1
+    assert sample(page, "convserve_requests_total", service="unknown", method="unknown",
+                   code="UNIMPLEMENTED") == 1
+    assert sample(page, "convserve_request_seconds_count", method="Predict", code="OK") == 1
+    assert sample(page, "convserve_request_seconds_count", method="WatchJob", code="OK") is None
+    assert sample(page, "convserve_stream_seconds_count", method="WatchJob", code="OK") == 1
+    assert "_created" not in page
+
+
+def test_gauges_are_read_at_scrape_time_and_a_failing_one_is_left_out() -> None:
     values = {"now": 1.0}
-    plain = Gauge("g", "a gauge", lambda: values["now"])
+    gauges = ReadAtScrape()
+    gauges.add("plain_gauge", "a gauge", lambda: values["now"])
+    gauges.add("jobs_gauge", "by state", lambda: {('say "hi"\n',): 3}, ("state",))
+    gauges.add("broken_gauge", "raises", lambda: 1 / 0)
+    registry = CollectorRegistry()
+    registry.register(gauges)
     values["now"] = 2.5
-    assert plain.render().endswith("g 2.5\n")
-    labelled = Gauge("jobs", "jobs by state", lambda: {('say "hi"\n',): 3},
-                     label_names=("state",))
-    assert 'jobs{state="say \\"hi\\"\\n"} 3' in labelled.render()
+    page = _page(registry)
+    assert "plain_gauge 2.5" in page and "broken_gauge" not in page
+    assert 'jobs_gauge{state="say \\"hi\\"\\n"} 3.0' in page
 
 
-def test_a_failing_metric_is_left_out_not_the_whole_page() -> None:
-    registry = Registry()
-    registry.add(Gauge("good", "fine", lambda: 1))
-    registry.add(Gauge("bad", "raises", lambda: 1 / 0))
-    assert "good 1" in registry.render() and "bad" not in registry.render()
-    with pytest.raises(ValueError, match="registered twice"):
-        registry.add(Gauge("good", "again", lambda: 2))
-
-
-def test_the_http_endpoint_serves_metrics_and_404_elsewhere() -> None:
-    registry = Registry()
-    registry.add(Gauge("up_gauge", "one", lambda: 1))
-    server = serve_http(registry, "127.0.0.1", 0)
+def test_the_http_endpoint_serves_the_process_and_runtime_collectors() -> None:
+    server = serve_http(new_registry(), "127.0.0.1", 0)
     try:
-        base = f"http://127.0.0.1:{server.server_address[1]}"
-        with urllib.request.urlopen(f"{base}/metrics", timeout=10) as reply:
+        url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
             assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-            assert "up_gauge 1" in reply.read().decode()
-        with pytest.raises(urllib.error.HTTPError) as missing:
-            urllib.request.urlopen(f"{base}/other", timeout=10)
-        assert missing.value.code == 404
+            page = reply.read().decode()
     finally:
         server.shutdown()
         server.server_close()
-
-
-def scrape(url: str) -> dict[str, float]:
-    with urllib.request.urlopen(url, timeout=10) as reply:
-        text = reply.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
+    assert (sample(page, "process_resident_memory_bytes") or 0) > 10e6
+    assert sample(page, "process_cpu_seconds_total") is not None
+    assert 'python_info{' in page and "python_gc_collections_total" in page
 
 
 @pytest.mark.slow
 def test_a_replica_reports_requests_batches_model_and_jobs(store_with_model) -> None:
     store_dir, datasets = store_with_model
+    # 40 queued jobs of another replica in the shared store: this replica reports its own jobs
+    # (none), without reading anyone's records.
+    other = JobRunner(ModelStore(store_dir), RunnerConfig(datasets_root=datasets, max_queue=40,
+                                                          replica_id="other"))
+    for _ in range(40):
+        other.submit(TrainParams.of(dataset="synthetic:64"))
     with running_server(store_dir, datasets) as server:
         assert server.metrics_url and re.fullmatch(r"http://127\.0\.0\.1:\d+/metrics",
                                                    server.metrics_url)
@@ -94,17 +94,36 @@ def test_a_replica_reports_requests_batches_model_and_jobs(store_with_model) -> 
             for count in (1, 3, 2):
                 client.predict(images(count, seed=count))
             client.model()
-        with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError):
-            pb_grpc.InferenceStub(channel).Predict(pb.PredictRequest(), timeout=10)
-        samples = scrape(server.metrics_url)
-    assert samples['convserve_request_seconds_count{method="Predict",code="OK"}'] == 3
-    assert samples['convserve_request_seconds_count{method="Predict",code="INVALID_ARGUMENT"}'] == 1
-    assert samples['convserve_request_seconds_count{method="GetModel",code="OK"}'] == 1
-    assert samples["convserve_batch_size_sum"] == 6  # every image went through a batch
-    assert samples["convserve_model_version"] == 1
-    assert samples["convserve_queue_images"] == 0
-    assert samples['convserve_jobs{state="QUEUED"}'] == 0
-    assert samples["convserve_training_images_per_second"] == 0
+        with grpc.insecure_channel(server.address) as channel:
+            with pytest.raises(grpc.RpcError):
+                pb_grpc.InferenceStub(channel).Predict(pb.PredictRequest(), timeout=10)
+            with pytest.raises(grpc.RpcError):
+                next(iter(pb_grpc.TrainingStub(channel).WatchJob(pb.WatchJobRequest(id="nope"),
+                                                                 timeout=10)))
+            with pytest.raises(grpc.RpcError):
+                channel.unary_unary("/no.Such/Method")(b"", timeout=10)
+        page = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    assert sample(page, "convserve_requests_total", service="convserve.v1.Inference",
+                   method="Predict", code="OK") == 3
+    assert sample(page, "convserve_request_seconds_count", method="Predict", code="OK") == 3
+    assert sample(page, "convserve_request_seconds_count", method="Predict",
+                   code="INVALID_ARGUMENT") == 1
+    assert sample(page, "convserve_request_seconds_count", method="GetModel", code="OK") == 1
+    assert sample(page, "convserve_stream_seconds_count", method="WatchJob", code="NOT_FOUND") == 1
+    assert sample(page, "convserve_requests_total", service="unknown", method="unknown",
+                   code="UNIMPLEMENTED") == 1
+    assert sample(page, "convserve_batch_size_sum") == 6  # every image went through a batch
+    assert sample(page, "convserve_queue_seconds_count") == 3  # one wait per request
+    assert (sample(page, "convserve_compute_seconds_count") or 0) >= 1
+    assert sample(page, "convserve_images_total", version="1") == 6
+    assert sample(page, "convserve_model_swaps_total") == 1
+    assert (sample(page, "convserve_model_load_seconds_sum", phase="warmup") or 0) > 0
+    assert sample(page, "convserve_model_version") == 1
+    assert sample(page, "convserve_queue_images") == 0
+    assert sample(page, "convserve_jobs", state="QUEUED") == 0
+    assert sample(page, "convserve_jobs", state="RUNNING") == 0
+    assert sample(page, "convserve_training_images_per_second") == 0
+    assert (sample(page, "process_resident_memory_bytes") or 0) > 50e6
 
 
 PROMETHEUS = shutil.which("prometheus")
@@ -137,7 +156,9 @@ def test_a_real_prometheus_scrapes_a_replica(tmp_path: Path, store_with_model) -
                 try:
                     return (_query(web, "convserve_model_version") == 1
                             and _query(web, 'convserve_request_seconds_count{method="Predict"}')
-                            == 1 and _query(web, 'up{job="convserve"}') == 1)
+                            == 1 and _query(web, 'up{job="convserve"}') == 1
+                            and (_query(web, 'process_resident_memory_bytes{job="convserve"}')
+                                 or 0) > 50e6)
                 except OSError:
                     return False
 

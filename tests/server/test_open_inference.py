@@ -234,12 +234,16 @@ def test_open_inference_calls_are_counted_like_predict(served: ServerProcess) ->
     grpc_client, _ = _clients(served)
     tensor = grpcclient.InferInput("pixels", [1, 32, 32, 3], "UINT8")
     tensor.set_data_from_numpy(images(1))
-    sample = 'convserve_request_seconds_count{method="ModelInfer",code="OK"}'
-    before = served.metric(sample)
+    counted = {"name": "convserve_requests_total", "service": "inference.GRPCInferenceService",
+               "method": "ModelInfer", "code": "OK"}
+    before = served.metric(**counted)
     grpc_client.infer(MODEL, [tensor])
-    assert served.metric(sample) == before + 1
-    assert served.metric('convserve_request_seconds_count{method="http:infer",code="INVALID_ARGUMENT"}') > 0 \
-        or _post(served, f"/v2/models/{MODEL}/infer", b"{}")[0] == 400
+    assert served.metric(**counted) == before + 1
+    http = {"name": "convserve_requests_total", "service": "http", "method": "http:infer",
+            "code": "INVALID_ARGUMENT"}
+    before = served.metric(**http)
+    assert _post(served, f"/v2/models/{MODEL}/infer", b"{}")[0] == 400
+    assert served.metric(**http) == before + 1
     stats = grpc_client.get_inference_statistics(MODEL, as_json=True)["model_stats"]
     assert int(stats[0]["inference_count"]) >= 1
 

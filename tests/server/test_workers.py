@@ -4,7 +4,6 @@ refusal of a port that another process holds."""
 from __future__ import annotations
 
 import json
-import re
 import signal
 import socket
 import subprocess
@@ -23,16 +22,14 @@ from convserve.pb.convserve.v1 import convserve_pb2 as pb
 from convserve.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from convserve.server.config import ServerConfig
 from tests.conftest import REPO_ROOT, python_env
-from tests.servers import ServerProcess, predict_request, running_server
+from tests.servers import ServerProcess, predict_request, running_server, scraped
 from tests.waits import wait_until
 
 pytestmark = pytest.mark.slow
 
 
 def _calls(metrics_url: str, method: str) -> float:
-    text = urlopen(metrics_url, timeout=10).read().decode()
-    pattern = rf'^convserve_request_seconds_count{{method="{method}",code="OK"}} (\S+)$'
-    return sum(float(m) for m in re.findall(pattern, text, flags=re.MULTILINE))
+    return scraped(metrics_url, "convserve_request_seconds_count", method=method, code="OK") or 0.0
 
 
 def _connections_per_worker(server: ServerProcess) -> dict[int, grpc.Channel]:

@@ -16,7 +16,6 @@ import pytest
 from convserve import arrays
 from convserve.contracts.store import ModelStore
 from convserve.errors import InvalidInput, LimitExceeded, NoModel
-from convserve.metrics import Histogram
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
 from convserve.serving import codec
 from convserve.serving.batcher import BatchingConfig, DynamicBatcher
@@ -85,7 +84,10 @@ def test_concurrent_requests_share_one_call_and_each_gets_its_own_rows(loaded) -
     for pixels, (served_by, probabilities) in zip(requests, results, strict=True):
         assert served_by is model
         np.testing.assert_array_equal(probabilities, loaded.predict(pixels))
-    assert batcher.batch_sizes.count == 2 and batcher.batch_sizes.sum == 12
+    assert _totals(batcher.metrics.batch_sizes) == (2, 12)
+    assert _totals(batcher.metrics.queue_seconds)[0] == len(requests)  # one wait per request
+    assert _totals(batcher.metrics.compute_seconds)[0] == 2  # one per ONNX Runtime call
+    assert _totals(batcher.metrics.compute_seconds)[1] >= 0.05  # the first call's delay
 
 
 def test_max_batch_size_splits_batches_but_never_a_request(loaded) -> None:
@@ -202,17 +204,10 @@ def test_no_model_is_answered_without_queueing() -> None:
     assert asyncio.run(scenario()) == 0
 
 
-def test_histogram_renders_prometheus_buckets() -> None:
-    histogram = Histogram("convserve_batch_size", "Images per call", (1, 8, 64))
-    for value in (1, 3, 8, 100):
-        histogram.observe(value)
-    text = histogram.render()
-    assert 'convserve_batch_size_bucket{le="1"} 1' in text
-    assert 'convserve_batch_size_bucket{le="8"} 3' in text
-    assert 'convserve_batch_size_bucket{le="+Inf"} 4' in text
-    assert "convserve_batch_size_count 4" in text and "convserve_batch_size_sum 112" in text
-    with pytest.raises(ValueError):
-        Histogram("x", "y", (8, 1))
+def _totals(histogram) -> tuple[int, float]:
+    """A prometheus-client histogram's count and sum."""
+    samples = {s.name: s.value for metric in histogram.collect() for s in metric.samples}
+    return int(samples[histogram._name + "_count"]), samples[histogram._name + "_sum"]
 
 
 def test_batching_config_is_validated() -> None:

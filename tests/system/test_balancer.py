@@ -14,20 +14,25 @@ import socket
 import subprocess
 import threading
 import time
-import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import grpc
 import pytest
 
-from convserve.client import Client
+from convserve.client import Client, ClientError
 from convserve.contracts.store import ModelStore
 from tests.conftest import REPO_ROOT
 from tests.servers import ServerProcess, images
 from tests.waits import wait_until
 
 pytestmark = pytest.mark.slow
+# gRPC allows at most 5 attempts: backoffs of 0.5, 1, 2 and 4 s (with jitter) span the seconds
+# nginx takes to stop sending calls to the killed replica (max_fails=1, its in-flight calls 502).
+BACKOFF_S = 0.5
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
 
 
@@ -38,10 +43,14 @@ def _free_port() -> int:
 
 
 @contextmanager
-def nginx_in_front_of(replicas: list[ServerProcess], prefix: Path) -> Iterator[str]:
-    """The documented nginx config with this test's replica ports; yields its address."""
+def nginx_in_front_of(replicas: Sequence[Any], prefix: Path, *,
+                      access_log: bool = False) -> Iterator[str]:
+    """The documented nginx config with this test's replica ports (anything with an `address`);
+    yields its address. `access_log`: nginx logs each request to prefix/access.log."""
     port = _free_port()
     config = (REPO_ROOT / "deploy" / "nginx" / "convserve.conf").read_text()
+    if access_log:
+        config = config.replace("access_log off;", "access_log access.log;")
     for documented, replica in zip(("127.0.0.1:50051", "127.0.0.1:50052"), replicas, strict=True):
         config = config.replace(documented, replica.address)
     config = config.replace("127.0.0.1:8080", f"127.0.0.1:{port}")
@@ -67,12 +76,7 @@ def nginx_in_front_of(replicas: list[ServerProcess], prefix: Path) -> Iterator[s
 
 
 def _predict_count(replica: ServerProcess) -> float:
-    assert replica.metrics_url
-    with urllib.request.urlopen(replica.metrics_url, timeout=10) as reply:
-        for line in reply.read().decode().splitlines():
-            if line.startswith('convserve_request_seconds_count{method="Predict",code="OK"}'):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return replica.metric("convserve_request_seconds_count", method="Predict", code="OK")
 
 
 @pytest.mark.skipif(NGINX is None, reason="nginx is not installed (.ci/run installs Debian's "
@@ -83,7 +87,7 @@ def test_two_replicas_behind_nginx(tmp_path: Path, store_with_model) -> None:
     replicas = [ServerProcess(store_dir, datasets), ServerProcess(store_dir, datasets)]
     try:
         with nginx_in_front_of(replicas, tmp_path / "nginx") as balancer, \
-                Client(balancer, timeout=30, retries=6) as client:
+                Client(balancer, timeout=30, retries=6, backoff_s=BACKOFF_S) as client:
             # Train and WatchJob through the balancer (either replica may answer each call).
             job = client.train("synthetic:200", epochs=1, min_accuracy=0.0)
             final = client.wait(job.id, timeout=300)
@@ -105,7 +109,7 @@ def test_two_replicas_behind_nginx(tmp_path: Path, store_with_model) -> None:
             stop = threading.Event()
 
             def load() -> None:
-                with Client(balancer, timeout=30, retries=6) as caller:
+                with Client(balancer, timeout=30, retries=6, backoff_s=BACKOFF_S) as caller:
                     while not stop.is_set():
                         try:
                             assert caller.predict(images(1)).version == promoted
@@ -127,3 +131,21 @@ def test_two_replicas_behind_nginx(tmp_path: Path, store_with_model) -> None:
     finally:
         for replica in replicas:
             replica.stop()
+
+
+def test_a_proxy_502_for_a_dead_replica_is_retried_by_grpcs_policy(tmp_path: Path) -> None:
+    """nginx answers for replicas it cannot reach with a gRPC UNAVAILABLE of its own (the
+    documented config's error_page): gRPC's retry policy (the SDK's service config) resends the
+    calls that may be resent, `retries` + 1 attempts in all, and sends the others once."""
+    dead = [SimpleNamespace(address=f"127.0.0.1:{_free_port()}") for _ in range(2)]
+    with nginx_in_front_of(dead, tmp_path / "nginx", access_log=True) as balancer:
+        with Client(balancer, timeout=10, retries=2, backoff_s=0.05) as client:
+            with pytest.raises(ClientError) as refused:
+                client.predict(images(1))
+            assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+            assert refused.value.details == "no convserve replica answered (nginx)"
+            with pytest.raises(ClientError):
+                client.promote(1, "not resent: Promote is not idempotent")
+        log = (tmp_path / "nginx" / "access.log").read_text()
+    assert log.count("/convserve.v1.Inference/Predict") == 3  # retries + 1
+    assert log.count("/convserve.v1.Models/Promote") == 1

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from convserve.client import Client, ClientError
+from convserve.contracts.commands import EXIT_REJECTED
 from convserve.contracts.store import ModelStore
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
 from convserve.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
@@ -24,6 +25,7 @@ from convserve.training.onnx_eval import OnnxClassifier
 from tests.conftest import REPO_ROOT, python_env
 from tests.progress_checks import assert_rates_and_a_countdown
 from tests.servers import images, predict_request, publish, running_server
+from tests.terminal import screen_of
 from tests.waits import wait_until
 
 pytestmark = pytest.mark.slow
@@ -126,7 +128,7 @@ def _run_in_terminal(args: list[str], timeout: float = 300) -> tuple[int, str]:
     return process.wait(timeout=30), screen.decode()
 
 
-BAR = re.compile(r"\r\[[#.]{30}\] epoch (\d+)/(\d+) step (\d+)/(\d+) ([\d,]+) img/s ETA "
+BAR = re.compile(r"\repoch (\d+)/(\d+) \[[#.]{30}\] step (\d+)/(\d+), ([\d,]+) img/s ETA "
                  r"(\d+:\d\d(?::\d\d)?)")
 
 
@@ -150,7 +152,10 @@ def test_progress_reaches_callers_as_rate_and_eta_and_a_bar_on_a_terminal(store_
         assert {int(epoch) for epoch, *_ in bars} == {1, 2, 3}, screen[-2000:]
         assert all(epochs == "3" and int(step) <= int(steps) and int(rate.replace(",", "")) > 0
                    for _, epochs, step, steps, rate, _ in bars)
-        assert "\r\x1b[K" in screen  # an event's line first clears the bar it overwrites
+        # What a person finally sees: every event line whole (no bar remnant on its line).
+        shown = screen_of(screen)
+        assert any(re.fullmatch(r"epoch 3/3 val accuracy \d\.\d{4}", line) for line in shown), \
+            shown
 
         piped = subprocess.run([*cli, "watch", job_id, "--address", server.address],
                                cwd=REPO_ROOT, env=python_env(), capture_output=True, text=True,
@@ -491,15 +496,26 @@ def test_cli_commands_against_a_server(store_dir, datasets, onnx_models, tmp_pat
         lines = predicted.stdout.splitlines()
         assert lines[0].startswith(f"{files[0]}: class") and lines[-1] == "model version 1"
 
+        as_json = json.loads(cli("predict", *map(str, files), "--top-k", "2", "-o", "json",
+                                 *address).stdout)
+        assert as_json["version"] == 1 and [i["file"] for i in as_json["images"]] == \
+            list(map(str, files)) and len(as_json["images"][0]["top_k"]) == 2
+
+        # min_improvement 1 puts the bar above 1: REJECTED for sure, and `--watch` says so in its
+        # exit code (EXIT_REJECTED), so a script can branch on it.
         trained = cli("train", "--dataset", "synthetic:200", "--epochs", "1",
-                      "--min-accuracy", "0", "--watch", *address, timeout=300)
-        assert trained.returncode == 0, trained.stderr
+                      "--min-accuracy", "0", "--min-improvement", "1", "--watch", *address,
+                      timeout=300)
+        assert trained.returncode == EXIT_REJECTED, trained.stderr
         assert "epoch 1/1 val accuracy" in trained.stdout
-        # Either verdict is a finished job (exit 0); which one depends on the 1-epoch candidate.
         final = trained.stdout.splitlines()[-1]
-        assert re.fullmatch(r"job k\w+: (PROMOTED \(promoted as version 2\)|REJECTED \(rejected "
-                            r"by the gate: .+\))", final), final
-        assert final.split()[2] in cli("jobs", *address).stdout
+        assert re.fullmatch(r"job k\w+: REJECTED \(rejected by the gate: the bar is unreachable: "
+                            r".+\)", final), final
+        job_id = final.split()[1].rstrip(":")
+        assert job_id in cli("jobs", *address).stdout
+        listed = json.loads(cli("jobs", "-o", "json", *address).stdout)
+        assert [(j["id"], j["state"]) for j in listed] == [(job_id, "REJECTED")]
+        assert cli("watch", job_id, *address).returncode == EXIT_REJECTED
         healthy = cli("health", *address)
         assert (healthy.returncode, healthy.stdout.strip()) == (0, "SERVING")
         unknown = cli("health", "--service", "no.such.Service", *address)
@@ -553,7 +569,7 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_dropped_by_the_server(
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert [call.result().shape for call in long_calls] == [[1024, 10]] * 4
 
-        cancelled = 'convserve_request_seconds_count{method="Predict",code="CANCELLED"}'
-        wait_until(lambda: server.metric(cancelled) == 1, "the dropped call counted")
+        wait_until(lambda: server.metric("convserve_request_seconds_count", method="Predict",
+                                         code="CANCELLED") == 1, "the dropped call counted")
         assert server.metric("convserve_batch_size_count") == 5  # the warm-up and the big ones
         assert server.metric("convserve_batch_size_sum") == 1 + 4 * 1024

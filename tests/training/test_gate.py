@@ -67,6 +67,14 @@ def test_a_regression_is_rejected_and_a_tie_or_gain_promoted() -> None:
     assert not needs_gain.promoted and needs_gain.required_accuracy == pytest.approx(0.85)
 
 
+def test_a_bar_above_one_is_called_unreachable() -> None:
+    perfect = _champion([10, 10, 10])  # accuracy 1.0: no candidate can beat it by 0.05
+    decision = gate.evaluate(GatePolicy(min_accuracy=0.0, min_improvement=0.05), PASSED, NAMES,
+                             _metrics([10, 10, 10]), perfect)
+    assert not decision.promoted and "the bar is unreachable" in decision.reason
+    assert "= 1.0500 > 1; lower min_improvement" in decision.reason
+
+
 def test_class_change_is_refused_unless_allowed() -> None:
     other = _champion([9, 9, 9], classes=("x", "y"))
     refused = gate.evaluate(GatePolicy(min_accuracy=0.0), PASSED, NAMES, _metrics([8, 8, 8]),

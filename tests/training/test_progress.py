@@ -2,12 +2,16 @@
 
 import io
 import json
+import os
+import pty
+import select
 import time
 from pathlib import Path
 
 from convserve.contracts.job_dir import read_events
-from convserve.progress_bar import render_bar
+from convserve.progress_bar import ProgressDisplay
 from convserve.training.progress import ProgressReporter, enumerate_with_estimate
+from tests.terminal import screen_of
 
 
 def test_estimate_starts_after_the_first_item_and_counts_down() -> None:
@@ -26,7 +30,8 @@ def test_estimate_starts_after_the_first_item_and_counts_down() -> None:
 
 def test_reporter_writes_json_lines_and_rate_limits_progress(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
-    reporter = ProgressReporter(path, terminal=io.StringIO(), min_interval_s=60)
+    shown = io.StringIO()  # not a terminal: lines, no bar
+    reporter = ProgressReporter(path, ProgressDisplay(lines=shown, bar=shown), min_interval_s=60)
     reporter.event("state", state="TRAINING")
     for step in range(1, 4):
         reporter.progress(epoch=1, epochs=2, step=step, steps=3, images_per_s=100.0, eta_s=5.0)
@@ -39,6 +44,7 @@ def test_reporter_writes_json_lines_and_rate_limits_progress(tmp_path: Path) -> 
     assert events[2]["eta_s"] is None  # an unknown ETA is null, never Infinity (invalid JSON)
     for line in path.read_text().splitlines():
         json.loads(line)
+    assert shown.getvalue() == "training\n"  # the phase as a line; no bar in a pipe
 
 
 def test_a_line_still_being_written_is_not_read(tmp_path: Path) -> None:
@@ -49,7 +55,39 @@ def test_a_line_still_being_written_is_not_read(tmp_path: Path) -> None:
     assert read_events(path) == [{"type": "state"}, {"type": "epoch"}]
 
 
-def test_progress_bar() -> None:
-    bar = render_bar(step=5, steps=10, epoch=2, epochs=3, images_per_s=1234.5, eta_s=75,
-                     width=10)
-    assert bar == "[#####.....] epoch 2/3 step 5/10 1,234 img/s ETA 01:15"
+def test_the_bar_redraws_in_place_on_a_terminal_and_lines_go_above_it() -> None:
+    """A real pseudo-terminal: each redraw covers the last one entirely (a shorter ETA leaves no
+    digits behind), an event line is printed whole above the bar, and closing clears the bar."""
+    leader, follower = pty.openpty()
+    terminal = os.fdopen(follower, "w")
+    display = ProgressDisplay(lines=terminal, bar=terminal)
+    assert display.draws_a_bar
+    display.progress(1, 4, 1, 2, 1234.5, 3605.0)   # ETA 1:00:05
+    display.progress(2, 4, 1, 2, 1234.5, 5.0)      # ETA 00:05: shorter than the last
+    after_redraw = screen_of(_drain(leader))
+    display.line("epoch 1/2 val accuracy 0.5000")
+    display.progress(1, 4, 2, 2, 99.0, None)
+    display.close()
+    terminal.flush()
+    final = screen_of(_drain(leader))
+    os.close(leader)
+    assert after_redraw[-1] == ("epoch 1/2 [###############...............] step 2/4, "
+                                "1,234 img/s ETA 00:05")
+    assert final[0] == "epoch 1/2 val accuracy 0.5000"  # whole, no bar left on its line
+    assert final[1:] == [""]  # the closed bar leaves nothing behind
+
+
+def test_no_bar_in_a_pipe_only_lines() -> None:
+    piped = io.StringIO()
+    display = ProgressDisplay(lines=piped, bar=piped)
+    display.progress(1, 4, 1, 2, 1234.5, 5.0)
+    display.line("epoch 1/2 val accuracy 0.5000")
+    display.close()
+    assert not display.draws_a_bar and piped.getvalue() == "epoch 1/2 val accuracy 0.5000\n"
+
+
+def _drain(fd: int) -> str:
+    chunks = []
+    while select.select([fd], [], [], 0.2)[0]:
+        chunks.append(os.read(fd, 65536))
+    return b"".join(chunks).decode()
