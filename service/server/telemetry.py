@@ -23,6 +23,8 @@ not counted by every replica), and a scrape costs the same whatever the store ho
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from convserve.jobs import JobRunner
@@ -51,11 +53,20 @@ class RequestMetrics:
         self.streams = Histogram("convserve_stream_seconds",
                                  "Streaming calls (WatchJob): whole duration in seconds",
                                  ("method", "code"), buckets=STREAM_BUCKETS, registry=None)
+        # Each label set's children, looked up once: `labels()` per call costs a lock and a
+        # tuple on every request (the set of keys is bounded: methods x status codes).
+        self._children: dict[tuple[str, str, str, bool], tuple[Any, Any]] = {}
 
     def observe(self, method: str, code: str, seconds: float, *, service: str = UNKNOWN,
                 stream: bool = False) -> None:
-        self.calls.labels(service, method, code).inc()
-        (self.streams if stream else self.latency).labels(method, code).observe(seconds)
+        key = (service, method, code, stream)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self.calls.labels(service, method, code),
+                (self.streams if stream else self.latency).labels(method, code))
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 def replica_registry(requests: RequestMetrics, batcher: DynamicBatcher, manager: ModelManager,

@@ -5,6 +5,7 @@ one path both Predict and the Open Inference Protocol's ModelInfer take."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import numpy as np
 from prometheus_client import Counter
@@ -20,6 +21,7 @@ class Predictor:
         self._batcher = batcher
         self.images = Counter("convserve_images", "Images served, by the model version that "
                               "served them", ("version",), registry=None)
+        self._served: dict[int, Any] = {}
 
     async def predict(self, pixels: np.ndarray, version: int = 0
                       ) -> tuple[LoadedModel, np.ndarray]:
@@ -29,5 +31,8 @@ class Predictor:
             probabilities = await asyncio.to_thread(model.predict, pixels)
         else:
             model, probabilities = await self._batcher.predict(pixels)
-        self.images.labels(str(model.version)).inc(len(pixels))
+        served = self._served.get(model.version)
+        if served is None:  # one child per version, looked up once
+            served = self._served[model.version] = self.images.labels(str(model.version))
+        served.inc(len(pixels))
         return model, probabilities
