@@ -136,14 +136,19 @@ def mutated(draw: st.DrawFn, valid: bytes) -> bytes:
 @given(body=mutated(VALID_PREDICT))
 def test_a_mutated_predict_gets_a_deliberate_answer_and_the_server_serves_on(server, body: bytes
                                                                                ) -> None:
-    predict = next(m for m in METHODS if m.path == "/convserve.v1.Inference/Predict")
+    _answered_deliberately(server, "/convserve.v1.Inference/Predict", body, VALID_PREDICT)
+
+
+def _answered_deliberately(server: ServerProcess, path: str, body: bytes, valid: bytes) -> None:
+    """Every answer is one the status map chose (or OK): never UNKNOWN, never INTERNAL; and a
+    valid call right after is answered."""
+    method = next(m for m in METHODS if m.path == path)
     with grpc.insecure_channel(server.address) as channel:
-        error = _call(channel, predict, body)
-        # Every answer is one the status map chose (or OK): never UNKNOWN, never INTERNAL.
+        error = _call(channel, method, body)
         assert error is None or error.code() in {
             grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
             grpc.StatusCode.NOT_FOUND}, (error.code(), error.details())
-        assert _call(channel, predict, VALID_PREDICT) is None
+        assert _call(channel, method, valid) is None
 
 
 def test_garbage_leaves_no_tracebacks_and_unknown_methods_are_counted(server) -> None:
@@ -173,10 +178,5 @@ VALID_INFER = oip.ModelInferRequest(
 @given(body=mutated(VALID_INFER))
 def test_a_mutated_model_infer_gets_a_deliberate_answer_and_the_server_serves_on(
         server, body: bytes) -> None:
-    infer = next(m for m in METHODS if m.path.endswith("GRPCInferenceService/ModelInfer"))
-    with grpc.insecure_channel(server.address) as channel:
-        error = _call(channel, infer, body)
-        assert error is None or error.code() in {
-            grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
-            grpc.StatusCode.NOT_FOUND}, (error.code(), error.details())
-        assert _call(channel, infer, VALID_INFER) is None
+    _answered_deliberately(server, f"/{open_inference_grpc.SERVICE}/ModelInfer", body,
+                           VALID_INFER)
