@@ -41,7 +41,7 @@ class ProgressDisplay:
             self._close_bar()
             self._bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", file=self._bar_stream,
                              bar_format=BAR_FORMAT, ascii=".#", leave=False, mininterval=0,
-                             ncols=_columns(self._bar_stream))
+                             **_size(self._bar_stream))
             self._epoch = epoch
         self._bar.n = step
         eta = "--:--" if eta_s is None else clock(eta_s)
@@ -64,12 +64,14 @@ class ProgressDisplay:
             self._bar = None
 
 
-def _columns(stream: TextIO) -> int:
-    """The terminal's width; 100 when it reports none (a fresh pseudo-terminal says 0)."""
+def _size(stream: TextIO) -> dict[str, int]:
+    """The terminal's size for tqdm; 100 x 24 where it reports none. A fresh pseudo-terminal
+    says 0 x 0, and tqdm hides a bar whose row is beyond the screen's last."""
     try:
-        return os.get_terminal_size(stream.fileno()).columns or 100
+        size = os.get_terminal_size(stream.fileno())
     except (OSError, ValueError):
-        return 100
+        return {"ncols": 100, "nrows": 24}
+    return {"ncols": size.columns or 100, "nrows": size.lines or 24}
 
 
 def clock(seconds: float) -> str:
