@@ -190,7 +190,10 @@ class OpenInference:
                     requested: Sequence[Requested]) -> Inferred:
         started = time.perf_counter_ns()
         try:
-            number = self.version(name, version)
+            # A pinned version is looked up in the store (a directory listing): off the loop, as
+            # Predict's pinned calls are; the promoted one needs no lookup.
+            number = (await asyncio.to_thread(self.version, name, version) if version
+                      else self.version(name, version))
             pixels = await self._pixels(inputs)
             model, probabilities = await self._predictor.predict(pixels, number)
             outputs = self._outputs(probabilities, model.classes, requested)
