@@ -7,7 +7,7 @@ LAYOUT := build/layout
 # A CPU-only machine still installs the registry's standard (CUDA) torch build: see pyproject.toml.
 PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: venv demo test lint layout protos image clean
+.PHONY: venv demo test lint layout protos image image-serve image-full clean
 
 venv: $(STAMP)
 
@@ -43,9 +43,19 @@ layout:
 	cp -r service $(LAYOUT)/convserve && cp -r training $(LAYOUT)/convserve/training
 	find $(LAYOUT) -name __pycache__ -prune -exec rm -rf {} +
 
-## image: build the container with podman from a local Debian base (no Docker engine needed)
-image:
-	../shared/tools/podman-build . -- --format docker --build-arg BASE_IMAGE=localhost/debian-python:bookworm
+## image: build both container images with podman from a local Debian base (no Docker engine
+## needed): localhost/convserve:serve (serving replicas, no torch) and localhost/convserve:full
+## (serving + training). `--format docker` keeps the HEALTHCHECK (docs/deploy.md).
+PODMAN_BUILD := ../shared/tools/podman-build . -- --format docker \
+	--build-arg BASE_IMAGE=localhost/debian-python:bookworm
+
+image: image-serve image-full
+
+image-serve:
+	TAG=localhost/convserve:serve $(PODMAN_BUILD) --target serve
+
+image-full:
+	TAG=localhost/convserve:full $(PODMAN_BUILD) --target full
 
 clean:
 	rm -rf runs build .pytest_cache .ruff_cache

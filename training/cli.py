@@ -70,6 +70,7 @@ class Invocation:
     store: Path | None
     job_id: str | None
     progress_interval_s: float
+    attempt: int = 0           # a job's claim: checked before publishing (0: none)
 
 
 def invocation_of(args: argparse.Namespace) -> Invocation:
@@ -77,7 +78,7 @@ def invocation_of(args: argparse.Namespace) -> Invocation:
     if args.job is not None:
         job = read_job_spec(args.job)
         return Invocation(job.config, job.gate, args.job, Path(job.store), job.job_id,
-                          job.progress_interval_s)
+                          job.progress_interval_s, job.attempt)
     if args.resume and args.out is None:
         raise ConfigError("--resume needs --out, the run directory to continue")
     if not 0 <= args.progress_interval_s <= 60:
@@ -126,7 +127,7 @@ def _run(job: Invocation, resume: bool, world: World, reporter: ProgressReporter
     if job.store is not None:
         actor = f"job:{job.job_id}" if job.job_id else f"cli:{_user()}"
         publication = Publication(ModelStore(job.store), job.policy, actor=actor,
-                                  job_id=job.job_id)
+                                  job_id=job.job_id, run_dir=job.run_dir, attempt=job.attempt)
     try:
         # A job's child dies with its replica (SIGTERM: recorded INTERRUPTED, resumable); a
         # replica restarted on the store then finds the job's true outcome (JobRunner.recover).

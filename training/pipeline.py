@@ -25,7 +25,8 @@ from typing import Any
 
 from convserve.contracts.errors import ExportError
 from convserve.contracts.gate_policy import GatePolicy
-from convserve.contracts.job_dir import CARD_FILE, MODEL_FILE, Phase
+from convserve.contracts.job_dir import CARD_FILE, MODEL_FILE, Phase, check_claim
+from convserve.contracts.model_card import GateDecision
 from convserve.contracts.spec import TrainConfig
 from convserve.contracts.store import ModelStore, PublishResult
 from convserve.training import distributed, gate
@@ -55,6 +56,8 @@ class Publication:
     policy: GatePolicy
     actor: str                 # "job:<id>" for service jobs, "cli:<user>" for offline runs
     job_id: str | None = None
+    run_dir: Path | None = None
+    attempt: int = 0           # a job's claim, checked under the store's lock (0: no check)
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,15 @@ def gate_and_publish(publication: Publication, model_path: Path, card: dict[str,
                              decision=decision)
     decide = gate.decide_against(publication.store, publication.policy, parity, data.classes,
                                  onnx_validation, data.val_images, data.val_labels)
-    return publication.store.publish(model_path, card, decide, actor=publication.actor,
+
+    def fenced(champion: int | None) -> GateDecision:
+        # Under the store's lock: an attempt whose job was taken over never publishes, however
+        # late it gets here (its trainer hung past the heartbeat while it kept training).
+        if publication.attempt and publication.run_dir is not None:
+            check_claim(publication.run_dir, publication.attempt)
+        return decide(champion)
+
+    return publication.store.publish(model_path, card, fenced, actor=publication.actor,
                                      job_id=publication.job_id)
 
 

@@ -25,6 +25,7 @@ from convserve.contracts.gate_policy import add_gate_arguments, gate_overrides_o
 
 if TYPE_CHECKING:
     from convserve.client import Client
+    from convserve.pb.convserve.v1 import convserve_pb2 as pb
 
 ADDRESS_ENV = "CONVSERVE_ADDRESS"
 TOKEN_ENV = "CONVSERVE_TOKEN"
@@ -148,8 +149,18 @@ def jobs(args: argparse.Namespace) -> int:
         detail = (f"v{job.model_version}" if job.model_version
                   else job.error.splitlines()[-1] if job.error else job.gate_reason)
         print(f"{job.id}  {job.state:<9}  {request.dataset:<14} epochs {request.epochs:<3} "
-              f"{job.message.created_at}  {detail}")
+              f"{job.message.created_at}  {_where(job.message)}{detail}")
     return EXIT_OK
+
+
+def _where(job: pb.Job) -> str:
+    """Its place in the queue, or the trainer of its last attempt (and which attempt)."""
+    if job.queue_position:
+        return f"queued #{job.queue_position}  "
+    if not job.attempts:
+        return ""
+    last = job.attempts[-1]
+    return f"on {last.trainer}" + (f" (attempt {last.number})  " if last.number > 1 else "  ")
 
 
 def cancel(args: argparse.Namespace) -> int:

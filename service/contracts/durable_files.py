@@ -4,9 +4,13 @@ replacement, and append-only logs whose torn last line is discarded. Standard li
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 CHUNK_SIZE = 64 * 1024
@@ -43,14 +47,33 @@ def write_read_only(path: Path, text: str) -> None:
 
 
 def replace_file(path: Path, text: str) -> None:
-    """Replace `path` atomically: readers see the old content or the new, never a mix."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Replace `path` atomically: readers see the old content or the new, never a mix. The
+    temporary name is unique, so writers in other processes never share one."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock(2) on `path` (created if missing). flock is per open file
+    description, so this serialises threads of one process as well as processes and hosts (on
+    NFSv4, CephFS and other shared filesystems with POSIX locks); the kernel drops it if the
+    holder dies. Not re-entrant: a thread that takes it twice waits for itself."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def append_line(path: Path, line: str) -> None:

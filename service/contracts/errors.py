@@ -108,6 +108,11 @@ class IntegrityError(StoreError):
     status = "DATA_LOSS"
 
 
+class ClaimLost(StoreError):
+    """A training process's attempt no longer holds its job: its trainer was declared dead and
+    another attempt took the job over, so this one must not publish."""
+
+
 class InvalidJobId(StoreError, InvalidInput):
     """A job id is not 1-64 characters of [A-Za-z0-9_-]."""
 

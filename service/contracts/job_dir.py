@@ -8,6 +8,10 @@
                                and the training process's own events (progress, epochs, gate);
                                every writer appends whole lines in O_APPEND mode
         cancel.requested       marker: some replica was asked to cancel the job
+        claim                  "<attempt> <trainer>": the attempt that holds the job now, written
+                               by the trainer that claimed it; a training process of an older
+                               attempt must not publish (convserve.training.pipeline checks)
+        .lock                  flock(2) lock: every change of job.json is made under it
         stdout.log, stderr.log the training process's output
         card.json, model.onnx, tensorboard/, checkpoints/last.pt
                                the training run's (`python -m convserve.training --out DIR` writes
@@ -26,10 +30,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from convserve.contracts.durable_files import replace_file
+from convserve.contracts.errors import ClaimLost
+
 RECORD_FILE = "job.json"
 SPEC_FILE = "spec.json"
 EVENTS_FILE = "events.jsonl"
 CANCEL_MARKER = "cancel.requested"
+CLAIM_FILE = "claim"
+LOCK_FILE = ".lock"
 STDOUT_FILE = "stdout.log"
 STDERR_FILE = "stderr.log"
 CARD_FILE = "card.json"
@@ -70,6 +79,23 @@ class Phase(enum.StrEnum):
 
 def checkpoint_path(run_dir: Path) -> Path:
     return run_dir / CHECKPOINT_FILE
+
+
+def write_claim(job_dir: Path, attempt: int, trainer: str) -> None:
+    replace_file(job_dir / CLAIM_FILE, f"{attempt} {trainer}\n")
+
+
+def check_claim(job_dir: Path, attempt: int) -> None:
+    """Raise ClaimLost unless attempt `attempt` still holds the job (the fencing token a training
+    process checks under the store's lock before it publishes)."""
+    try:
+        holder = (job_dir / CLAIM_FILE).read_text(encoding="utf-8").strip()
+    except OSError:
+        holder = ""
+    if holder.split(" ", 1)[0] != str(attempt):
+        raise ClaimLost(f"attempt {attempt} of job {job_dir.name} no longer holds it (now: "
+                        f"{holder or 'nobody'}): its trainer was declared dead and the job went "
+                        "back to the queue; this attempt does not publish")
 
 
 def timestamp() -> str:

@@ -25,12 +25,13 @@ class JobSpec:
     gate: GatePolicy
     store: str                        # the model store the gate publishes to
     progress_interval_s: float = 1.0  # at most one progress event per interval
+    attempt: int = 0                  # the claim it runs under (0: unfenced), job_dir.check_claim
 
     def write(self, job_dir: Path) -> None:
         """Atomically: a child started after a crash never reads half a file."""
         body = {"format": FORMAT, "job_id": self.job_id, "config": self.config.to_dict(),
                 "gate": self.gate.to_dict(), "store": self.store,
-                "progress_interval_s": self.progress_interval_s}
+                "progress_interval_s": self.progress_interval_s, "attempt": self.attempt}
         replace_file(job_dir / SPEC_FILE, json.dumps(body, indent=2, sort_keys=True) + "\n")
 
 
@@ -42,7 +43,8 @@ def read_job_spec(job_dir: Path) -> JobSpec:
             raise ConfigError(f"{path}: format {body.get('format')!r}, expected {FORMAT}")
         return JobSpec(job_id=str(body["job_id"]), config=TrainConfig.from_dict(body["config"]),
                        gate=GatePolicy(**body["gate"]), store=str(body["store"]),
-                       progress_interval_s=float(body["progress_interval_s"]))
+                       progress_interval_s=float(body["progress_interval_s"]),
+                       attempt=int(body.get("attempt", 0)))
     except (OSError, ValueError, KeyError, TypeError) as error:
         if isinstance(error, ConfigError):
             raise

@@ -14,6 +14,7 @@ Layout under ``root``::
     models/.lock            flock(2) lock file serialising promotions across processes/replicas
     models/.tmp-*           in-progress version directories (never listed as versions)
     jobs/<id>/              job directories (records, events, logs, checkpoints, candidates)
+    queue/                  the jobs waiting for a trainer, one empty file each (convserve.jobs.queue)
 
 Guarantees:
 
@@ -37,15 +38,14 @@ write they could observe is an atomic rename or an append of one newline-termina
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,6 +54,7 @@ from convserve.contracts.durable_files import (
     CHUNK_SIZE,
     append_line,
     fsync_dir,
+    locked,
     replace_file,
     sha256_file,
     write_read_only,
@@ -138,8 +139,9 @@ class ModelStore:
         self.root = Path(root)
         self.models_dir = self.root / "models"
         self.jobs_dir = self.root / "jobs"
-        self.models_dir.mkdir(parents=True, exist_ok=True)
-        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.queue_dir = self.root / "queue"
+        for folder in (self.models_dir, self.jobs_dir, self.queue_dir):
+            folder.mkdir(parents=True, exist_ok=True)
 
     # ----------------------------------------------------------------------------- reading
 
@@ -302,16 +304,8 @@ class ModelStore:
             raise IntegrityError(f"expected a version number in {path}, found {text[:40]!r}")
         return int(text)
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        # flock is per open file description, so this also serialises threads and several
-        # ModelStore objects within one process; the kernel drops it if the holder dies.
-        fd = os.open(self.models_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # releases the lock
+    def _locked(self) -> AbstractContextManager[None]:
+        return locked(self.models_dir / LOCK_FILE)
 
     def _remove_stale_tmp(self) -> None:
         # Only called under the lock, and every publish in progress holds it: any temp dir seen

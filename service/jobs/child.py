@@ -35,40 +35,36 @@ ERROR_MAX_CHARS = 4000
 
 
 class ChildSupervision(Recovery):
-    async def _run_job(self, job_id: str, stop: asyncio.Event) -> None:
-        record = self.get(job_id)
-        job_dir = self._store.job_dir(job_id)
-        if record.state.final:
-            return
-        if (job_dir / CANCEL_MARKER).exists():
-            self._finish(record, JobState.CANCELLED, error="cancelled while queued")
+    async def _run_job(self, record: JobRecord, stop: asyncio.Event) -> None:
+        """Run a job this trainer claimed (attempt `record.attempts[-1]`) to its end."""
+        job_id, job_dir = record.id, self._store.job_dir(record.id)
+        if stop.is_set():  # stopping as it was claimed: straight back to the queue
+            self._release(record)
             return
         command = self.command(record)
-        self._append_event(job_id, "state", state=JobState.RUNNING.value,
-                           replica=self._config.replica_id)
         with (job_dir / STDOUT_FILE).open("ab") as out, (job_dir / STDERR_FILE).open("ab") as err:
             process = await asyncio.create_subprocess_exec(
                 *command, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=err,
                 start_new_session=True, env=self._child_env())
-        record.state, record.pid = JobState.RUNNING, process.pid
-        record.started_at = record.heartbeat_at = timestamp()
-        with self._lock:
-            self._write(record)
+        record.pid, record.heartbeat_at = process.pid, timestamp()
         log.info("job %s: started pid %d", job_id, process.pid)
         tail = EventTail(job_dir / EVENTS_FILE)
         try:
-            outcome = await self._supervise(process, record, stop, tail)
+            saved = await asyncio.to_thread(self._save, record)
+            outcome = (await self._supervise(process, record, stop, tail) if saved
+                       else await self._lost(process, record))
         except asyncio.CancelledError:  # the server cancelled the worker task: leave no orphan
             signal_group(process.pid, signal.SIGKILL)
-            self._finish(record, JobState.INTERRUPTED, error=stopped_message(record))
+            self._release(record)
             raise
         finally:
             self.training_images_per_s = 0.0
-        self._conclude(record, process.returncode, outcome, tail)
+        await asyncio.to_thread(self._conclude, record, process.returncode, outcome, tail)
 
     async def _supervise(self, process: asyncio.subprocess.Process, record: JobRecord,
                          stop: asyncio.Event, tail: EventTail) -> str:
-        """Heartbeat while the child runs. Returns "exited", "cancelled" or "stopped"."""
+        """Heartbeat while the child runs. Returns "exited", "cancelled", "stopped" or "lost"
+        (another attempt took the job over: this trainer was declared dead)."""
         assert self._wake is not None
         marker = self._store.job_dir(record.id) / CANCEL_MARKER
         exited = asyncio.ensure_future(process.wait())
@@ -84,11 +80,19 @@ class ChildSupervision(Recovery):
                 if exited.done():
                     signal_group(process.pid, signal.SIGKILL)  # stragglers of its group only
                     return "exited"
-                self._beat(record, tail)
-                self._heartbeat_queued()
+                if not await asyncio.to_thread(self._beat, record, tail):
+                    return await self._lost(process, record, exited)
         finally:
             if not exited.done():
                 exited.cancel()
+
+    async def _lost(self, process: asyncio.subprocess.Process, record: JobRecord,
+                    exited: asyncio.Future[int] | None = None) -> str:
+        log.warning("job %s: attempt %d lost its claim (this trainer missed its heartbeats and "
+                    "the job went back to the queue): stopping its training process", record.id,
+                    record.attempts[-1].number)
+        await self._terminate(process.pid, exited or asyncio.ensure_future(process.wait()))
+        return "lost"
 
     async def _terminate(self, pid: int, exited: asyncio.Future[int]) -> None:
         signal_group(pid, signal.SIGTERM)
@@ -108,11 +112,36 @@ class ChildSupervision(Recovery):
             env[PARENT_PID_ENV] = str(os.getpid())  # the child dies with this replica
         return env
 
-    def _beat(self, record: JobRecord, tail: EventTail) -> None:
+    def _beat(self, record: JobRecord, tail: EventTail) -> bool:
+        """Record the heartbeat and the latest epoch; False: the claim is lost."""
         record.heartbeat_at = timestamp()
         self._absorb(record, tail)
-        with self._lock:
+        return self._save(record)
+
+    def _save(self, record: JobRecord) -> bool:
+        """Write this trainer's record of its running attempt, if the attempt still holds the
+        job (under the job's lock); False when it does not."""
+        with self._job_locked(record.id):
+            if not self._holds(record):
+                return False
             self._write(record)
+            return True
+
+    def _holds(self, record: JobRecord) -> bool:
+        """Under the job's lock: is this trainer's attempt still the job's running one?"""
+        return self.get(record.id).held_by(self._config.replica_id, record.attempts[-1].number)
+
+    def _end_attempt(self, record: JobRecord, state: JobState, *, error: str = "") -> None:
+        with self._job_locked(record.id):
+            if self._holds(record):
+                self._finish(record, state, error=error)
+
+    def _release(self, record: JobRecord) -> None:
+        """This trainer stops: the job goes back to the front of the queue, for any trainer to
+        continue from its checkpoint (not counted as a lost attempt)."""
+        with self._job_locked(record.id):
+            if self._holds(record):
+                self._requeue(record, "released", released_by=self._config.replica_id)
 
     def _absorb(self, record: JobRecord, tail: EventTail) -> None:
         """Take epoch and val_accuracy from the "epoch" events written since the last call, and
@@ -129,27 +158,34 @@ class ChildSupervision(Recovery):
 
     def _conclude(self, record: JobRecord, code: int | None, outcome: str,
                   tail: EventTail) -> None:
+        if outcome == "lost":
+            return  # the job is another attempt's now: this one records nothing
         record.heartbeat_at = timestamp()
         self._absorb(record, tail)  # the last epoch's numbers
-        final_event = last_state(self._store.job_dir(record.id) / EVENTS_FILE)
-        if (outcome != "exited" or code != 0) and self._adopt_publication(record):
-            log.warning("job %s: stopped after its model was published: PROMOTED", record.id)
-        elif outcome == "cancelled":
-            self._finish(record, JobState.CANCELLED, error="cancelled")
-        elif outcome == "stopped":
-            # The child (SIGTERM: KeyboardInterrupt) wrote INTERRUPTED itself when it could.
-            self._finish(record, JobState.INTERRUPTED, error=stopped_message(record),
-                         event=final_event != JobState.INTERRUPTED)
-        elif code == 0 and final_event in (JobState.PROMOTED, JobState.REJECTED):
-            self._adopt_outcome(record, JobState(final_event))
-        elif code == 0:
-            self._finish(record, JobState.FAILED, error="training process exited with code 0 "
-                         f"but its last state was {final_event!r}, not PROMOTED or REJECTED")
-        else:
-            # The child writes a FAILED state itself when it fails cleanly (exit 1 or 2); a
-            # signal (crash, OOM kill) leaves that to us.
-            self._finish(record, JobState.FAILED, error=self._failure(record.id, code),
-                         event=final_event != JobState.FAILED)
+        with self._job_locked(record.id):
+            if not self._holds(record):
+                log.warning("job %s: attempt %d lost its claim as it ended: not recorded",
+                            record.id, record.attempts[-1].number)
+                return
+            final_event = last_state(self._store.job_dir(record.id) / EVENTS_FILE)
+            if (outcome != "exited" or code != 0) and self._adopt_publication(record):
+                log.warning("job %s: stopped after its model was published: PROMOTED", record.id)
+            elif outcome == "cancelled":
+                self._finish(record, JobState.CANCELLED, error="cancelled")
+            elif outcome == "stopped":
+                # The child (SIGTERM: KeyboardInterrupt) kept its last epoch's checkpoint.
+                self._requeue(record, "released", released_by=self._config.replica_id)
+            elif code == 0 and final_event in (JobState.PROMOTED, JobState.REJECTED):
+                self._adopt_outcome(record, JobState(final_event))
+            elif code == 0:
+                self._finish(record, JobState.FAILED, error="training process exited with code "
+                             f"0 but its last state was {final_event!r}, not PROMOTED or "
+                             "REJECTED")
+            else:
+                # The child writes a FAILED state itself when it fails cleanly (exit 1 or 2); a
+                # signal (crash, OOM kill) leaves that to us.
+                self._finish(record, JobState.FAILED, error=self._failure(record.id, code),
+                             event=final_event != JobState.FAILED)
         log.info("job %s: %s", record.id, record.state.value)
 
     def _failure(self, job_id: str, code: int | None) -> str:
@@ -179,21 +215,16 @@ class ChildSupervision(Recovery):
         JobSpec(job_id=record.id, config=config,
                 gate=c.gate_bounds.apply(c.gate_defaults, record.params.gate),
                 store=str(self._store.root), progress_interval_s=c.progress_interval_s,
-                ).write(job_dir)
+                attempt=record.attempts[-1].number if record.attempts else 0).write(job_dir)
         args = [c.python, "-m", "convserve.training", "--job", str(job_dir)]
         if c.processes > 1:
             # torchrun in the child's process group: a cancel's killpg reaches every rank.
             args[1:3] = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                          str(c.processes), "-m", "convserve.training"]
-        if record.resumes and checkpoint_path(job_dir).exists():
-            args.append("--resume")  # no checkpoint yet (stopped in epoch 1): start over
+        if checkpoint_path(job_dir).exists():
+            # An earlier attempt's last finished epoch (none yet: it stopped in epoch 1).
+            args.append("--resume")
         return args
-
-
-def stopped_message(record: JobRecord) -> str:
-    return (f"interrupted: the server stopped after epoch {record.epoch}; resume with "
-            f"Train(resume_job={record.id!r}) or `convserve resume {record.id}`: it continues "
-            "from its last finished epoch")
 
 
 async def first_of(timeout: float, *awaitables: Any) -> None:

@@ -1,5 +1,5 @@
-"""Job records in the shared store: reading and atomically replacing job.json, appending events,
-finishing a job, and heartbeating this replica's queued jobs."""
+"""Job records in the shared store: reading and atomically replacing job.json under the job's
+lock, appending events, and finishing a job."""
 
 from __future__ import annotations
 
@@ -10,16 +10,17 @@ import logging
 import math
 import os
 import time
-import uuid
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from convserve.contracts.durable_files import locked, replace_file
 from convserve.contracts.job_dir import (
-    CANCEL_MARKER,
     CARD_FILE,
     EVENTS_FILE,
+    LOCK_FILE,
     RECORD_FILE,
     JobState,
     append_event,
@@ -35,6 +36,24 @@ log = logging.getLogger("convserve.jobs")
 
 
 @dataclass
+class Attempt:
+    """One run of a job by one trainer, from its claim to its end."""
+
+    number: int                         # 1, 2, ...: also the claim's fencing token
+    trainer: str                        # the trainer's replica id (host:pid)
+    claimed_at: str
+    ended_at: str = ""
+    # "" while it runs; then a final JobState name, "released" (its trainer stopped and put the
+    # job back in the queue) or "lost" (its trainer died: no heartbeat, or its process is gone)
+    outcome: str = ""
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Attempt:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+@dataclass
 class JobRecord:
     id: str
     state: JobState
@@ -47,11 +66,24 @@ class JobRecord:
     gate: GateDecision | None = None
     epoch: int = 0
     val_accuracy: float | None = None
-    replica: str = ""
-    pid: int | None = None
-    heartbeat_at: str = ""
+    replica: str = ""                   # the replica that accepted the Train
+    pid: int | None = None              # the running attempt's training process
+    heartbeat_at: str = ""              # the running attempt's trainer, every heartbeat_s
     idempotency_key: str = ""
     resumes: int = 0                    # times it was continued after an interruption
+    queued_at: str = ""                 # its place in the queue (kept when it goes back)
+    trainer: str = ""                   # the trainer of the latest attempt
+    attempts: list[Attempt] = field(default_factory=list)
+
+    @property
+    def lost_attempts(self) -> int:
+        return sum(a.outcome == "lost" for a in self.attempts)
+
+    def held_by(self, trainer: str, number: int) -> bool:
+        """Attempt `number` of `trainer` is the one running the job now (its lease)."""
+        return (self.state == JobState.RUNNING and bool(self.attempts)
+                and self.attempts[-1].number == number and self.attempts[-1].trainer == trainer
+                and not self.attempts[-1].outcome)
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "state": self.state.value,
@@ -64,11 +96,18 @@ class JobRecord:
         known = {k: v for k, v in values.items() if k in names}
         return cls(**{**known, "state": JobState(values["state"]),
                       "gate": GateDecision.from_dict(values.get("gate")),
-                      "params": TrainParams.from_dict(values["params"])})
-
+                      "params": TrainParams.from_dict(values["params"]),
+                      "attempts": [Attempt.from_dict(a) for a in values.get("attempts") or ()]})
 
 
 class RecordKeeping(RunnerState):
+    @contextlib.contextmanager
+    def _job_locked(self, job_id: str) -> Iterator[None]:
+        """Every read-modify-write of a job.json runs under this: the submitting replica, the
+        trainers claiming and heartbeating, cancels and recovery, on any host of the store."""
+        with locked(self._store.job_dir(job_id) / LOCK_FILE):
+            yield
+
     def get(self, job_id: str) -> JobRecord:
         """Any replica's job, read from the store."""
         try:
@@ -107,27 +146,34 @@ class RecordKeeping(RunnerState):
 
     def _finish(self, record: JobRecord, state: JobState, *, error: str = "",
                 event: bool = True) -> JobRecord:
-        """Make `record` final: the state event first, then the record (see the module doc)."""
-        with self._lock:
-            if event:
-                self._append_event(record.id, "state", state=state.value,
-                                   **({"error": error} if error else {}))
-            record.state, record.finished_at, record.error = state, timestamp(), error
-            self._write(record)
+        """Make `record` final: the state event first, then the record (see the module doc).
+        The caller holds the job's lock. A running attempt ends with the job's state."""
+        if event:
+            self._append_event(record.id, "state", state=state.value,
+                               **({"error": error} if error else {}))
+        now = timestamp()
+        if record.attempts and not record.attempts[-1].outcome:
+            record.attempts[-1].outcome, record.attempts[-1].ended_at = state.value, now
+        record.state, record.finished_at, record.error = state, now, error
+        self._write(record)
         return record
 
+    def _requeue(self, record: JobRecord, outcome: str, **why: Any) -> None:
+        """Put a claimed job back in the queue, at its old place (it was first in line once);
+        its attempt ended `outcome` ("released" or "lost"). The caller holds the job's lock."""
+        now = timestamp()
+        if record.attempts and not record.attempts[-1].outcome:
+            record.attempts[-1].outcome, record.attempts[-1].ended_at = outcome, now
+        record.state, record.pid, record.heartbeat_at = JobState.QUEUED, None, now
+        record.queued_at = record.queued_at or record.created_at
+        self._append_event(record.id, "state", state=JobState.QUEUED.value, **why)
+        self._write(record)
+        self._queue.add(record.id, record.queued_at)
+        self._wake_worker()
+
     def _write(self, record: JobRecord) -> None:
-        path = self._store.job_dir(record.id) / RECORD_FILE
-        partial = path.with_name(f".{RECORD_FILE}.{uuid.uuid4().hex}.tmp")
-        try:
-            with partial.open("w", encoding="utf-8") as handle:
-                handle.write(json.dumps(record.to_dict(), indent=2) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(partial, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                partial.unlink()
+        replace_file(self._store.job_dir(record.id) / RECORD_FILE,
+                     json.dumps(record.to_dict(), indent=2) + "\n")
 
     def _append_event(self, job_id: str, kind: str, **fields: Any) -> None:
         append_event(self._store.job_dir(job_id) / EVENTS_FILE, kind, **fields)
@@ -139,26 +185,6 @@ class RecordKeeping(RunnerState):
         except (OSError, ValueError):
             card = {}
         return ModelCard.from_dict(card if isinstance(card, dict) else {})
-
-    def _heartbeat_queued(self) -> None:
-        """Keep this replica's queued records fresh (so no other replica's `recover` takes them
-        for orphans) and act on cancel markers other replicas left on them."""
-        now = time.monotonic()
-        if now - self._last_queued_beat < self._config.heartbeat_s:
-            return
-        self._last_queued_beat = now
-        with self._lock:
-            for job_id in list(self._queue):
-                try:
-                    record = self.get(job_id)
-                    if (self._store.job_dir(job_id) / CANCEL_MARKER).exists():
-                        self._queue.remove(job_id)
-                        self._finish(record, JobState.CANCELLED, error="cancelled while queued")
-                    else:
-                        record.heartbeat_at = timestamp()
-                        self._write(record)
-                except Exception:
-                    log.exception("job %s: queued heartbeat failed", job_id)
 
     def _wake_worker(self) -> None:
         loop, wake = self._loop, self._wake

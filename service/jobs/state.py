@@ -1,5 +1,5 @@
-"""The job runner's settings and the state its parts share (one replica's queue, its running job,
-the worker loop it wakes)."""
+"""The job runner's settings and the state its parts share (the store's queue, the job this
+trainer runs, the worker loop it wakes)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from convserve.contracts.gate_policy import GateBounds, GatePolicy
 from convserve.contracts.spec import CompileChoice
 from convserve.contracts.store import ModelStore
+from convserve.jobs.queue import JobQueue
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class RunnerConfig:
     compile: CompileChoice = "auto"           # torch.compile in the child (spec.json)
     progress_interval_s: float = 1.0          # the child's progress events (spec.json)
     processes: int = 1                        # > 1: data-parallel under torchrun (one per GPU)
+    max_attempts: int = 3                     # runs of a job whose trainer dies, then FAILED
+    poll_s: float = 0.5                       # an idle trainer looks at the queue this often
 
 
 class RunnerState:
@@ -40,15 +43,13 @@ class RunnerState:
     def __init__(self, store: ModelStore, config: RunnerConfig) -> None:
         self._store = store
         self._config = config
-        # Guards the in-memory queue, the running job's id, and this process's record writes
-        # (RPC threads cancel/submit while the loop heartbeats and finishes jobs).
+        self._queue = JobQueue(store.queue_dir)
+        # Guards the running job's id (RPC threads cancel while the loop runs the job).
         self._lock = threading.RLock()
-        self._queue: list[str] = []          # this replica's QUEUED jobs, FIFO
-        self._current: str | None = None     # taken from the queue by the worker, not yet final
+        self._current: str | None = None     # claimed by this trainer, not yet final
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._wake: asyncio.Event | None = None
-        self._last_queued_beat = 0.0
         # The running job's latest "progress" images/s (0 when none runs): a metrics gauge.
         self.training_images_per_s = 0.0
 

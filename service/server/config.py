@@ -28,6 +28,7 @@ HTTP_PREFIX = "convserve http on "  # likewise, for the Open Inference Protocol'
 
 
 SECRETS = frozenset({"auth_token"})
+ROLES = ("serve", "train", "all")
 _MODEL_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
@@ -38,18 +39,21 @@ def _setting(default: Any, help: str) -> Any:
 
 @dataclass(frozen=True)
 class ServerConfig:
+    role: str = _setting("all", "serve: answer every RPC and queue Train jobs in the store; "
+                         "train: run the store's queued jobs; all: both")
     store: Path = _setting(Path("store"), "the model store (shared by every replica)")
     datasets_root: Path = _setting(Path("datasets"), "folder that Train's dataset names resolve in")
     host: str = _setting("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
     port: int = _setting(50051, "gRPC port, convserve.v1 and the Open Inference Protocol "
                          "(0: any free port)")
     workers: int = _setting(1, "serving processes sharing the port (SO_REUSEPORT); jobs run on "
-                            "worker 0")
+                            "worker 0 (role all)")
     metrics_port: int = _setting(9090, "Prometheus GET /metrics (0: any free port, -1: off)")
     http_port: int = _setting(-1, "the Open Inference Protocol (KServe v2) over HTTP (0: any "
                               "free port, -1: off; the container image uses 8000)")
     model_name: str = _setting("convserve", "the model's name in the Open Inference Protocol")
-    poll_interval_s: float = _setting(0.5, "seconds between reads of the promoted pointer")
+    poll_interval_s: float = _setting(0.5, "seconds between reads of the promoted pointer (and, "
+                                      "on an idle trainer, of the job queue)")
     model_cache_size: int = _setting(4, "pinned versions kept loaded (LRU)")
     max_images_per_request: int = _setting(1024, "images one request may carry")
     max_image_side: int = _setting(4096, "encoded images: largest width and height, each")
@@ -69,8 +73,10 @@ class ServerConfig:
                                     "shares the cores)")
     graph_optimization: str = _setting("all", "ONNX Runtime graph optimisation: disable, basic, "
                                        "extended or all")
-    max_queued_jobs: int = _setting(8, "training jobs one replica queues before "
-                                    "RESOURCE_EXHAUSTED")
+    max_queued_jobs: int = _setting(8, "training jobs the store's queue holds before a Train "
+                                    "is RESOURCE_EXHAUSTED")
+    max_job_attempts: int = _setting(3, "a job whose trainer dies goes back to the queue; after "
+                                     "this many such runs it is FAILED")
     max_epochs: int = _setting(200, "most epochs a Train request may ask for")
     min_accuracy: float = _setting(0.5, "gate: lowest validation accuracy to promote (a request "
                                    "may raise it)")
@@ -112,6 +118,7 @@ class ServerConfig:
                                        "CA (PEM)")
 
     def __post_init__(self) -> None:
+        _check(self.role in ROLES, "role", self.role, "serve, train or all")
         _check(0 <= self.port <= 65535, "port", self.port, "0..65535")
         _check(1 <= self.workers <= 64, "workers", self.workers, "1..64")
         _check(-1 <= self.metrics_port <= 65535, "metrics_port", self.metrics_port,
@@ -140,14 +147,7 @@ class ServerConfig:
                "0 (off)..64")
         _check(self.graph_optimization in ("disable", "basic", "extended", "all"),
                "graph_optimization", self.graph_optimization, "disable, basic, extended or all")
-        _check(self.max_queued_jobs >= 1, "max_queued_jobs", self.max_queued_jobs, ">= 1")
-        _check(self.max_epochs >= 1, "max_epochs", self.max_epochs, ">= 1")
-        for name in ("min_accuracy", "min_accuracy_floor"):
-            _check(0.0 <= getattr(self, name) <= 1.0, name, getattr(self, name), "0..1")
-        _check(-1.0 <= self.min_improvement <= 1.0, "min_improvement", self.min_improvement,
-               "-1..1")
-        _check(self.min_accuracy >= self.min_accuracy_floor, "min_accuracy", self.min_accuracy,
-               f">= min_accuracy_floor ({self.min_accuracy_floor})")
+        self._check_training()
         _check(self.intra_op_threads >= 0, "intra_op_threads", self.intra_op_threads, ">= 0")
         _check(0.0 <= self.job_progress_interval_s <= 60, "job_progress_interval_s",
                self.job_progress_interval_s, "0..60")
@@ -168,6 +168,21 @@ class ServerConfig:
                self.tls_client_ca_file, "only with tls_cert_file and tls_key_file")
         _check(not self.auth_inference or bool(self.auth_token or self.auth_token_file),
                "auth_inference", self.auth_inference, "only with a token")
+
+    def _check_training(self) -> None:
+        """The job queue's, the trainer's and the gate's settings."""
+        _check(self.max_queued_jobs >= 1, "max_queued_jobs", self.max_queued_jobs, ">= 1")
+        _check(1 <= self.max_job_attempts <= 100, "max_job_attempts", self.max_job_attempts,
+               "1..100")
+        _check(self.workers == 1 or self.role != "train", "workers", self.workers,
+               "1 with role train (workers serve; one trainer runs one job at a time)")
+        _check(self.max_epochs >= 1, "max_epochs", self.max_epochs, ">= 1")
+        for name in ("min_accuracy", "min_accuracy_floor"):
+            _check(0.0 <= getattr(self, name) <= 1.0, name, getattr(self, name), "0..1")
+        _check(-1.0 <= self.min_improvement <= 1.0, "min_improvement", self.min_improvement,
+               "-1..1")
+        _check(self.min_accuracy >= self.min_accuracy_floor, "min_accuracy", self.min_accuracy,
+               f">= min_accuracy_floor ({self.min_accuracy_floor})")
 
     def describe(self) -> str:
         """One line per setting, for the start-up log; secrets are redacted."""

@@ -92,6 +92,8 @@ def job(record: JobRecord, queue_position: int = 0) -> pb.Job:
         model_version=record.model_version or 0,
         epoch=record.epoch, val_accuracy=record.val_accuracy or 0.0,
         queue_position=queue_position,
+        attempts=[pb.JobAttempt(number=a.number, trainer=a.trainer, claimed_at=a.claimed_at,
+                                ended_at=a.ended_at, outcome=a.outcome) for a in record.attempts],
     )
     decision = gate_decision(record.gate)
     if decision is not None:

@@ -1,6 +1,10 @@
 """Builds and runs one replica: gRPC services, health, reflection, the model manager and the job
 runner, all on one asyncio loop. Tests call `start(config)` with port 0 and talk to the real
 server on 127.0.0.1.
+
+Its role (`--role`) says which parts run: `serve` loads the promoted model and answers every
+service (a Train is queued in the store); `train` claims and runs the store's queued jobs and
+answers health, reflection and the Training service only (no model is loaded); `all` both.
 """
 
 from __future__ import annotations
@@ -61,19 +65,15 @@ LIVENESS = "liveness"
 HEALTH_CHECK_INTERVAL_S = 0.1
 
 
-@dataclass(frozen=True)
-class WorkerRole:
-    """This process is worker `index` of a replica started with `--workers N` (convserve.server.workers).
-    Worker 0 runs the replica's training jobs and answers the Training service on `jobs_socket`
-    (a Unix socket in a private directory) as well as on the shared port; every other worker
-    forwards Train, GetJob, ListJobs and CancelJob there, so each job is queued and run once."""
+@dataclass
+class Serving:
+    """The parts that answer inference: absent on a replica with the train role."""
 
-    index: int
-    jobs_socket: str
-
-    @property
-    def runs_jobs(self) -> bool:
-        return self.index == 0
+    manager: ModelManager
+    batcher: DynamicBatcher
+    predictor: Predictor
+    open_inference: OpenInference
+    decode_pool: ThreadPoolExecutor
 
 
 @dataclass
@@ -84,17 +84,20 @@ class Replica:
     server: grpc.aio.Server
     port: int
     store: ModelStore
-    manager: ModelManager
     runner: JobRunner
     health: health.aio.HealthServicer
-    batcher: DynamicBatcher
+    serving: Serving | None = None
+    trains: bool = False                # this process claims and runs queued jobs
     metrics_server: WSGIServer | None = None
-    decode_pool: ThreadPoolExecutor | None = None
     http: web.AppRunner | None = None   # the Open Inference Protocol over HTTP (--http-port)
     http_url: str | None = None
-    open_inference: OpenInference | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task] = field(default_factory=list)
+
+    @property
+    def manager(self) -> ModelManager:
+        assert self.serving is not None, "a replica with the train role loads no model"
+        return self.serving.manager
 
     @property
     def address(self) -> str:
@@ -137,7 +140,8 @@ def runner_config(config: ServerConfig) -> RunnerConfig:
                                allow_class_change=config.allow_class_change_requests),
         heartbeat_s=config.job_heartbeat_s, stale_after_s=config.stale_job_after_s,
         progress_interval_s=config.job_progress_interval_s,
-        processes=config.training_processes, **extra)
+        processes=config.training_processes, max_attempts=config.max_job_attempts,
+        poll_s=config.poll_interval_s, **extra)
 
 
 def interceptors(config: ServerConfig) -> list[grpc.aio.ServerInterceptor]:
@@ -150,98 +154,109 @@ def interceptors(config: ServerConfig) -> list[grpc.aio.ServerInterceptor]:
     return [auth.BearerTokenAuth(token, protected)]
 
 
-async def start(config: ServerConfig, role: WorkerRole | None = None) -> Replica:
-    """Start a replica (or, with `role`, one worker of one). Raises PortInUse (a ConfigError)
-    when the gRPC or metrics port is taken."""
-    if role is None:  # workers share the port their parent checked and holds
+async def start(config: ServerConfig, worker: int | None = None) -> Replica:
+    """Start a replica (or, with `worker`, worker `worker` of one: its workers share the port,
+    and only worker 0 runs jobs). Raises PortInUse (a ConfigError) when the gRPC or metrics port
+    is taken."""
+    if worker is None:  # workers share the port their parent checked and holds
         check_port_free(config.host, config.port, "gRPC")
-    runs_jobs = role is None or role.runs_jobs
+    trains = config.role in ("train", "all") and not worker
     store = ModelStore(config.store)
-    manager = ModelManager(store, session_settings(config), poll_interval_s=config.poll_interval_s,
-                           cache_size=config.model_cache_size)
     runner = JobRunner(store, runner_config(config))
-    if runs_jobs:
+    if trains:
         recovered = await asyncio.to_thread(runner.recover)
         if recovered:
-            log.warning("recovered %d jobs whose replica is gone (see their records): %s", len(recovered),
-                        ", ".join(recovered))
-    await asyncio.to_thread(manager.refresh)  # serve the promoted model from the first call
+            log.warning("reclaimed %d jobs whose trainer is gone (see their records): %s",
+                        len(recovered), ", ".join(recovered))
+    serving = await _start_serving(config, store) if config.role != "train" else None
 
     requests = RequestMetrics()
     server = grpc.aio.server(interceptors=interceptors(config), options=[
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         # Only the workers of one replica share a port; a lone server owns it.
-        ("grpc.so_reuseport", 1 if role is not None else 0),
+        ("grpc.so_reuseport", 1 if worker is not None else 0),
     ])
+    health_servicer = _add_services(server, requests, store, runner, serving)
+    port = _listen(server, config)
+    metrics_server = _serve_metrics(config, replica_registry(requests, runner, serving))
+    http, http_url = (await _serve_http(config, serving.open_inference, requests,
+                                        shared=worker is not None)
+                      if serving is not None else (None, None))
+    await server.start()
+    replica = Replica(config, server, port, store, runner, health_servicer, serving, trains,
+                      metrics_server, http, http_url)
+    await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+    if serving is not None:
+        await _set_health(replica, serving.manager.live_version is not None)
+        replica.tasks = [
+            asyncio.create_task(serving.batcher.run(replica.stopping), name="batcher"),
+            asyncio.create_task(serving.manager.run(replica.stopping), name="model-manager"),
+            asyncio.create_task(_follow_health(replica), name="health")]
+    else:
+        await _set_health(replica, True)  # a trainer is ready once it runs: it needs no model
+    if trains:
+        replica.tasks += [asyncio.create_task(runner.run(replica.stopping), name="job-runner"),
+                          asyncio.create_task(_recover_jobs(replica), name="job-recovery")]
+    log.info("%s on %s (role %s, model version %s)", "serving" if serving else "training",
+             replica.address, config.role, serving.manager.live_version if serving else "-")
+    return replica
+
+
+async def _start_serving(config: ServerConfig, store: ModelStore) -> Serving:
+    """The model manager (the promoted model loaded and warmed), the batcher and the predictor."""
+    manager = ModelManager(store, session_settings(config), poll_interval_s=config.poll_interval_s,
+                           cache_size=config.model_cache_size)
+    await asyncio.to_thread(manager.refresh)  # serve the promoted model from the first call
     decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
     batcher = DynamicBatcher(manager.current, BatchingConfig(
         max_batch_size=config.max_batch_size, batch_timeout_s=config.batch_timeout_s,
         max_enqueued=config.max_enqueued, max_concurrent_batches=config.max_concurrent_batches,
         inline_max_images=config.inline_max_images))
-    forward_to = "" if runs_jobs or role is None else f"unix:{role.jobs_socket}"
     limits = codec.Limits(max_images=config.max_images_per_request,
                           max_image_side=config.max_image_side,
                           max_request_pixels=config.max_request_pixels)
     predictor = Predictor(manager, batcher)
     open_inference = OpenInference(config.model_name, store, predictor, limits, decode_pool,
                                    config.batch_timeout_s)
-    health_servicer = _add_services(server, config, requests, store, manager, runner, predictor,
-                                    decode_pool, forward_to, open_inference)
-    port = _listen(server, config, role)
-    metrics_server = _serve_metrics(config, replica_registry(requests, batcher, manager, runner,
-                                                             predictor))
-    http, http_url = await _serve_http(config, open_inference, requests, shared=role is not None)
-    await server.start()
-    replica = Replica(config, server, port, store, manager, runner, health_servicer, batcher,
-                      metrics_server, decode_pool, http, http_url, open_inference)
-    await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
-    await _set_health(replica, manager.live_version is not None)
-    replica.tasks = [asyncio.create_task(batcher.run(replica.stopping), name="batcher"),
-                     asyncio.create_task(manager.run(replica.stopping), name="model-manager"),
-                     asyncio.create_task(_follow_health(replica), name="health")]
-    if runs_jobs:
-        replica.tasks += [asyncio.create_task(runner.run(replica.stopping), name="job-runner"),
-                          asyncio.create_task(_recover_jobs(replica), name="job-recovery")]
-    log.info("serving on %s (model version %s)", replica.address, manager.live_version)
-    return replica
+    return Serving(manager, batcher, predictor, open_inference, decode_pool)
 
 
-def _add_services(server: grpc.aio.Server, config: ServerConfig, requests: RequestMetrics,
-                  store: ModelStore, manager: ModelManager, runner: JobRunner,
-                  predictor: Predictor, decode_pool: ThreadPoolExecutor,
-                  forward_to: str, open_inference: OpenInference) -> health.aio.HealthServicer:
-    """Every service, registered through a guard (an undecodable body is INVALID_ARGUMENT);
-    returns the health servicer."""
-    limits = open_inference.limits
+def _add_services(server: grpc.aio.Server, requests: RequestMetrics, store: ModelStore,
+                  runner: JobRunner, serving: Serving | None) -> health.aio.HealthServicer:
+    """Every service this replica's role answers, registered through a guard (an undecodable
+    body is INVALID_ARGUMENT); returns the health servicer."""
     ours = GuardedRegistration(server, requests, checked_by_servicer=True)
     others = GuardedRegistration(server, requests, checked_by_servicer=False)
-    pb_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(manager, store, limits, predictor, requests, decode_pool), ours)
-    pb_grpc.add_TrainingServicer_to_server(
-        TrainingServicer(runner, requests, forward_to=forward_to), ours)
-    pb_grpc.add_ModelsServicer_to_server(ModelsServicer(store, manager, requests), ours)
-    open_inference_grpc.register(ours, OpenInferenceServicer(open_inference, requests))
+    names = [TrainingServicer.SERVICE]
+    pb_grpc.add_TrainingServicer_to_server(TrainingServicer(runner, requests), ours)
+    if serving is not None:
+        open_inference = serving.open_inference
+        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(
+            serving.manager, store, open_inference.limits, serving.predictor, requests,
+            serving.decode_pool), ours)
+        pb_grpc.add_ModelsServicer_to_server(ModelsServicer(store, serving.manager, requests),
+                                             ours)
+        open_inference_grpc.register(ours, OpenInferenceServicer(open_inference, requests))
+        names = list(SERVICE_NAMES)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, others)
     # What reflection.enable_server_reflection does for an aio server, through the guard.
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(
-        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME)), others)
     count_unknown_methods(server, requests)
     return health_servicer
 
 
-def _listen(server: grpc.aio.Server, config: ServerConfig, role: WorkerRole | None) -> int:
-    """The gRPC port (TLS when configured); a jobs worker also listens on its Unix socket."""
+def _listen(server: grpc.aio.Server, config: ServerConfig) -> int:
+    """The gRPC port (TLS when configured)."""
     listen = f"{config.host}:{config.port}"
     if config.tls_cert_file:
         port = server.add_secure_port(listen, auth.server_credentials(
             config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file))
     else:
         port = server.add_insecure_port(listen)
-    if role is not None and role.runs_jobs:
-        server.add_insecure_port(f"unix:{role.jobs_socket}")  # the other workers' Training calls
     return port
 
 
@@ -292,8 +307,8 @@ def _serve_metrics(config: ServerConfig, registry: CollectorRegistry) -> WSGISer
 async def stop(replica: Replica, grace_s: float | None = None) -> None:
     """Drain: NOT_SERVING at once, refuse new calls, let calls in flight finish within grace."""
     await replica.health.enter_graceful_shutdown()
-    if replica.open_inference is not None:
-        replica.open_inference.draining = True  # its ready answers turn false at once, too
+    if replica.serving is not None:
+        replica.serving.open_inference.draining = True  # its ready answers turn false at once
     # The batcher and manager keep running until the calls in flight have finished. The HTTP
     # port stops accepting at once as well, and waits for its calls (shutdown_timeout: grace).
     http_stopped = replica.http.cleanup() if replica.http is not None else asyncio.sleep(0)
@@ -306,17 +321,17 @@ async def stop(replica: Replica, grace_s: float | None = None) -> None:
     for task in replica.tasks:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
-    if replica.decode_pool is not None:
-        replica.decode_pool.shutdown(wait=False, cancel_futures=True)
+    if replica.serving is not None:
+        replica.serving.decode_pool.shutdown(wait=False, cancel_futures=True)
     if replica.metrics_server is not None:
         await asyncio.to_thread(replica.metrics_server.shutdown)
         replica.metrics_server.server_close()
 
 
-async def serve(config: ServerConfig, role: WorkerRole | None = None) -> None:
+async def serve(config: ServerConfig, worker: int | None = None) -> None:
     """Run until SIGTERM or SIGINT, then drain and return."""
     map_large_blocks_separately()  # before any session is loaded (service/lifecycle.py)
-    replica = await start(config, role)
+    replica = await start(config, worker)
     signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -332,8 +347,8 @@ async def serve(config: ServerConfig, role: WorkerRole | None = None) -> None:
 
 
 async def _recover_jobs(replica: Replica) -> None:
-    """Every replica keeps looking for jobs whose replica died (stale heartbeat), not only at
-    start-up: otherwise a watcher of such a job would wait until some replica restarts."""
+    """Every trainer keeps looking for jobs whose trainer died (stale heartbeat), not only at
+    start-up: such a job goes back to the queue for the trainers that are alive."""
     interval = max(1.0, replica.config.stale_job_after_s / 2)
     while not replica.stopping.is_set():
         await asyncio.sleep(interval)
@@ -343,8 +358,8 @@ async def _recover_jobs(replica: Replica) -> None:
             log.exception("job recovery failed")
             continue
         if recovered:
-            log.warning("recovered %d jobs whose replica is gone (see their records): %s", len(recovered),
-                        ", ".join(recovered))
+            log.warning("reclaimed %d jobs whose trainer is gone (see their records): %s",
+                        len(recovered), ", ".join(recovered))
 
 
 async def _follow_health(replica: Replica) -> None:
@@ -361,5 +376,6 @@ async def _follow_health(replica: Replica) -> None:
 async def _set_health(replica: Replica, serving: bool) -> None:
     status = (health_pb2.HealthCheckResponse.SERVING if serving
               else health_pb2.HealthCheckResponse.NOT_SERVING)
-    for name in ("", *SERVICE_NAMES):
+    names = SERVICE_NAMES if replica.serving is not None else (TrainingServicer.SERVICE,)
+    for name in ("", *names):
         await replica.health.set(name, status)

@@ -40,7 +40,6 @@ from convserve.serving.predictor import Predictor
 log = logging.getLogger("convserve.rpc")
 # A raw request larger than this (about 80 float32 images) is converted off the loop too.
 INLINE_RAW_BYTES = 1 << 20
-FORWARD_TIMEOUT_S = 60.0  # a forwarded call without a deadline of its own (cancel may wait)
 Reply = TypeVar("Reply")
 
 
@@ -193,58 +192,35 @@ class InferenceServicer(_Measured, pb_grpc.InferenceServicer):
 
 class TrainingServicer(_Measured, pb_grpc.TrainingServicer):
     SERVICE = "convserve.v1.Training"
-    """With `forward_to` (a worker of a `--workers N` replica that does not run jobs), Train,
-    GetJob, ListJobs and CancelJob go to the worker that does, so a job is queued once and
-    queue positions are that worker's; WatchJob reads the shared store here."""
+    """Any replica answers for any job: jobs live in the shared store (convserve.jobs)."""
 
-    def __init__(self, runner: JobRunner,
-                 metrics: RequestMetrics | None = None, forward_to: str = "") -> None:
+    def __init__(self, runner: JobRunner, metrics: RequestMetrics | None = None) -> None:
         super().__init__(metrics)
         self._runner = runner
-        self._jobs_worker = (pb_grpc.TrainingStub(grpc.aio.insecure_channel(forward_to))
-                             if forward_to else None)
-
-    async def _forward(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        """The same call on the jobs worker, with the caller's token, request id and deadline;
-        its status and message come back unchanged."""
-        assert self._jobs_worker is not None
-        metadata = [(REQUEST_ID_HEADER, REQUEST_ID.get())]
-        metadata += [(k, v) for k, v in context.invocation_metadata() or ()
-                     if k == "authorization"]
-        remaining = context.time_remaining()
-        try:
-            return await getattr(self._jobs_worker, method)(
-                request, metadata=metadata, wait_for_ready=True,
-                timeout=remaining if remaining is not None else FORWARD_TIMEOUT_S)
-        except grpc.aio.AioRpcError as error:
-            await context.abort(error.code(), error.details() or "")
 
     @rpc
     async def Train(self, request: pb.TrainRequest, context: grpc.aio.ServicerContext) -> pb.Job:
-        if self._jobs_worker is not None:
-            return await self._forward("Train", request, context)
         if request.resume_job:
             record = await asyncio.to_thread(self._runner.resume, request.resume_job)
-            return messages.job(record, self._runner.queue_position(record.id))
-        params = messages.train_params(request)
-        record = await asyncio.to_thread(self._runner.submit, params, request.idempotency_key)
-        return messages.job(record, self._runner.queue_position(record.id))
+        else:
+            params = messages.train_params(request)
+            record = await asyncio.to_thread(self._runner.submit, params,
+                                             request.idempotency_key)
+        return messages.job(record, await asyncio.to_thread(self._runner.queue_position,
+                                                            record.id))
 
     @rpc
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
-        if self._jobs_worker is not None:
-            return await self._forward("GetJob", request, context)
         record = await asyncio.to_thread(self._runner.get, _job_id(request.id))  # file reads
-        return messages.job(record, self._runner.queue_position(record.id))
+        return messages.job(record, await asyncio.to_thread(self._runner.queue_position,
+                                                            record.id))
 
     @rpc
     async def ListJobs(self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext
                        ) -> pb.ListJobsResponse:
-        if self._jobs_worker is not None:
-            return await self._forward("ListJobs", request, context)
         records = await asyncio.to_thread(self._runner.list)  # reads every job.json
-        return pb.ListJobsResponse(jobs=[messages.job(r, self._runner.queue_position(r.id))
-                                         for r in records])
+        places = await asyncio.to_thread(self._runner.queue_positions)
+        return pb.ListJobsResponse(jobs=[messages.job(r, places.get(r.id, 0)) for r in records])
 
     @rpc_stream
     async def WatchJob(self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext
@@ -258,8 +234,6 @@ class TrainingServicer(_Measured, pb_grpc.TrainingServicer):
     @rpc
     async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext
                         ) -> pb.Job:
-        if self._jobs_worker is not None:
-            return await self._forward("CancelJob", request, context)
         record = await asyncio.to_thread(self._runner.cancel, _job_id(request.id))
         return messages.job(record)
 

@@ -13,25 +13,28 @@
     convserve_queue_images                         gauge: images waiting for a batch
     convserve_model_version                        gauge: the live version (0: none)
     convserve_replaced_models_unreleased           gauge: replaced models whose memory is held
-    convserve_jobs{state}                          gauge: this replica's QUEUED and RUNNING jobs
+    convserve_jobs_running                         gauge: jobs this replica runs now (0 or 1)
+    convserve_jobs_queued                          gauge: jobs waiting in the store's queue
     convserve_training_images_per_second           gauge: this replica's running job (0: none)
     process_*, python_*                            prometheus-client's own collectors
 
-Per replica, so that a sum over replicas counts each thing once (jobs in the shared store are
-not counted by every replica), and a scrape costs the same whatever the store holds.
+Per replica, so that a sum over replicas counts each thing once, except convserve_jobs_queued:
+the one shared queue, which every replica reports alike (aggregate it with max). A scrape costs
+the same whatever the store holds (the queue folder lists the waiting jobs only). A replica with
+the train role has no serving metrics.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from convserve.jobs import JobRunner
 from convserve.metrics import ReadAtScrape, new_registry
-from convserve.serving.batcher import DynamicBatcher
-from convserve.serving.manager import ModelManager
-from convserve.serving.predictor import Predictor
+
+if TYPE_CHECKING:
+    from convserve.server.server import Serving
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    5.0, 10.0, 30.0)
@@ -69,23 +72,27 @@ class RequestMetrics:
         children[1].observe(seconds)
 
 
-def replica_registry(requests: RequestMetrics, batcher: DynamicBatcher, manager: ModelManager,
-                     runner: JobRunner, predictor: Predictor) -> CollectorRegistry:
+def replica_registry(requests: RequestMetrics, runner: JobRunner, serving: Serving | None
+                     ) -> CollectorRegistry:
     registry = new_registry()
-    for metric in (requests.calls, requests.latency, requests.streams,
-                   *batcher.metrics.all(), predictor.images, *manager.metrics.all()):
+    for metric in (requests.calls, requests.latency, requests.streams):
         registry.register(metric)
     gauges = ReadAtScrape()
-    gauges.add("convserve_queue_images", "Images waiting for a batch",
-               lambda: batcher.queued_images)
-    gauges.add("convserve_model_version", "The version serving Predict (0: none)",
-               lambda: manager.live_version or 0)
-    gauges.add("convserve_replaced_models_unreleased",
-               "Replaced models whose memory is not yet handed back to the system",
-               lambda: manager.replaced_unreleased)
-    gauges.add("convserve_jobs", "This replica's training jobs, by state (QUEUED, RUNNING)",
-               lambda: {(state,): count for state, count in runner.own_jobs().items()},
-               ("state",))
+    if serving is not None:
+        batcher, manager = serving.batcher, serving.manager
+        for metric in (*batcher.metrics.all(), serving.predictor.images, *manager.metrics.all()):
+            registry.register(metric)
+        gauges.add("convserve_queue_images", "Images waiting for a batch",
+                   lambda: batcher.queued_images)
+        gauges.add("convserve_model_version", "The version serving Predict (0: none)",
+                   lambda: manager.live_version or 0)
+        gauges.add("convserve_replaced_models_unreleased",
+                   "Replaced models whose memory is not yet handed back to the system",
+                   lambda: manager.replaced_unreleased)
+    gauges.add("convserve_jobs_running", "Training jobs this replica runs now (0 or 1)",
+               runner.running_here)
+    gauges.add("convserve_jobs_queued", "Jobs waiting in the store's queue: the same on every "
+               "replica (aggregate with max, not sum)", runner.queued)
     gauges.add("convserve_training_images_per_second",
                "Training throughput of the job this replica runs (0: none)",
                lambda: runner.training_images_per_s)

@@ -13,8 +13,8 @@ host needs more than one. The parent does no serving itself; it
    all did. A worker that dies on its own takes the replica down (exit 1), so the orchestrator
    restarts it whole; a worker whose parent dies gets SIGTERM from the kernel.
 
-Jobs: worker 0 runs the replica's training jobs, one at a time as a single process would; the
-others forward the Training calls to it over a Unix socket (`convserve.server.server.WorkerRole`).
+Jobs: with role all, worker 0 also claims and runs queued jobs, one at a time as a single
+process would; any worker queues a Train and answers for any job, since jobs live in the store.
 Metrics: worker i serves /metrics on metrics_port + i (0 stays "any free port"; -1 off).
 """
 
@@ -29,8 +29,6 @@ import os
 import signal
 import socket
 import sys
-import tempfile
-from pathlib import Path
 
 from convserve.lifecycle import PARENT_PID_ENV, die_with_parent
 from convserve.server.config import (
@@ -43,7 +41,6 @@ from convserve.server.config import (
 
 log = logging.getLogger("convserve.server.workers")
 
-JOBS_SOCKET = "jobs.sock"
 STOP_MARGIN_S = 30.0  # beyond the grace period, before a worker that will not stop is killed
 
 
@@ -53,10 +50,8 @@ async def serve_workers(config: ServerConfig) -> int:
     for index in range(config.workers):
         if config.metrics_port > 0:
             check_port_free(config.host, config.metrics_port + index, "metrics")
-    with _hold_port(config.host, config.port) as port, \
-            tempfile.TemporaryDirectory(prefix="convserve-workers-") as private:
-        jobs_socket = str(Path(private) / JOBS_SOCKET)  # mkdtemp: a 0700 directory
-        workers = [await _spawn(worker_config(config, port, index), index, jobs_socket)
+    with _hold_port(config.host, config.port) as port:
+        workers = [await _spawn(worker_config(config, port, index), index)
                    for index in range(config.workers)]
         try:
             ready = await asyncio.gather(*(_wait_ready(w) for w in workers))
@@ -93,14 +88,13 @@ def worker_config(config: ServerConfig, port: int, index: int) -> ServerConfig:
                                intra_op_threads=threads)
 
 
-async def _spawn(config: ServerConfig, index: int, jobs_socket: str
-                 ) -> asyncio.subprocess.Process:
+async def _spawn(config: ServerConfig, index: int) -> asyncio.subprocess.Process:
     # The configuration goes through the environment, not argv: it may hold the token.
     env = {**os.environ, "CONVSERVE_WORKER_CONFIG": config.to_json(),
            PARENT_PID_ENV: str(os.getpid())}
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "convserve.server.workers", "--index", str(index), "--jobs-socket",
-        jobs_socket, stdout=asyncio.subprocess.PIPE, env=env)
+        sys.executable, "-m", "convserve.server.workers", "--index", str(index),
+        stdout=asyncio.subprocess.PIPE, env=env)
 
 
 async def _wait_ready(worker: asyncio.subprocess.Process) -> tuple[list[str], str]:
@@ -149,18 +143,17 @@ async def _stop_all(workers: list[asyncio.subprocess.Process], grace_s: float) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    """A worker: `python -m convserve.server.workers --index I --jobs-socket PATH`, started by the parent
-    with its configuration in $CONVSERVE_WORKER_CONFIG."""
+    """A worker: `python -m convserve.server.workers --index I`, started by the parent with its
+    configuration in $CONVSERVE_WORKER_CONFIG."""
     from convserve.server import logs, server
 
     parser = argparse.ArgumentParser(prog="convserve worker")
     parser.add_argument("--index", type=int, required=True)
-    parser.add_argument("--jobs-socket", required=True)
     args = parser.parse_args(argv)
     die_with_parent()  # SIGTERM drains this worker if the parent dies, even by SIGKILL
     config = ServerConfig.from_json(os.environ.pop("CONVSERVE_WORKER_CONFIG"))
     logs.configure(config.log_level, config.log_format)
-    asyncio.run(server.serve(config, server.WorkerRole(args.index, args.jobs_socket)))
+    asyncio.run(server.serve(config, args.index))
     return 0
 
 

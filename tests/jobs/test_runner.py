@@ -1,5 +1,5 @@
 """The job runner on its own: real store, real `python -m convserve.training` children, two "replicas"
-(JobRunner objects with their own replica ids) sharing one store directory."""
+(JobRunner objects with their own replica ids) sharing one store directory and its queue."""
 
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def test_a_job_is_promoted_watched_from_another_replica_then_a_stricter_gate_rej
     second = a.submit(TrainParams.of(**TINY, seed=1, gate={"min_accuracy": 0.0,
                                                         "min_improvement": 1.0}))
     assert (a.queue_position(first.id), a.queue_position(second.id)) == (1, 2)
-    assert b.queue_position(first.id) == 0  # queued on replica a, not here
+    assert b.queue_position(first.id) == 1  # one queue, in the store: every replica agrees
 
     async def scenario() -> list[tuple[int, dict]]:
         watched = [item async for item in b.watch(first.id, poll_s=0.05)]
@@ -127,6 +127,8 @@ def test_a_job_is_promoted_watched_from_another_replica_then_a_stricter_gate_rej
     assert done.model_version == 1 and done.gate and done.gate.promoted is True
     assert done.epoch == 1 and done.val_accuracy is not None
     assert done.started_at and done.finished_at and done.pid and done.replica == "replica-a"
+    assert [(t.number, t.trainer, t.outcome) for t in done.attempts] == [
+        (1, "replica-a", "PROMOTED")]
     assert store.versions() == [1] and store.promoted_version() == 1
     assert store.card(1)["job_id"] == first.id
 
@@ -183,30 +185,31 @@ def test_a_child_killed_by_sigkill_fails_the_job_naming_the_signal(store_dir: Pa
     assert (last["type"], last["state"]) == ("state", "FAILED")
 
 
-def test_cancel_ends_a_running_child_and_a_queued_job_another_replica_cancelled(
+def test_any_replica_cancels_a_running_job_and_a_queued_one(
         store_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Replica b runs no jobs; it cancels a's running job (a's trainer stops the child at its
+    next heartbeat, and b's call waits for that) and a queued job (at once)."""
     caplog.set_level(logging.WARNING, logger="convserve.jobs")
     a, b = _runner(store_dir, "replica-a"), _runner(store_dir, "replica-b")
     running, queued = a.submit(TrainParams.of(**LONG)), a.submit(TrainParams.of(**TINY))
 
     async def scenario() -> tuple[JobRecord, JobRecord, JobRecord]:
         record = await _until(_running(a, running.id), "the child to start")
-        # Not the owner: leaves the marker and answers with the record as it stands.
         asked = await asyncio.to_thread(b.cancel, queued.id)
-        cancelled = await asyncio.to_thread(a.cancel, running.id)  # the owner: waits for the end
-        await _until(lambda: a.get(queued.id).state.final, "the queued job")
+        cancelled = await asyncio.to_thread(b.cancel, running.id)
         return record, asked, cancelled
 
     started, asked, cancelled = _with_worker(a, scenario)
     assert cancelled.state == JobState.CANCELLED and cancelled.finished_at
+    assert [(t.trainer, t.outcome) for t in cancelled.attempts] == [("replica-a", "CANCELLED")]
     with pytest.raises(ProcessLookupError):
         os.kill(started.pid, 0)
     assert _states(store_dir, running.id)[-1] == "CANCELLED"
     assert "ignored SIGTERM" not in caplog.text  # SIGTERM did it, no SIGKILL after the grace
 
-    assert asked.state == JobState.QUEUED
-    other = a.get(queued.id)
-    assert other.state == JobState.CANCELLED and other.pid is None  # never started
+    assert asked.state == JobState.CANCELLED and asked.pid is None and asked.attempts == []
+    assert _states(store_dir, queued.id) == ["QUEUED", "CANCELLED"]  # never claimed
+    assert a.queued() == 0 and os.listdir(ModelStore(store_dir).queue_dir) == [".lock"]
     assert ModelStore(store_dir).versions() == []
 
 
@@ -234,28 +237,47 @@ def test_a_child_ignoring_sigterm_is_killed_after_the_grace(
     assert _group_gone(started.pid)  # the shell and its sleep: the whole group
 
 
-def test_stopping_the_worker_interrupts_the_job_and_resume_queues_it_once(store_dir: Path
-                                                                           ) -> None:
+def test_a_stopping_trainer_puts_its_job_back_at_the_front_of_the_queue(store_dir: Path
+                                                                       ) -> None:
     runner = _runner(store_dir, python=_stubborn_python(store_dir.parent), cancel_grace_s=0.5)
     job = runner.submit(TrainParams.of())
     started = _with_worker(runner, lambda: _until(_running(runner, job.id), "the child to start"))
+    later = runner.submit(TrainParams.of())
     record = runner.get(job.id)
-    assert record.state == JobState.INTERRUPTED and "the server stopped" in record.error
-    assert f"convserve resume {job.id}" in record.error
+    assert record.state == JobState.QUEUED and record.pid is None
+    assert [(t.number, t.trainer, t.outcome) for t in record.attempts] == [
+        (1, "replica-a", "released")]
+    assert record.lost_attempts == 0  # a clean stop does not count against the job
     assert _group_gone(started.pid)
-    assert _states(store_dir, job.id)[-1] == "INTERRUPTED"
-    assert "--resume" not in runner.command(record)
+    assert _states(store_dir, job.id) == ["QUEUED", "RUNNING", "QUEUED"]
+    assert runner.queue_positions() == {job.id: 1, later.id: 2}  # its old place, before later's
 
+    other = _runner(store_dir, "replica-b")
+    claimed = other.claim_next()
+    assert claimed is not None and claimed.id == job.id
+    assert [(t.number, t.trainer) for t in claimed.attempts] == [(1, "replica-a"),
+                                                                 (2, "replica-b")]
+    assert "--resume" not in other.command(claimed)  # stopped in its first epoch: no checkpoint
+    checkpoint = store_dir / "jobs" / job.id / "checkpoints" / "last.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"a checkpoint")  # only its existence matters to the command
+    assert other.command(claimed)[-1] == "--resume"
+    assert (store_dir / "jobs" / job.id / "claim").read_text() == "2 replica-b\n"
+
+
+def test_resume_queues_an_interrupted_job_once_and_refuses_others(store_dir: Path) -> None:
+    """INTERRUPTED: a record an earlier version wrote when its replica stopped."""
+    runner = _runner(store_dir)
+    job = runner.submit(TrainParams.of())
+    assert runner.claim_next() is not None
+    path = ModelStore(store_dir).job_dir(job.id) / "job.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "state": "INTERRUPTED"}))
     other = _runner(store_dir, "replica-b")
     resumed = other.resume(job.id)
     assert (resumed.state, resumed.resumes, resumed.replica) == (JobState.QUEUED, 1, "replica-b")
     again = runner.resume(job.id)  # a retry, or a racing replica: the job as it now is
     assert (again.state, again.resumes) == (JobState.QUEUED, 1)
-    assert (other.queue_position(job.id), runner.queue_position(job.id)) == (1, 0)
-    checkpoint = store_dir / "jobs" / job.id / "checkpoints" / "last.pt"
-    checkpoint.parent.mkdir(parents=True)
-    checkpoint.write_bytes(b"a checkpoint")  # only its existence matters to the command
-    assert other.command(runner.get(job.id))[-1] == "--resume"
+    assert runner.queue_positions() == {job.id: 1}
     fresh = other.submit(TrainParams.of())
     with pytest.raises(Conflict, match="is QUEUED: only an INTERRUPTED job can be resumed"):
         other.resume(fresh.id)
@@ -301,7 +323,7 @@ def test_an_idempotency_key_maps_to_one_job_across_replicas(store_dir: Path) -> 
     again = b.submit(TrainParams.of(epochs=3), idempotency_key="retry-me")  # a retry elsewhere
     assert again.id == job.id and again.replica == "replica-a"
     assert a.submit(TrainParams.of(epochs=3), idempotency_key="retry-me").id == job.id  # when full
-    assert (a.queue_position(job.id), b.queue_position(job.id)) == (1, 0)
+    assert (a.queue_position(job.id), b.queue_position(job.id)) == (1, 1)
     # The same key with other parameters is a conflict that names the job, not a silent reuse.
     with pytest.raises(AlreadyExists, match=rf"idempotency key 'retry-me' already names job "
                                             rf"{job.id}, created with other parameters "
@@ -389,42 +411,103 @@ def test_unknown_and_invalid_job_ids(store_dir: Path) -> None:
         asyncio.run(first_event())
 
 
-def test_recover_fails_jobs_of_gone_replicas_and_stops_their_orphans(store_dir: Path) -> None:
+def _edit(store_dir: Path, job_id: str, **change: Any) -> None:
+    """What a trainer that died left in the record (written by hand, as it would stand)."""
+    path = ModelStore(store_dir).job_dir(job_id) / "job.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+
+
+def test_recover_requeues_jobs_of_gone_trainers_until_their_attempts_run_out(
+        store_dir: Path) -> None:
     old = _runner(store_dir, "gone-host:1")
     here_dead = f"{socket.gethostname()}:{_dead_pid()}"
-    stale, fresh, orphaned = (old.submit(TrainParams.of()) for _ in range(3))
-    leftover = subprocess.Popen(  # what a SIGKILLed replica leaves: its child, in its own group
+    stale, fresh, orphaned, exhausted, cancelled, unfiled = (
+        old.submit(TrainParams.of()) for _ in range(6))
+    for _ in range(5):
+        assert old.claim_next() is not None  # every one but `unfiled` claimed by gone-host:1
+    leftover = subprocess.Popen(  # what a SIGKILLed trainer leaves: its child, in its own group
         [sys.executable, "-c", "import time; time.sleep(60)", "convserve.training", "--job-id",
          orphaned.id],
         start_new_session=True)
     now = datetime.now(UTC)
-    changes = {
-        stale.id: {"state": "RUNNING", "pid": _dead_pid(),
-                   "heartbeat_at": (now - timedelta(minutes=5)).isoformat()},
-        fresh.id: {"state": "RUNNING", "pid": _dead_pid(), "heartbeat_at": now.isoformat()},
-        orphaned.id: {"state": "RUNNING", "pid": leftover.pid, "replica": here_dead,
-                      "heartbeat_at": now.isoformat()},
-    }
-    for job_id, change in changes.items():
-        path = ModelStore(store_dir).job_dir(job_id) / "job.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    long_ago = (now - timedelta(minutes=5)).isoformat()
+    _edit(store_dir, stale.id, pid=_dead_pid(), heartbeat_at=long_ago)
+    _edit(store_dir, fresh.id, pid=_dead_pid(), heartbeat_at=now.isoformat())
+    _edit(store_dir, orphaned.id, pid=leftover.pid, trainer=here_dead,
+          attempts=[{"number": 1, "trainer": here_dead, "claimed_at": now.isoformat()}])
+    _edit(store_dir, exhausted.id, heartbeat_at=long_ago, attempts=[
+        {"number": n, "trainer": f"t{n}", "claimed_at": long_ago, "outcome": o}
+        for n, o in ((1, "lost"), (2, "released"), (3, "lost"), (4, ""))])
+    _edit(store_dir, cancelled.id, heartbeat_at=long_ago)
+    (ModelStore(store_dir).job_dir(cancelled.id) / "cancel.requested").touch()
+    _edit(store_dir, unfiled.id, queued_at=long_ago)  # and its queue file lost in a crash:
+    for path in ModelStore(store_dir).queue_dir.glob(f"*.{unfiled.id}"):
+        path.unlink()
 
     try:
-        new = _runner(store_dir, "replica-new", stale_after_s=20)
-        assert sorted(new.recover()) == sorted([stale.id, orphaned.id])
-        # SIGTERM first (a real child then records INTERRUPTED and keeps its checkpoint).
+        new = _runner(store_dir, "replica-new", stale_after_s=20, max_attempts=3)
+        assert sorted(new.recover()) == sorted([stale.id, orphaned.id, exhausted.id,
+                                                cancelled.id])
+        # SIGTERM first (a real child then stops cleanly and keeps its checkpoint).
         assert leftover.wait(timeout=10) == -signal.SIGTERM
     finally:
         leftover.kill()
         leftover.wait()
-    for job_id in (stale.id, orphaned.id):
+    for job_id, trainer in ((stale.id, "gone-host:1"), (orphaned.id, here_dead)):
         record = new.get(job_id)
-        assert record.state == JobState.FAILED and record.finished_at
-        assert "interrupted: the replica running it" in record.error
-        assert f"jobs/{job_id}/checkpoints" in record.error
-        assert _states(store_dir, job_id)[-1] == "FAILED"
+        assert record.state == JobState.QUEUED and record.pid is None
+        assert [(t.trainer, t.outcome) for t in record.attempts] == [(trainer, "lost")]
+        assert _events(store_dir, job_id)[-1]["reclaimed_from"] == trainer
+    record = new.get(exhausted.id)
+    assert record.state == JobState.FAILED and record.lost_attempts == 3
+    assert "its trainer died 3 times (t1, t3, t4)" in record.error
+    assert f"jobs/{exhausted.id}/checkpoints" in record.error
+    assert new.get(cancelled.id).state == JobState.CANCELLED
     assert new.get(fresh.id).state == JobState.RUNNING  # another host, heartbeat fresh
+    # FIFO by when each was first queued (the unfiled one's record says 5 minutes ago).
+    assert list(new.queue_positions()) == [unfiled.id, stale.id, orphaned.id]
     assert new.recover() == []
+    claimed = [new.claim_next() for _ in range(2)]
+    assert [(r.id, len(r.attempts)) for r in claimed if r] == [(unfiled.id, 1), (stale.id, 2)]
+
+
+def test_a_trainer_that_lost_its_claim_records_nothing_and_its_child_does_not_publish(
+        store_dir: Path) -> None:
+    """A hung trainer declared dead: its job went to another trainer. The old attempt's
+    heartbeat finds the claim gone, and the fencing check refuses its publish."""
+    from convserve.contracts.errors import ClaimLost
+    from convserve.contracts.job_dir import check_claim
+
+    a, b = _runner(store_dir, "trainer-a"), _runner(store_dir, "trainer-b")
+    job = a.submit(TrainParams.of())
+    first = a.claim_next()
+    assert first is not None
+    _edit(store_dir, job.id, heartbeat_at=(datetime.now(UTC) - timedelta(minutes=5)).isoformat())
+    assert b.recover() == [job.id]
+    second = b.claim_next()
+    assert second is not None and [t.number for t in second.attempts] == [1, 2]
+    assert a._save(first) is False  # a's heartbeat: the claim is b's now
+    a._end_attempt(first, JobState.FAILED, error="a's late verdict")
+    assert a.get(job.id).state == JobState.RUNNING and a.get(job.id).trainer == "trainer-b"
+    job_dir = ModelStore(store_dir).job_dir(job.id)
+    check_claim(job_dir, 2)
+    with pytest.raises(ClaimLost, match="attempt 1 of job .* no longer holds it"):
+        check_claim(job_dir, 1)
+
+
+def test_trainers_racing_for_the_queue_claim_each_job_exactly_once(store_dir: Path) -> None:
+    """Four trainers in four processes claim from one queue at once (benchmarks/job_queue.py,
+    at a small size): every job once, each trainer's oldest first."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import job_queue
+
+    result = job_queue.measure(40, 4, store_dir)
+    assert result["each_claimed_once"] and result["fifo"] and result["queue_left"] == 0, result
+    runner = _runner(store_dir)
+    for record in runner.list():
+        assert record.state == JobState.RUNNING and len(record.attempts) == 1
+        assert record.trainer == record.attempts[0].trainer
+        assert _states(store_dir, record.id) == ["QUEUED", "RUNNING"]
 
 
 def test_the_runner_imports_no_torch() -> None:
@@ -488,7 +571,7 @@ def test_recover_records_what_a_child_finished_after_its_replica_died(store_dir:
         path = ModelStore(store_dir).job_dir(job.id) / "job.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "state": "RUNNING",
                                     "model_version": None, "gate": None, "finished_at": "",
-                                    "replica": dead, "pid": _dead_pid()}))
+                                    "trainer": dead, "pid": _dead_pid()}))
     restarted = _runner(store_dir, "replica-b")
     assert sorted(restarted.recover()) == sorted([promoted.id, rejected.id])
     record = restarted.get(promoted.id)

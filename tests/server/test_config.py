@@ -23,6 +23,9 @@ def test_a_flag_wins_over_its_environment_variable_which_wins_over_the_default()
     (["--batch-timeout-s", "2"], "batch_timeout_s=2.0 is out of range: expected 0..1"),
     (["--port", "many"], "--port='many' is not a valid int"),
     (["--job-progress-interval-s", "-1"], "job_progress_interval_s=-1.0 is out of range: expected 0..60"),
+    (["--role", "trainer"], "role='trainer' is out of range: expected serve, train or all"),
+    (["--role", "train", "--workers", "2"], "workers=2 is out of range: expected 1 with role train"),
+    (["--max-job-attempts", "0"], "max_job_attempts=0 is out of range: expected 1..100"),
 ])
 def test_an_invalid_value_is_one_clear_error(argv: list[str], message: str) -> None:
     with pytest.raises(config.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -74,8 +74,9 @@ def test_heavy_decoding_never_stalls_health_or_other_callers(store_with_model) -
 def test_a_sigkilled_replica_takes_its_training_child_along_and_the_job_resumes(
         store_with_model) -> None:
     """SIGKILL leaves a replica no time to stop its job's child. The child gets SIGTERM from
-    the kernel (its parent died), keeps its last epoch's checkpoint and records INTERRUPTED; a
-    replica restarted on the store records the job INTERRUPTED, not FAILED, and resumes it."""
+    the kernel (its parent died) and keeps its last epoch's checkpoint; the replica restarted
+    on the store (role all: it trains too) finds the job's trainer gone, puts the job back in
+    the queue, claims it and resumes it from that checkpoint, with no one asking."""
     import json
     import signal
 
@@ -97,15 +98,16 @@ def test_a_sigkilled_replica_takes_its_training_child_along_and_the_job_resumes(
     finally:
         first.stop()
     with running_server(store, datasets) as second, Client(second.address) as client:
-        record = client.job(job.id)
-        assert record.state == "INTERRUPTED", record
-        assert f"convserve resume {job.id}" in record.error
-        client.resume(job.id)
         final = client.wait(job.id, timeout=300)
-        assert final.state == "PROMOTED" and final.model_version == 2
+        assert final.state == "PROMOTED" and final.model_version == 2, final.error
+        trainers = [(a.trainer.rpartition(":")[2], a.outcome) for a in final.message.attempts]
+        assert trainers == [(str(first.process.pid), "lost"),
+                            (str(second.process.pid), "PROMOTED")]
     states = [e["state"] for e in map(json.loads, (job_dir / "events.jsonl").read_text()
                                       .splitlines()) if e.get("type") == "state"]
+    # The child's own INTERRUPTED as it stopped, then the job back in the queue and running.
     assert states.count("INTERRUPTED") == 1 and states[-1] == "PROMOTED"
+    assert states[states.index("INTERRUPTED") + 1:][:2] == ["QUEUED", "RUNNING"]
     epochs = [e["epoch"] for e in map(json.loads, (job_dir / "events.jsonl").read_text()
                                       .splitlines()) if e.get("type") == "epoch"]
     assert epochs == [1, 2, 3, 4]  # resumed from its checkpoint: every epoch exactly once

@@ -81,13 +81,13 @@ def test_the_http_endpoint_serves_the_process_and_runtime_collectors() -> None:
 @pytest.mark.slow
 def test_a_replica_reports_requests_batches_model_and_jobs(store_with_model) -> None:
     store_dir, datasets = store_with_model
-    # 40 queued jobs of another replica in the shared store: this replica reports its own jobs
-    # (none), without reading anyone's records.
+    # 40 jobs another replica queued in the shared store: this serving replica (it runs none)
+    # reports the one queue, from its folder, without reading anyone's records.
     other = JobRunner(ModelStore(store_dir), RunnerConfig(datasets_root=datasets, max_queue=40,
                                                           replica_id="other"))
     for _ in range(40):
         other.submit(TrainParams.of(dataset="synthetic:64"))
-    with running_server(store_dir, datasets) as server:
+    with running_server(store_dir, datasets, "--role", "serve") as server:
         assert server.metrics_url and re.fullmatch(r"http://127\.0\.0\.1:\d+/metrics",
                                                    server.metrics_url)
         with Client(server.address) as client:
@@ -120,8 +120,8 @@ def test_a_replica_reports_requests_batches_model_and_jobs(store_with_model) -> 
     assert (sample(page, "convserve_model_load_seconds_sum", phase="warmup") or 0) > 0
     assert sample(page, "convserve_model_version") == 1
     assert sample(page, "convserve_queue_images") == 0
-    assert sample(page, "convserve_jobs", state="QUEUED") == 0
-    assert sample(page, "convserve_jobs", state="RUNNING") == 0
+    assert sample(page, "convserve_jobs_queued") == 40
+    assert sample(page, "convserve_jobs_running") == 0
     assert sample(page, "convserve_training_images_per_second") == 0
     assert (sample(page, "process_resident_memory_bytes") or 0) > 50e6
 

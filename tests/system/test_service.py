@@ -451,22 +451,24 @@ def test_sigterm_drains_and_exits_zero(store_dir, datasets, onnx_models) -> None
         assert server.process.wait(timeout=60) == 0
 
 
-def test_sigterm_interrupts_a_training_job_that_another_replica_resumes(store_dir, datasets
-                                                                         ) -> None:
-    """The job's checkpoint survives the stop; the job is INTERRUPTED, not FAILED; a new replica
-    continues it from the last finished epoch to a promoted model."""
+def test_sigterm_puts_a_training_job_back_in_the_queue_for_the_next_trainer(store_dir, datasets
+                                                                              ) -> None:
+    """The job's checkpoint survives the stop; the job goes back to the queue (not FAILED, and
+    not waiting for a person); the next replica continues it from the last finished epoch to a
+    promoted model."""
     with running_server(store_dir, datasets) as first, Client(first.address) as client:
         job = client.train("digits", epochs=4, min_accuracy=0.0)
         wait_until(lambda: client.job(job.id).epoch >= 1, "one epoch", timeout=300, interval=0.2)
         assert first.stop() == 0
     record = json.loads((store_dir / "jobs" / job.id / "job.json").read_text())
-    assert record["state"] == "INTERRUPTED" and "convserve resume" in record["error"]
+    assert record["state"] == "QUEUED" and record["pid"] is None
+    assert [a["outcome"] for a in record["attempts"]] == ["released"]
     assert (store_dir / "jobs" / job.id / "checkpoints" / "last.pt").is_file()
 
     with running_server(store_dir, datasets) as second, Client(second.address) as client:
-        assert client.resume(job.id).state == "QUEUED"
         final = client.wait(job.id, timeout=300)
         assert final.state == "PROMOTED", final.error
+        assert [a.outcome for a in final.message.attempts] == ["released", "PROMOTED"]
     events = [json.loads(line) for line in
               (store_dir / "jobs" / job.id / "events.jsonl").read_text().splitlines()]
     resumed_from = [e["epoch"] for e in events if e["type"] == "resumed"]

@@ -114,6 +114,37 @@ def test_a_run_whose_export_disagrees_with_torch_fails_and_publishes_nothing(tmp
     assert exported and exported[0]["parity"]["max_abs_diff"] > exported[0]["parity"]["tolerance"]
 
 
+def test_a_run_whose_claim_was_taken_over_never_publishes(tmp_path) -> None:
+    """The fencing token: an attempt of a job whose trainer was declared dead (the job's claim
+    file names a later attempt) is refused under the store's lock, however good the model."""
+    from convserve.contracts.errors import ClaimLost
+    from convserve.contracts.gate_policy import GatePolicy
+    from convserve.contracts.job_dir import write_claim
+    from convserve.contracts.spec import TrainConfig
+    from convserve.contracts.store import ModelStore
+    from convserve.training import pipeline
+    from convserve.training.progress import ProgressReporter
+
+    store = ModelStore(tmp_path / "store")
+    run_dir = store.job_dir("job1", create=True)
+    write_claim(run_dir, 2, "trainer-b")  # attempt 2 holds the job; this run is attempt 1
+    reporter = ProgressReporter(run_dir / "events.jsonl")
+    with pytest.raises(ClaimLost, match="attempt 1 of job job1 no longer holds it .now: 2 "
+                                        "trainer-b."):
+        pipeline.run(TrainConfig(dataset=SMALL_SYNTHETIC, epochs=1, compile="off"), run_dir,
+                     reporter, publication=pipeline.Publication(
+                         store, GatePolicy(min_accuracy=0.0), actor="job:job1", job_id="job1",
+                         run_dir=run_dir, attempt=1))
+    reporter.close()
+    assert store.versions() == [] and store.promoted_version() is None
+    write_claim(run_dir, 1, "trainer-a")  # while it holds the claim, the same run publishes
+    outcome = pipeline.run(TrainConfig(dataset=SMALL_SYNTHETIC, epochs=1, compile="off"),
+                           run_dir, ProgressReporter(None), publication=pipeline.Publication(
+                               store, GatePolicy(min_accuracy=0.0), actor="job:job1",
+                               job_id="job1", run_dir=run_dir, attempt=1))
+    assert outcome.published is not None and outcome.published.version == 1
+
+
 def _untrained_model(tmp_path):
     """A champion to keep: the untrained ConvNet exported, with the classes of SMALL_SYNTHETIC."""
     from convserve.training.data import load_dataset

@@ -229,7 +229,7 @@ class TrainRequest(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., seed: _Optional[int] = ..., val_fraction: _Optional[float] = ..., gate: _Optional[_Union[GateOverrides, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., augment: _Optional[str] = ..., schedule: _Optional[str] = ..., label_smoothing: _Optional[float] = ..., weight_decay: _Optional[float] = ..., resume_job: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "state", "request", "created_at", "started_at", "finished_at", "error", "model_version", "gate", "epoch", "val_accuracy", "queue_position")
+    __slots__ = ("id", "state", "request", "created_at", "started_at", "finished_at", "error", "model_version", "gate", "epoch", "val_accuracy", "queue_position", "attempts")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +242,7 @@ class Job(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     VAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: JobState
     request: TrainRequest
@@ -254,7 +255,22 @@ class Job(_message.Message):
     epoch: int
     val_accuracy: float
     queue_position: int
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., request: _Optional[_Union[TrainRequest, _Mapping]] = ..., created_at: _Optional[str] = ..., started_at: _Optional[str] = ..., finished_at: _Optional[str] = ..., error: _Optional[str] = ..., model_version: _Optional[int] = ..., gate: _Optional[_Union[GateDecision, _Mapping]] = ..., epoch: _Optional[int] = ..., val_accuracy: _Optional[float] = ..., queue_position: _Optional[int] = ...) -> None: ...
+    attempts: _containers.RepeatedCompositeFieldContainer[JobAttempt]
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., request: _Optional[_Union[TrainRequest, _Mapping]] = ..., created_at: _Optional[str] = ..., started_at: _Optional[str] = ..., finished_at: _Optional[str] = ..., error: _Optional[str] = ..., model_version: _Optional[int] = ..., gate: _Optional[_Union[GateDecision, _Mapping]] = ..., epoch: _Optional[int] = ..., val_accuracy: _Optional[float] = ..., queue_position: _Optional[int] = ..., attempts: _Optional[_Iterable[_Union[JobAttempt, _Mapping]]] = ...) -> None: ...
+
+class JobAttempt(_message.Message):
+    __slots__ = ("number", "trainer", "claimed_at", "ended_at", "outcome")
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_FIELD_NUMBER: _ClassVar[int]
+    CLAIMED_AT_FIELD_NUMBER: _ClassVar[int]
+    ENDED_AT_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    number: int
+    trainer: str
+    claimed_at: str
+    ended_at: str
+    outcome: str
+    def __init__(self, number: _Optional[int] = ..., trainer: _Optional[str] = ..., claimed_at: _Optional[str] = ..., ended_at: _Optional[str] = ..., outcome: _Optional[str] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("id",)
