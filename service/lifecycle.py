@@ -2,7 +2,7 @@
 
 A replica's serving workers and its training child ask the kernel to signal them when their
 parent dies, even by SIGKILL (Linux PR_SET_PDEATHSIG). SIGTERM, not SIGKILL: a training child
-then records itself INTERRUPTED and keeps its last checkpoint, and a worker drains.
+then records itself STOPPED and keeps its last checkpoint, and a worker drains.
 """
 
 from __future__ import annotations

@@ -129,8 +129,8 @@ def _run(job: Invocation, resume: bool, world: World, reporter: ProgressReporter
         publication = Publication(ModelStore(job.store), job.policy, actor=actor,
                                   job_id=job.job_id, run_dir=job.run_dir, attempt=job.attempt)
     try:
-        # A job's child dies with its replica (SIGTERM: recorded INTERRUPTED, resumable); a
-        # replica restarted on the store then finds the job's true outcome (JobRunner.recover).
+        # A job's child dies with its trainer (SIGTERM: STOPPED, its checkpoint kept); another
+        # trainer then puts the job back in the queue and resumes it (JobRunner.recover).
         die_with_parent()
         distributed.start(world, resolve_device(job.config.device))
         outcome = run(job.config, job.run_dir, reporter, resume=resume, publication=publication,
@@ -139,8 +139,13 @@ def _run(job: Invocation, resume: bool, world: World, reporter: ProgressReporter
         return _fail(reporter, EXIT_USAGE, str(error))
     except (ExportError, StoreError) as error:
         return _fail(reporter, EXIT_FAILED, str(error))
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a server stopping): the last epoch's
-        # checkpoint stays; the job runner records the job INTERRUPTED and can resume it.
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a trainer stopping): the last epoch's
+        # checkpoint stays. A job's run is not over (its trainer requeues it): STOPPED, not the
+        # final INTERRUPTED that a run by hand ends with.
+        if job.job_id:
+            return _fail(reporter, EXIT_INTERRUPTED, "stopped (SIGTERM); the checkpoint of the "
+                         "last finished epoch stays for the job's next attempt",
+                         state=Phase.STOPPED)
         return _fail(reporter, EXIT_INTERRUPTED,
                      f"interrupted; resume with --resume --out {job.run_dir}",
                      state=JobState.INTERRUPTED)

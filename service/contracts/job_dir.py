@@ -68,13 +68,18 @@ FINAL = frozenset({JobState.PROMOTED, JobState.REJECTED, JobState.FAILED, JobSta
 
 class Phase(enum.StrEnum):
     """The training process's own steps in its "state" events (a job is RUNNING meanwhile); it
-    ends with a JobState (PROMOTED, REJECTED, FAILED, INTERRUPTED) or, run by hand, SUCCEEDED."""
+    ends with a JobState (PROMOTED, REJECTED, FAILED; run by hand, INTERRUPTED), SUCCEEDED (run
+    by hand without a store) or STOPPED (a job's process on SIGTERM)."""
 
     LOADING_DATA = "LOADING_DATA"
     TRAINING = "TRAINING"
     EXPORTING = "EXPORTING"
     GATING = "GATING"
     SUCCEEDED = "SUCCEEDED"  # the end of a run without a model store: exported, nothing gated
+    # A job's training process stopped on SIGTERM (its trainer stopping or dying), its last
+    # epoch's checkpoint kept: not the job's end, which its trainer or recovery puts back in the
+    # queue for the next attempt to resume.
+    STOPPED = "STOPPED"
 
 
 def checkpoint_path(run_dir: Path) -> Path:

@@ -147,7 +147,7 @@ class Recovery(RecordKeeping):
 
     def _stop_orphan(self, record: JobRecord) -> None:
         """Stop the job's training process group if it still runs on this host (checked by its
-        command line, so a reused pid is left alone): SIGTERM, so it records INTERRUPTED and
+        command line, so a reused pid is left alone): SIGTERM, so it records STOPPED and
         keeps its checkpoint, then SIGKILL after `cancel_grace_s`. (A child started by a
         replica gets SIGTERM by itself when that replica dies: see convserve.lifecycle.)"""
         if not record.pid or not is_training_process(record.pid, record.id):

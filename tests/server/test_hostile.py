@@ -105,9 +105,11 @@ def test_a_sigkilled_replica_takes_its_training_child_along_and_the_job_resumes(
                             (str(second.process.pid), "PROMOTED")]
     states = [e["state"] for e in map(json.loads, (job_dir / "events.jsonl").read_text()
                                       .splitlines()) if e.get("type") == "state"]
-    # The child's own INTERRUPTED as it stopped, then the job back in the queue and running.
-    assert states.count("INTERRUPTED") == 1 and states[-1] == "PROMOTED"
-    assert states[states.index("INTERRUPTED") + 1:][:2] == ["QUEUED", "RUNNING"]
+    # The child's own STOPPED (never a final state mid-stream), then the job back in the queue
+    # and running again.
+    assert "INTERRUPTED" not in states and states.count("STOPPED") == 1
+    assert states[states.index("STOPPED") + 1:][:2] == ["QUEUED", "RUNNING"]
+    assert states[-1] == "PROMOTED"
     epochs = [e["epoch"] for e in map(json.loads, (job_dir / "events.jsonl").read_text()
                                       .splitlines()) if e.get("type") == "epoch"]
     assert epochs == [1, 2, 3, 4]  # resumed from its checkpoint: every epoch exactly once

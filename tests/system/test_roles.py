@@ -132,6 +132,9 @@ def test_a_trainer_killed_mid_job_is_resumed_from_its_checkpoint_by_another(
     events = _events(store_dir, job.id)
     reclaimed = [e for e in events if e["type"] == "state" and e.get("reclaimed_from")]
     assert [e["reclaimed_from"] for e in reclaimed] == [killed]
+    states = [e["state"] for e in events if e["type"] == "state"]
+    # The orphaned child's own STOPPED, never a final state before the job's end.
+    assert states.count("STOPPED") == 1 and "INTERRUPTED" not in states
     resumed_from = [e["epoch"] for e in events if e["type"] == "resumed"]
     assert len(resumed_from) == 1 and resumed_from[0] >= 1
     epochs = [e["epoch"] for e in events if e["type"] == "epoch"]
