@@ -46,6 +46,11 @@ def write_read_only(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def touch(path: Path) -> None:
+    """Create an empty file if missing (a marker; its existence is what counts)."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
+
+
 def replace_file(path: Path, text: str) -> None:
     """Replace `path` atomically: readers see the old content or the new, never a mix. The
     temporary name is unique, so writers in other processes never share one."""

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
-from convserve.contracts.durable_files import locked
+from convserve.contracts.durable_files import locked, touch
 from convserve.errors import LimitExceeded
 
 LOCK_FILE = ".lock"
@@ -52,7 +52,7 @@ class JobQueue:
 
     def add(self, job_id: str, queued_at: str) -> None:
         key = datetime.fromisoformat(queued_at).strftime("%Y%m%dT%H%M%S%f")
-        os.close(os.open(self.folder / f"{key}.{job_id}", os.O_WRONLY | os.O_CREAT, 0o644))
+        touch(self.folder / f"{key}.{job_id}")
 
     def remove(self, job_id: str) -> None:
         for path in self.folder.glob(f"*.{job_id}"):

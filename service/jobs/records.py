@@ -8,12 +8,10 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from convserve.contracts.durable_files import locked, replace_file
@@ -191,10 +189,6 @@ class RecordKeeping(RunnerState):
         if loop is not None and wake is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(wake.set)
-
-
-def touch(path: Path) -> None:
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
 
 
 def age_s(iso_time: str, now: datetime) -> float:

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from convserve.contracts.durable_files import touch
 from convserve.contracts.gate_policy import GatePolicy
 from convserve.contracts.job_dir import (
     CANCEL_MARKER,
@@ -28,7 +29,7 @@ from convserve.contracts.store import IntegrityError
 from convserve.errors import AlreadyExists, Conflict, InvalidInput, NotFound, Unavailable
 from convserve.jobs.child import ChildSupervision, first_of
 from convserve.jobs.params import MAX_IDEMPOTENCY_KEY, TrainParams
-from convserve.jobs.records import Attempt, JobRecord, touch
+from convserve.jobs.records import Attempt, JobRecord
 
 log = logging.getLogger("convserve.jobs")
 
