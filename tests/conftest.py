@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# A real PostgreSQL server's fixtures (tests/postgres.py), for every test module.
+from tests.postgres import own_postgres, postgres_server, postgres_template, postgres_url  # noqa: F401
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SMALL_SYNTHETIC = "synthetic:640"  # 640 train / 128 val images: a few seconds per epoch on 2 cores
 

@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -126,8 +126,9 @@ def _run(job: Invocation, resume: bool, world: World, reporter: ProgressReporter
     publication = None
     if job.store is not None:
         actor = f"job:{job.job_id}" if job.job_id else f"cli:{_user()}"
-        publication = Publication(ModelStore(job.store), job.policy, actor=actor,
-                                  job_id=job.job_id, run_dir=job.run_dir, attempt=job.attempt)
+        store = ModelStore(job.store)
+        publication = Publication(store, job.policy, actor=actor, job_id=job.job_id,
+                                  fence=_fence(job, store) if job.attempt else None)
     try:
         # A job's child dies with its trainer (SIGTERM: STOPPED, its checkpoint kept); another
         # trainer then puts the job back in the queue and resumes it (JobRunner.recover).
@@ -159,6 +160,19 @@ def _run(job: Invocation, resume: bool, world: World, reporter: ProgressReporter
     reporter.close()
     print(summary(outcome, started))
     return EXIT_OK
+
+
+def _fence(job: Invocation, store: ModelStore) -> Callable[[], None]:
+    """Right before publishing, the job's store must still say this attempt holds the job: the
+    job store the runner named in the environment (PostgreSQL), or the store's files."""
+    from convserve.jobs.backend import JOBS_URL_ENV, opened
+
+    def check() -> None:
+        assert job.job_id is not None
+        with opened(os.environ.get(JOBS_URL_ENV, ""), store) as jobs:
+            jobs.fence(job.job_id, job.attempt)
+
+    return check
 
 
 def final_state(outcome: RunOutcome) -> str:

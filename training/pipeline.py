@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 
 from convserve.contracts.errors import ExportError
 from convserve.contracts.gate_policy import GatePolicy
-from convserve.contracts.job_dir import CARD_FILE, MODEL_FILE, Phase, check_claim
+from convserve.contracts.job_dir import CARD_FILE, MODEL_FILE, Phase
 from convserve.contracts.model_card import GateDecision
 from convserve.contracts.spec import TrainConfig
 from convserve.contracts.store import ModelStore, PublishResult
@@ -56,8 +57,9 @@ class Publication:
     policy: GatePolicy
     actor: str                 # "job:<id>" for service jobs, "cli:<user>" for offline runs
     job_id: str | None = None
-    run_dir: Path | None = None
-    attempt: int = 0           # a job's claim, checked under the store's lock (0: no check)
+    # A job's fence: raises ClaimLost once another attempt holds the job (its job store's
+    # JobStore.fence), called under the store's lock right before publishing. None: unfenced.
+    fence: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -134,8 +136,8 @@ def gate_and_publish(publication: Publication, model_path: Path, card: dict[str,
     def fenced(champion: int | None) -> GateDecision:
         # Under the store's lock: an attempt whose job was taken over never publishes, however
         # late it gets here (its trainer hung past the heartbeat while it kept training).
-        if publication.attempt and publication.run_dir is not None:
-            check_claim(publication.run_dir, publication.attempt)
+        if publication.fence is not None:
+            publication.fence()
         return decide(champion)
 
     return publication.store.publish(model_path, card, fenced, actor=publication.actor,

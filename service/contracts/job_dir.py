@@ -136,9 +136,13 @@ def read_events(path: Path) -> list[dict[str, Any]]:
 class EventTail:
     """Follows an events file: complete lines only, numbered from 1 (None: unreadable)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, from_end: bool = False) -> None:
+        """`from_end`: only lines appended from now on."""
         self.path = path
         self._offset = 0
+        if from_end:
+            with contextlib.suppress(FileNotFoundError):
+                self._offset = path.stat().st_size
         self._sequence = 0
         self._partial = b""
 

@@ -108,7 +108,7 @@ def _require_text(value: object, what: str) -> str:
     return value
 
 
-def _check_job_id(job_id: object) -> str:
+def check_job_id(job_id: object) -> str:
     if not isinstance(job_id, str) or not _JOB_ID_RE.fullmatch(job_id):
         raise InvalidJobId(f"job id must match [A-Za-z0-9_-]{{1,64}}, got {job_id!r}")
     return job_id
@@ -227,7 +227,7 @@ class ModelStore:
             raise StoreError(f"card must be a dict, got {type(card).__name__}")
         _require_text(actor, "actor")
         if job_id is not None:
-            _check_job_id(job_id)
+            check_job_id(job_id)
         with self._locked():
             self._remove_stale_tmp()
             self._reconcile_history()
@@ -269,7 +269,7 @@ class ModelStore:
     # ----------------------------------------------------------------------------- jobs
 
     def job_dir(self, job_id: str, *, create: bool = False) -> Path:
-        path = self.jobs_dir / _check_job_id(job_id)
+        path = self.jobs_dir / check_job_id(job_id)
         if create:
             path.mkdir(parents=True, exist_ok=True)
         return path

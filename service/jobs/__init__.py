@@ -1,28 +1,26 @@
-"""Training jobs: records and a FIFO queue in the shared store, a child process per job.
+"""Training jobs: accepted by any replica, queued in a job store, run by trainers.
 
-A job is a directory `jobs/<id>/` of the shared store, laid out as convserve.contracts.job_dir
-says. Any replica sharing the store queues a Train, and answers GetJob/WatchJob/ListJobs/
-CancelJob for any job by reading (and, under the job's lock, writing) it. A final state is
-appended to events.jsonl *before* the record turns final, so a watcher that sees a final record
-and then reads the file to its end has seen every event.
+The job store (convserve.jobs.backend) is one interface with two backends: files in the model
+store's directory (the default: one machine, or a shared volume) and PostgreSQL
+(`--jobs-url postgresql://…`: replicas on many machines). The runner is built over it by
+composition:
 
-Queued jobs wait in the store's `queue/` folder (convserve.jobs.queue). A replica with the train
-role claims the oldest under the job's lock (exactly one trainer wins), runs it
-(`python -m convserve.training`, in its own process group so a cancel ends everything it
-started) and heartbeats it. A job whose trainer died is noticed by its stale heartbeat (or, on
-the same host, by the trainer's pid being gone) and put back in the queue by `recover`, to
-resume from its checkpoint on another trainer, up to `max_attempts` such runs.
+    runner      JobRunner: the API the servicers call (submit, get, list, cancel, watch, resume)
+    trainer     a train-role replica's loop: claim the oldest queued job, run it, repeat
+    child       one job's training process (`python -m convserve.training --job DIR`):
+                start, heartbeat (the lease), copy its events, stop, record how it ended
+    recovery    jobs whose trainer died: back to the queue (bounded attempts), or their outcome
+    transitions the state changes those parts share (finish, requeue, adopt a publication)
+    records     JobRecord, the value every store keeps; params: a request's settings
+    files, postgres, schema, queue   the backends (and PostgreSQL's migrations)
 
-In parts, each on top of the one before: params (a request: its TrainConfig and gate
-overrides), queue (the queue folder), state (settings and shared state), records (job.json and
-events), recovery (jobs of dead trainers), child (spec.json and one training process), runner
-(the API, the claim and the worker loop). torch-free: the serving process imports this; only the
-child imports torch.
+torch-free: the serving process imports this; only the child imports torch.
 """
 
+from convserve.jobs.backend import JobStore, open_job_store
+from convserve.jobs.config import RunnerConfig
 from convserve.jobs.params import TrainParams
 from convserve.jobs.records import JobRecord
 from convserve.jobs.runner import JobRunner
-from convserve.jobs.state import RunnerConfig
 
-__all__ = ["JobRecord", "JobRunner", "RunnerConfig", "TrainParams"]
+__all__ = ["JobRecord", "JobRunner", "JobStore", "RunnerConfig", "TrainParams", "open_job_store"]

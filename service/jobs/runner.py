@@ -1,61 +1,86 @@
-"""The job runner: the calls the servicers make (submit, resume, cancel, watch...) on any
-replica, and a trainer's worker loop, which claims the store's oldest queued job, runs it, and
-goes on."""
+"""The job runner: the calls the servicers make (submit, resume, cancel, watch...) on any replica,
+and, on a replica with the train role, the trainer that claims and runs queued jobs. Built by
+composition over one job store (convserve.jobs.backend): the trainer's loop, its child's
+supervision and the recovery of dead trainers' jobs are parts it holds, not classes it is."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-import logging
-import os
-import threading
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from convserve.contracts.durable_files import touch
 from convserve.contracts.gate_policy import GatePolicy
-from convserve.contracts.job_dir import (
-    CANCEL_MARKER,
-    EVENTS_FILE,
-    EventTail,
-    JobState,
-    timestamp,
-    write_claim,
-)
-from convserve.contracts.store import IntegrityError
+from convserve.contracts.job_dir import JobState, timestamp
+from convserve.contracts.store import ModelStore
 from convserve.errors import AlreadyExists, Conflict, InvalidInput, NotFound, Unavailable
-from convserve.jobs.child import ChildSupervision, first_of
+from convserve.jobs.backend import JobStore, open_job_store
+from convserve.jobs.child import ChildSupervisor
+from convserve.jobs.config import RunnerConfig
 from convserve.jobs.params import MAX_IDEMPOTENCY_KEY, TrainParams
-from convserve.jobs.records import Attempt, JobRecord
+from convserve.jobs.records import JobRecord
+from convserve.jobs.recovery import Recovery
+from convserve.jobs.trainer import Trainer
+from convserve.jobs.transitions import finish
 
-log = logging.getLogger("convserve.jobs")
+WATCH_WAIT_S = 5.0  # a watcher re-reads at least this often, notified or not
 
 
-class JobRunner(ChildSupervision):
+class JobRunner:
     """Submit/get/list/cancel/watch from any thread or coroutine, on any replica; `run` is the
     worker of a replica with the train role.
 
-    `submit`, `resume` and `cancel` block (file I/O, the store's locks; `cancel` of a running job
-    waits for its child to end): call them from a worker thread in async code, as the servicers
-    do.
+    `submit`, `resume` and `cancel` block (the job store's I/O and locks; `cancel` of a running
+    job waits for its child to end): call them from a worker thread in async code, as the
+    servicers do.
     """
+
+    def __init__(self, models: ModelStore, config: RunnerConfig,
+                 jobs: JobStore | None = None) -> None:
+        self.models, self.config = models, config
+        self.jobs = jobs or open_job_store(config.jobs_url, models, lease_s=config.stale_after_s)
+        self.child = ChildSupervisor(self.jobs, models, config)
+        self.trainer = Trainer(self.jobs, self.child, config)
+        self.recovery = Recovery(self.jobs, models, config, self.trainer.runs, self.trainer.wake)
+
+    # ------------------------------------------------------------------- what any replica does
+
+    def get(self, job_id: str) -> JobRecord:
+        return self.jobs.get(job_id)
+
+    def list(self) -> list[JobRecord]:
+        return self.jobs.list()
 
     def running_here(self) -> int:
         """1 while this replica's worker runs a job (a metric: counted from memory)."""
-        with self._lock:
-            return int(self._current is not None)
+        return int(self.trainer.busy())
 
-    def queued(self) -> int:
-        """Jobs waiting in the store's queue (the same number on every replica)."""
-        return len(self._queue.job_ids())
+    @property
+    def training_images_per_s(self) -> float:
+        return self.child.training_images_per_s
+
+    def queued(self) -> float:
+        """Jobs waiting in the queue (the same number on every replica); NaN while the job
+        store is unreachable (a metric: the scrape goes on)."""
+        try:
+            return len(self.jobs.queued())
+        except Unavailable:
+            return math.nan
+
+    def queue_positions(self) -> dict[str, int]:
+        """job id -> place in the queue (1 = next); absent: not queued."""
+        return {job_id: place for place, job_id in enumerate(self.jobs.queued(), 1)}
+
+    def queue_position(self, job_id: str) -> int:
+        return self.queue_positions().get(job_id, 0)
 
     def validate(self, params: TrainParams) -> GatePolicy:
         """This server's limits on top of the training spec's ranges (checked when the request's
         TrainConfig was built); returns the job's gate policy."""
-        c, config = self._config, params.config
+        c, config = self.config, params.config
         if config.epochs > c.max_epochs:
             raise InvalidInput(f"epochs={config.epochs} is out of range: expected an integer in "
                                f"1..{c.max_epochs} (this server's --max-epochs)")
@@ -66,42 +91,34 @@ class JobRunner(ChildSupervision):
         return params.validate(c.gate_defaults, c.gate_bounds)
 
     def submit(self, params: TrainParams, idempotency_key: str = "") -> JobRecord:
-        """Validate and queue a job in the store; returns at once. With an idempotency key a
-        retry (here or on another replica) returns the job the first call created."""
+        """Validate and queue a job; returns at once. With an idempotency key a retry (here or
+        on another replica) returns the job the first call created. The gate policy is resolved
+        here, once, and stored with the job: its trainer gates with that one."""
         policy = self.validate(params)
         if not isinstance(idempotency_key, str) or len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
             raise InvalidInput(f"idempotency_key must be a string of at most "
                                f"{MAX_IDEMPOTENCY_KEY} characters")
-        if idempotency_key:
+        if idempotency_key and self.jobs.keyed_ids:
             digest = hashlib.sha256(idempotency_key.encode("utf-8", "surrogatepass"))
             job_id = "k" + digest.hexdigest()[:20]
         else:
             job_id = uuid.uuid4().hex[:20]
-        job_dir = self._store.job_dir(job_id)
-        if not (idempotency_key and job_dir.exists()):
-            with self._queue.bounded(self._config.max_queue):
-                try:
-                    # mkdir is atomic across replicas sharing the store: of two racing retries
-                    # with the same key exactly one creates the job.
-                    os.mkdir(job_dir)
-                except FileExistsError:
-                    if not idempotency_key:
-                        raise Unavailable(f"job id {job_id} collided; retry") from None
-                else:
-                    now = timestamp()
-                    record = JobRecord(id=job_id, state=JobState.QUEUED, params=params,
-                                       created_at=now, replica=self._config.replica_id,
-                                       idempotency_key=idempotency_key, queued_at=now)
-                    self._append_event(job_id, "state", state=JobState.QUEUED.value,
-                                       replica=self._config.replica_id,
-                                       gate_policy=policy.to_dict())
-                    # The record before its queue file: a trainer never finds a file without one
-                    # (a crash in between is repaired by `recover`).
-                    self._write(record)
-                    self._queue.add(job_id, now)
-                    self._wake_worker()
-                    return record
-        existing = self._existing(job_id)
+        now = timestamp()
+        record = JobRecord(id=job_id, state=JobState.QUEUED, params=params, created_at=now,
+                           replica=self.config.replica_id, idempotency_key=idempotency_key,
+                           queued_at=now, gate_policy=policy.to_dict())
+        event = {"kind": "state", "state": JobState.QUEUED.value,
+                 "replica": self.config.replica_id, "gate_policy": policy.to_dict()}
+        holder = self.jobs.create(record, event=event, max_queued=self.config.max_queue)
+        if holder == record.id and not (idempotency_key and self.jobs.keyed_ids):
+            self.trainer.wake()
+            return record
+        existing = self._existing(holder)
+        if existing.created_at == record.created_at and existing.replica == record.replica:
+            self.trainer.wake()
+            return existing  # this call created it (a keyed id: no way to tell otherwise)
+        if not idempotency_key:
+            raise Unavailable(f"job id {job_id} collided; retry")
         if existing.params != params:
             changed = sorted(k for k, v in params.to_dict().items()
                              if existing.params.to_dict().get(k) != v)
@@ -111,38 +128,37 @@ class JobRunner(ChildSupervision):
                 "get that job, or use a new key for a new job")
         return existing
 
+    def _existing(self, job_id: str) -> JobRecord:
+        # The files store's winner of a racing submit may not have written its record yet.
+        for _ in range(100):
+            try:
+                return self.get(job_id)
+            except NotFound:
+                time.sleep(0.02)
+        raise Unavailable(f"job {job_id} (this idempotency key) is being created by another "
+                          "replica, or its creation was interrupted; retry later")
+
     def resume(self, job_id: str) -> JobRecord:
         """Queue an INTERRUPTED job again; it continues from its checkpoint. Of replicas racing
-        to resume the same job exactly one does (under the job's lock); the others, and
-        retries, get the job as it now is."""
-        record = self.get(job_id)
-        if record.resumes and record.state in (JobState.QUEUED, JobState.RUNNING):
-            return record  # already resumed: a retried or racing request gets the job
-        if record.state != JobState.INTERRUPTED:
-            raise Conflict(f"job {job_id} is {record.state.value}: only an INTERRUPTED job can be "
-                           "resumed")
-        with self._queue.bounded(self._config.max_queue), self._job_locked(job_id):
-            record = self.get(job_id)
+        to resume the same job exactly one does; the others, and retries, get the job as it
+        now is."""
+        with self.jobs.locked(job_id) as transaction:
+            record = transaction.record
+            if record.resumes and record.state in (JobState.QUEUED, JobState.RUNNING):
+                return record  # already resumed: a retried or racing request gets the job
             if record.state != JobState.INTERRUPTED:
-                return record  # a racing resume won
+                raise Conflict(f"job {job_id} is {record.state.value}: only an INTERRUPTED job "
+                               "can be resumed")
             now = timestamp()
             record.resumes += 1
             record.state, record.error, record.finished_at, record.pid = (
                 JobState.QUEUED, "", "", None)
-            record.replica, record.queued_at = self._config.replica_id, now
-            self._append_event(job_id, "state", state=JobState.QUEUED.value,
-                               replica=self._config.replica_id, resumed=record.resumes)
-            self._write(record)
-            self._queue.add(job_id, now)
-        self._wake_worker()
+            record.replica, record.queued_at = self.config.replica_id, now
+            transaction.event("state", state=JobState.QUEUED.value,
+                              replica=self.config.replica_id, resumed=record.resumes)
+            transaction.save(max_queued=self.config.max_queue)
+        self.trainer.wake()
         return record
-
-    def queue_positions(self) -> dict[str, int]:
-        """job id -> place in the store's queue (1 = next); absent: not queued."""
-        return self._queue.positions()
-
-    def queue_position(self, job_id: str) -> int:
-        return self.queue_positions().get(job_id, 0)
 
     def cancel(self, job_id: str) -> JobRecord:
         """Cancel a queued or running job, from any replica. A queued job is CANCELLED at once;
@@ -151,99 +167,52 @@ class JobRunner(ChildSupervision):
         record = self.get(job_id)
         if record.state.final:
             raise Conflict(f"job {job_id} already finished: {record.state.value}")
-        # The marker first: a trainer claiming the job this instant sees it and cancels it.
-        touch(self._store.job_dir(job_id) / CANCEL_MARKER)
-        with self._job_locked(job_id):
-            record = self.get(job_id)
-            if record.state == JobState.QUEUED:
-                self._queue.remove(job_id)
-                return self._finish(record, JobState.CANCELLED, error="cancelled while queued")
-        with self._lock:
-            if job_id == self._current:
-                self._wake_worker()
-        if threading.get_ident() != self._loop_thread:  # never block the worker's own loop
-            deadline = (time.monotonic() + self._config.cancel_grace_s
-                        + self._config.heartbeat_s + 5.0)
+        # The request first: a trainer claiming the job this instant sees it and cancels it.
+        self.jobs.request_cancel(job_id)
+        with self.jobs.locked(job_id) as transaction:
+            if transaction.record.state == JobState.QUEUED:
+                return finish(transaction, JobState.CANCELLED, error="cancelled while queued")
+        if self.trainer.runs(job_id):
+            self.trainer.wake()
+        if not self.trainer.in_worker_loop():  # never block the worker's own loop
+            deadline = (time.monotonic() + self.config.cancel_grace_s
+                        + self.config.heartbeat_s + 5.0)
             while not record.state.final and time.monotonic() < deadline:
                 time.sleep(0.05)
                 record = self.get(job_id)
         return self.get(job_id)
 
-    async def watch(self, job_id: str, after_sequence: int = 0,
-                    poll_s: float = 0.2) -> AsyncIterator[tuple[int, dict[str, Any]]]:
-        """(sequence, event) for each complete line of the job's events.jsonl after
-        `after_sequence` (sequence = 1-based line number), following the file as it grows, until
-        the record is final and every line has been read. NotFound before the first yield."""
-        self.get(job_id)
-        tail = EventTail(self._store.job_dir(job_id) / EVENTS_FILE)
+    async def watch(self, job_id: str, after_sequence: int = 0
+                    ) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+        """(sequence, event) for each of the job's events after `after_sequence`, following
+        them as they come (the job store says when: LISTEN/NOTIFY on PostgreSQL, a short poll
+        of the file otherwise), until the record is final and every event has been read.
+        NotFound before the first yield."""
+        await asyncio.to_thread(self.get, job_id)
+        cursor = self.jobs.follow(job_id)
         while True:
-            # The record first: a final state's event is appended before the record turns final.
-            final = self.get(job_id).state.final
-            for sequence, event in tail.read():
+            # The record first: a final state's event is written before the record turns final.
+            final = (await asyncio.to_thread(self.get, job_id)).state.final
+            for sequence, event in await asyncio.to_thread(cursor.read):
                 if sequence > after_sequence and event is not None:
                     yield sequence, event
             if final:
                 return
-            await asyncio.sleep(poll_s)
+            await self.jobs.changed(job_id, WATCH_WAIT_S)
+
+    # ------------------------------------------------------------------- what a trainer does
 
     def claim_next(self) -> JobRecord | None:
-        """Claim the oldest queued job for this trainer: under the job's lock, so of trainers
-        racing for it exactly one gets it; the others go on to the next. None: nothing waits."""
-        me = self._config.replica_id
-        for job_id in self._queue.job_ids():
-            with self._job_locked(job_id):
-                try:
-                    record = self.get(job_id)
-                except (NotFound, IntegrityError) as error:
-                    log.warning("queue: dropping job %s: %s", job_id, error)
-                    self._queue.remove(job_id)
-                    continue
-                if record.state != JobState.QUEUED:
-                    self._queue.remove(job_id)  # claimed or cancelled: a stale queue file
-                    continue
-                if (self._store.job_dir(job_id) / CANCEL_MARKER).exists():
-                    self._queue.remove(job_id)
-                    self._finish(record, JobState.CANCELLED, error="cancelled while queued")
-                    continue
-                now = timestamp()
-                number = len(record.attempts) + 1
-                record.attempts.append(Attempt(number=number, trainer=me, claimed_at=now))
-                record.state, record.trainer, record.pid, record.error = (
-                    JobState.RUNNING, me, None, "")
-                record.started_at, record.heartbeat_at = record.started_at or now, now
-                self._append_event(job_id, "state", state=JobState.RUNNING.value, trainer=me,
-                                   attempt=number)
-                write_claim(self._store.job_dir(job_id), number, me)
-                self._write(record)
-                self._queue.remove(job_id)
-            log.info("job %s: claimed (attempt %d)", job_id, number)
-            return record
-        return None
+        return self.trainer.claim_next()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """A trainer's worker: claim the oldest queued job, run it, repeat, until `stop` is set.
-        A bad job is recorded FAILED and the loop goes on."""
-        self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
-        self._wake = asyncio.Event()
-        while not stop.is_set():
-            self._wake.clear()
-            try:
-                record = await asyncio.to_thread(self.claim_next)
-            except Exception:  # an unreadable store must not end the loop
-                log.exception("claiming a job failed")
-                record = None
-            if record is None:
-                await first_of(self._config.poll_s, stop.wait(), self._wake.wait())
-                continue
-            with self._lock:
-                self._current = record.id
-            try:
-                await self._run_job(record, stop)
-            except Exception as error:
-                log.exception("job %s failed in the runner", record.id)
-                with contextlib.suppress(Exception):
-                    self._end_attempt(record, JobState.FAILED,
-                                      error=f"runner error: {type(error).__name__}: {error}")
-            finally:
-                with self._lock:
-                    self._current = None
+        await self.trainer.run(stop)
+
+    def recover(self) -> list[str]:
+        return self.recovery.recover()
+
+    def command(self, record: JobRecord) -> list[str]:
+        return self.child.command(record)
+
+    def close(self) -> None:
+        self.jobs.close()

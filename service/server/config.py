@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from convserve.contracts.errors import ConfigError, PortInUse
+from convserve.jobs.backend import FILES, POSTGRESQL_SCHEMES, redact
 
 ENV_PREFIX = "CONVSERVE_"
 # The one stdout line a replica prints once it accepts calls; launchers read the address from it.
@@ -42,6 +43,9 @@ class ServerConfig:
     role: str = _setting("all", "serve: answer every RPC and queue Train jobs in the store; "
                          "train: run the store's queued jobs; all: both")
     store: Path = _setting(Path("store"), "the model store (shared by every replica)")
+    jobs_url: str = _setting("files", "the job store: files (in the model store's directory; one "
+                             "machine or a shared volume) or postgresql://user:password@host/db "
+                             "(replicas on many machines; logged without its password)")
     datasets_root: Path = _setting(Path("datasets"), "folder that Train's dataset names resolve in")
     host: str = _setting("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
     port: int = _setting(50051, "gRPC port, convserve.v1 and the Open Inference Protocol "
@@ -171,6 +175,9 @@ class ServerConfig:
 
     def _check_training(self) -> None:
         """The job queue's, the trainer's and the gate's settings."""
+        _check(self.jobs_url == FILES or self.jobs_url.startswith(POSTGRESQL_SCHEMES), "jobs_url",
+               redact(self.jobs_url), f"{FILES} or a URL starting with "
+               f"{' or '.join(POSTGRESQL_SCHEMES)}")
         _check(self.max_queued_jobs >= 1, "max_queued_jobs", self.max_queued_jobs, ">= 1")
         _check(1 <= self.max_job_attempts <= 100, "max_job_attempts", self.max_job_attempts,
                "1..100")
@@ -189,7 +196,11 @@ class ServerConfig:
         lines = []
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            lines.append(f"  {field.name} = {'<redacted>' if field.name in SECRETS and value else value}")
+            if field.name in SECRETS and value:
+                value = "<redacted>"
+            elif field.name == "jobs_url":
+                value = redact(value)
+            lines.append(f"  {field.name} = {value}")
         return "\n".join(lines)
 
     def to_json(self) -> str:

@@ -26,7 +26,9 @@ from prometheus_client import CollectorRegistry
 
 from convserve.contracts.gate_policy import GateBounds, GatePolicy
 from convserve.contracts.store import ModelStore
+from convserve.errors import Unavailable
 from convserve.jobs import JobRunner, RunnerConfig
+from convserve.jobs.backend import FILES
 from convserve.lifecycle import map_large_blocks_separately
 from convserve.metrics import serve_http
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
@@ -130,6 +132,7 @@ def runner_config(config: ServerConfig) -> RunnerConfig:
     extra: dict[str, Any] = {"python": config.training_python} if config.training_python else {}
     return RunnerConfig(
         datasets_root=config.datasets_root, max_queue=config.max_queued_jobs,
+        jobs_url="" if config.jobs_url == FILES else config.jobs_url,
         max_epochs=config.max_epochs,
         gate_defaults=GatePolicy(min_accuracy=config.min_accuracy,
                                  min_improvement=config.min_improvement),
@@ -163,11 +166,15 @@ async def start(config: ServerConfig, worker: int | None = None) -> Replica:
     trains = config.role in ("train", "all") and not worker
     store = ModelStore(config.store)
     runner = JobRunner(store, runner_config(config))
-    if trains:
-        recovered = await asyncio.to_thread(runner.recover)
-        if recovered:
-            log.warning("reclaimed %d jobs whose trainer is gone (see their records): %s",
-                        len(recovered), ", ".join(recovered))
+    try:  # the schema, once; a replica whose job store is down still starts (and serves)
+        await asyncio.to_thread(runner.jobs.ensure_ready)
+        if trains:
+            recovered = await asyncio.to_thread(runner.recover)
+            if recovered:
+                log.warning("reclaimed %d jobs whose trainer is gone (see their records): %s",
+                            len(recovered), ", ".join(recovered))
+    except Unavailable as error:
+        log.warning("%s; job calls answer UNAVAILABLE until it is back", error)
     serving = await _start_serving(config, store) if config.role != "train" else None
 
     requests = RequestMetrics()
@@ -326,6 +333,7 @@ async def stop(replica: Replica, grace_s: float | None = None) -> None:
     if replica.metrics_server is not None:
         await asyncio.to_thread(replica.metrics_server.shutdown)
         replica.metrics_server.server_close()
+    await asyncio.to_thread(replica.runner.close)
 
 
 async def serve(config: ServerConfig, worker: int | None = None) -> None:
@@ -354,6 +362,9 @@ async def _recover_jobs(replica: Replica) -> None:
         await asyncio.sleep(interval)
         try:
             recovered = await asyncio.to_thread(replica.runner.recover)
+        except Unavailable as error:  # the trainer's loop logs the outage
+            log.debug("job recovery: %s", error)
+            continue
         except Exception:  # a broken job file must not stop the loop
             log.exception("job recovery failed")
             continue

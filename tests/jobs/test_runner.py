@@ -115,7 +115,7 @@ def test_a_job_is_promoted_watched_from_another_replica_then_a_stricter_gate_rej
     assert b.queue_position(first.id) == 1  # one queue, in the store: every replica agrees
 
     async def scenario() -> list[tuple[int, dict]]:
-        watched = [item async for item in b.watch(first.id, poll_s=0.05)]
+        watched = [item async for item in b.watch(first.id)]
         await _until(lambda: a.get(second.id).state.final, "the second job")
         return watched
 
@@ -372,7 +372,7 @@ def test_watch_follows_the_file_holds_back_a_partial_line_and_ends_when_final(
         seen: list[tuple[int, dict]] = []
 
         async def follow() -> None:
-            async for item in reader.watch(job.id, poll_s=0.02):
+            async for item in reader.watch(job.id):
                 seen.append(item)
 
         task = asyncio.create_task(follow())
@@ -486,8 +486,8 @@ def test_a_trainer_that_lost_its_claim_records_nothing_and_its_child_does_not_pu
     assert b.recover() == [job.id]
     second = b.claim_next()
     assert second is not None and [t.number for t in second.attempts] == [1, 2]
-    assert a._save(first) is False  # a's heartbeat: the claim is b's now
-    a._end_attempt(first, JobState.FAILED, error="a's late verdict")
+    assert a.child.heartbeat(first) is False  # a's heartbeat: the claim is b's now
+    a.child.end_attempt(first, JobState.FAILED, error="a's late verdict")
     assert a.get(job.id).state == JobState.RUNNING and a.get(job.id).trainer == "trainer-b"
     job_dir = ModelStore(store_dir).job_dir(job.id)
     check_claim(job_dir, 2)
@@ -541,8 +541,8 @@ def test_the_spec_travels_from_the_request_to_the_job_spec_file(store_dir: Path)
     runner = _runner(store_dir)
     record = runner.submit(params)
     command = runner.command(record)
-    assert command[-2:] == ["--job", str(runner._store.job_dir(record.id))]
-    job = read_job_spec(runner._store.job_dir(record.id))
+    assert command[-2:] == ["--job", str(runner.models.job_dir(record.id))]
+    job = read_job_spec(runner.models.job_dir(record.id))
     assert job.config == dataclasses.replace(
         params.config, datasets_root=str(store_dir.parent / "datasets"), compile="auto")
     assert (job.job_id, job.store, job.gate.min_accuracy) == (record.id, str(store_dir), 0.4)

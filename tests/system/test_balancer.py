@@ -34,6 +34,9 @@ pytestmark = pytest.mark.slow
 # nginx takes to stop sending calls to the killed replica (max_fails=1, its in-flight calls 502).
 BACKOFF_S = 0.5
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
+# Every test that starts nginx carries this: without it they skip, with the reason printed.
+needs_nginx = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (.ci/run installs Debian's "
+                                                       "nginx; locally: apt-get install nginx)")
 
 
 def _free_port() -> int:
@@ -56,6 +59,7 @@ def nginx_in_front_of(replicas: Sequence[Any], prefix: Path, *,
     config = config.replace("127.0.0.1:8080", f"127.0.0.1:{port}")
     prefix.mkdir(parents=True, exist_ok=True)
     (prefix / "nginx.conf").write_text(config)
+    assert NGINX is not None, "a test that starts nginx lacks @needs_nginx"
     process = subprocess.Popen([NGINX, "-c", str(prefix / "nginx.conf"), "-p", str(prefix),
                                 "-g", "daemon off;"], stderr=subprocess.PIPE, text=True)
     try:
@@ -79,8 +83,7 @@ def _predict_count(replica: ServerProcess) -> float:
     return replica.metric("convserve_request_seconds_count", method="Predict", code="OK")
 
 
-@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (.ci/run installs Debian's "
-                                          "nginx; locally: apt-get install nginx)")
+@needs_nginx
 def test_two_replicas_behind_nginx(tmp_path: Path, store_with_model) -> None:
     store_dir, datasets = store_with_model
     store = ModelStore(store_dir)
@@ -133,6 +136,7 @@ def test_two_replicas_behind_nginx(tmp_path: Path, store_with_model) -> None:
             replica.stop()
 
 
+@needs_nginx
 def test_a_proxy_502_for_a_dead_replica_is_retried_by_grpcs_policy(tmp_path: Path) -> None:
     """nginx answers for replicas it cannot reach with a gRPC UNAVAILABLE of its own (the
     documented config's error_page): gRPC's retry policy (the SDK's service config) resends the

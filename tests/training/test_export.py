@@ -119,7 +119,7 @@ def test_a_run_whose_claim_was_taken_over_never_publishes(tmp_path) -> None:
     file names a later attempt) is refused under the store's lock, however good the model."""
     from convserve.contracts.errors import ClaimLost
     from convserve.contracts.gate_policy import GatePolicy
-    from convserve.contracts.job_dir import write_claim
+    from convserve.contracts.job_dir import check_claim, write_claim
     from convserve.contracts.spec import TrainConfig
     from convserve.contracts.store import ModelStore
     from convserve.training import pipeline
@@ -134,14 +134,14 @@ def test_a_run_whose_claim_was_taken_over_never_publishes(tmp_path) -> None:
         pipeline.run(TrainConfig(dataset=SMALL_SYNTHETIC, epochs=1, compile="off"), run_dir,
                      reporter, publication=pipeline.Publication(
                          store, GatePolicy(min_accuracy=0.0), actor="job:job1", job_id="job1",
-                         run_dir=run_dir, attempt=1))
+                         fence=lambda: check_claim(run_dir, 1)))
     reporter.close()
     assert store.versions() == [] and store.promoted_version() is None
     write_claim(run_dir, 1, "trainer-a")  # while it holds the claim, the same run publishes
     outcome = pipeline.run(TrainConfig(dataset=SMALL_SYNTHETIC, epochs=1, compile="off"),
                            run_dir, ProgressReporter(None), publication=pipeline.Publication(
                                store, GatePolicy(min_accuracy=0.0), actor="job:job1",
-                               job_id="job1", run_dir=run_dir, attempt=1))
+                               job_id="job1", fence=lambda: check_claim(run_dir, 1)))
     assert outcome.published is not None and outcome.published.version == 1
 
 
