@@ -10,6 +10,7 @@
     convserve models show N                                card, promotion status, sha256 check
     convserve models promote N --reason TEXT [--actor NAME]  point PROMOTED at N (rollback/pin)
     convserve models history                               promotion history, oldest first
+    convserve db upgrade [--jobs-url URL]                  create/migrate the PostgreSQL job store
 
 Every models command takes ``--store DIR`` (default: $CONVSERVE_STORE; the flag wins).
 Exit codes: 0 done; 1 the operation failed (store or integrity error, no store at DIR);
@@ -47,7 +48,8 @@ from convserve.contracts.commands import (
 )
 from convserve.contracts.errors import ConfigError, IntegrityError, StoreError
 from convserve.contracts.store import HistoryEntry, ModelStore
-from convserve.errors import ClientError
+from convserve.errors import ClientError, Unavailable
+from convserve.jobs.backend import JOBS_URL_ENV
 
 PROG = "convserve"
 STORE_ENV = "CONVSERVE_STORE"
@@ -272,8 +274,30 @@ def _version_row(store: ModelStore, version: int, promoted: bool) -> tuple[str, 
 
 # ----------------------------------------------------------------------------- registry
 
+def _add_jobs_url(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--jobs-url", default=None, metavar="URL",
+                        help=f"the PostgreSQL job store (default: ${JOBS_URL_ENV})")
+
+
+def db_upgrade(args: argparse.Namespace) -> int:
+    """Create or migrate the PostgreSQL job store's schema: what every replica also does when
+    it first reaches the database, for deployments whose runtime role may not run DDL."""
+    from convserve.jobs import schema
+    from convserve.jobs.backend import POSTGRESQL_SCHEMES, redact
+
+    url = args.jobs_url or os.environ.get(JOBS_URL_ENV, "")
+    if not url.startswith(POSTGRESQL_SCHEMES):
+        raise ConfigError(f"expected --jobs-url or ${JOBS_URL_ENV} to be a PostgreSQL URL "
+                          f"(postgresql://user:password@host/db), got {redact(url)!r}")
+    applied = schema.upgrade_at(url)
+    print(f"{redact(url)}: schema version {schema.LATEST} "
+          f"({'applied ' + ', '.join(map(str, applied)) if applied else 'already current'})")
+    return EXIT_OK
+
+
 GROUPS: dict[tuple[str, ...], str] = {
     ("models",): "inspect, verify and promote model versions in the store",
+    ("db",): "the PostgreSQL job store's schema",
 }
 
 COMMANDS: tuple[Command, ...] = (
@@ -285,6 +309,9 @@ COMMANDS: tuple[Command, ...] = (
             "promote an existing version (rollback or pin), recorded in the history",
             _add_promote_arguments),
     Command(("models", "history"), models_history, "print the promotion history", _add_store),
+    Command(("db", "upgrade"), db_upgrade,
+            "create or migrate the PostgreSQL job store's schema (replicas also do it at start)",
+            _add_jobs_url),
     Command(("demo",), demo.run, "start a server, train on digits, predict: the quick start",
             demo.add_arguments),
     Command(("serve",), remote.serve, "run a server replica (flags or CONVSERVE_* variables)",
@@ -344,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(EXIT_USAGE, f"{error} (see --help)")
     except (StoreError, OSError) as error:
         return _fail(EXIT_FAILED, str(error))
-    except ClientError as error:  # the server's status and message: one line, no traceback
+    except (ClientError, Unavailable) as error:  # one line, no traceback
         return _fail(EXIT_FAILED, str(error))
     except KeyboardInterrupt:
         return _fail(EXIT_INTERRUPTED, "interrupted")

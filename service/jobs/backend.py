@@ -21,6 +21,7 @@ against both:
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -50,8 +51,9 @@ class JobTransaction(Protocol):
 
 
 class EventCursor(Protocol):
-    def read(self) -> list[tuple[int, dict[str, Any]]]:
-        """(sequence, event) for every event after the last one read; sequences start at 1."""
+    def read(self) -> list[tuple[int, dict[str, Any] | None]]:
+        """(sequence, event) for every event after the last one read; sequences start at 1
+        (None: an event that cannot be read, such as a line torn by a crash)."""
 
 
 class JobStore(Protocol):
@@ -67,10 +69,10 @@ class JobStore(Protocol):
     def get(self, job_id: str) -> JobRecord:
         """NotFound, InvalidInput (a malformed id) or IntegrityError (unreadable)."""
 
-    def list(self) -> list[JobRecord]:
+    def list(self) -> builtins.list[JobRecord]:
         """Every job, newest first."""
 
-    def queued(self) -> list[str]:
+    def queued(self) -> builtins.list[str]:
         """Queued job ids, next first."""
 
     def create(self, record: JobRecord, *, event: dict[str, Any], max_queued: int) -> str:
@@ -85,10 +87,10 @@ class JobStore(Protocol):
         """The oldest queued job that no other trainer is claiming right now, locked; None when
         none waits. Leave it QUEUED and the next call moves on only if it was saved otherwise."""
 
-    def expired(self) -> list[str]:
+    def expired(self) -> builtins.list[str]:
         """RUNNING jobs whose lease lapsed (candidates for recovery; check again under lock)."""
 
-    def running(self) -> list[JobRecord]:
+    def running(self) -> builtins.list[JobRecord]:
         """Every RUNNING job (recovery looks for trainers of this host that died)."""
 
     def repair(self) -> None:

@@ -80,11 +80,11 @@ class ChildSupervisor:
 
     async def run(self, record: JobRecord, stop: asyncio.Event, wake: asyncio.Event) -> None:
         """Run a job this trainer claimed (attempt `record.attempt`) to its end."""
-        job_dir = self._models.job_dir(record.id, create=True)  # PostgreSQL made no folder
         if stop.is_set():  # stopping as it was claimed: straight back to the queue
             await self._retrying(self._release, record, stop)
             return
         command = self.command(record)
+        job_dir = self._models.job_dir(record.id)
         # A store that copies the events reads only this attempt's; the files store's watcher
         # reads the whole file, and so does this trainer (the last epoch of earlier attempts).
         forward = self._jobs.forwards_child_events
@@ -295,7 +295,8 @@ class ChildSupervisor:
     def command(self, record: JobRecord) -> list[str]:
         """Write the job's spec.json (its settings, with this server's own) and return the child's
         command line, which names only the job directory."""
-        c, job_dir = self._config, self._models.job_dir(record.id)
+        # The job's artifacts live in the model store; the PostgreSQL job store made no folder.
+        c, job_dir = self._config, self._models.job_dir(record.id, create=True)
         config = dataclasses.replace(record.params.config, datasets_root=str(c.datasets_root),
                                      compile=c.compile)
         JobSpec(job_id=record.id, config=config, gate=gate_policy_of(record, c),

@@ -13,6 +13,7 @@ the training process's fence.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 import logging
@@ -103,7 +104,7 @@ class FileJobStore:
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise IntegrityError(f"job {job_id}: unreadable record {path}: {error}") from None
 
-    def list(self) -> list[JobRecord]:
+    def list(self) -> builtins.list[JobRecord]:
         records = []
         for job_id in self.models.job_ids():
             try:
@@ -114,7 +115,7 @@ class FileJobStore:
                 log.warning("%s", error)
         return sorted(records, key=lambda r: (r.created_at, r.id), reverse=True)
 
-    def queued(self) -> list[str]:
+    def queued(self) -> builtins.list[str]:
         return self.queue.job_ids()
 
     def create(self, record: JobRecord, *, event: dict[str, Any], max_queued: int) -> str:
@@ -157,12 +158,12 @@ class FileJobStore:
                 return
         yield None
 
-    def expired(self) -> list[str]:
+    def expired(self) -> builtins.list[str]:
         now = datetime.now(UTC)
         return [r.id for r in self.running()
                 if age_s(r.heartbeat_at or r.created_at, now) > self.lease_s]
 
-    def running(self) -> list[JobRecord]:
+    def running(self) -> builtins.list[JobRecord]:
         return [r for r in self.list() if r.state == JobState.RUNNING]
 
     def repair(self) -> None:

@@ -26,6 +26,7 @@ UNAVAILABLE and trainers back off.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import threading
@@ -46,7 +47,8 @@ from convserve.jobs.schema import NOTIFY_CHANNEL, QUEUE_LOCK, upgrade
 
 log = logging.getLogger("convserve.jobs")
 POOL_MAX = 10
-POOL_TIMEOUT_S = 5.0   # a call waits this long for a connection, then answers UNAVAILABLE
+POOL_TIMEOUT_S = 3.0   # a call waits this long for a connection, then answers UNAVAILABLE
+CONNECT_TIMEOUT_S = 3
 # Server-side limits, so a stuck replica never holds a job's row lock for long.
 SESSION_OPTIONS = "-c lock_timeout=10s -c idle_in_transaction_session_timeout=60s"
 _UNREACHABLE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
@@ -114,7 +116,7 @@ class PostgresJobStore:
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             url, min_size=1, max_size=POOL_MAX, open=False, timeout=POOL_TIMEOUT_S,
             check=ConnectionPool.check_connection,  # a restarted server's dead connections
-            kwargs={"connect_timeout": 3, "options": SESSION_OPTIONS}, name="convserve-jobs")
+            kwargs={"connect_timeout": CONNECT_TIMEOUT_S, "options": SESSION_OPTIONS}, name="convserve-jobs")
         self._pool.open(wait=False)  # a replica starts (and serves) while the database is down
         self._listener = _Listener(url, self.name)
 
@@ -137,8 +139,9 @@ class PostgresJobStore:
         with self._ready_lock:
             if self._ready:
                 return
-            try:
-                with self._pool.connection() as connection:
+            try:  # its own connection: a refused one fails at once, not after the pool's wait
+                with psycopg.connect(self.url, connect_timeout=CONNECT_TIMEOUT_S,
+                                     options=SESSION_OPTIONS) as connection:
                     applied = upgrade(connection)
             except _UNREACHABLE as error:
                 raise Unavailable(f"{self.name} is unavailable: {_first_line(error)}") from None
@@ -163,7 +166,7 @@ class PostgresJobStore:
             raise NotFound(f"job {job_id!r} not found")
         return self.decode(row[0])
 
-    def list(self) -> list[JobRecord]:
+    def list(self) -> builtins.list[JobRecord]:
         with self.transaction() as cursor:
             rows = cursor.execute("SELECT record FROM convserve_jobs "
                                   "ORDER BY created_at DESC, id DESC").fetchall()
@@ -175,19 +178,19 @@ class PostgresJobStore:
                 log.warning("%s", error)
         return records
 
-    def queued(self) -> list[str]:
+    def queued(self) -> builtins.list[str]:
         with self.transaction() as cursor:
             rows = cursor.execute("SELECT id FROM convserve_jobs WHERE state = 'QUEUED' "
                                   "ORDER BY queued_at, id").fetchall()
         return [job_id for (job_id,) in rows]
 
-    def expired(self) -> list[str]:
+    def expired(self) -> builtins.list[str]:
         with self.transaction() as cursor:
             rows = cursor.execute("SELECT id FROM convserve_jobs WHERE state = 'RUNNING' "
                                   "AND lease_until < now() ORDER BY id").fetchall()
         return [job_id for (job_id,) in rows]
 
-    def running(self) -> list[JobRecord]:
+    def running(self) -> builtins.list[JobRecord]:
         with self.transaction() as cursor:
             rows = cursor.execute("SELECT record FROM convserve_jobs WHERE state = 'RUNNING'"
                                   ).fetchall()
@@ -324,7 +327,8 @@ class _Listener:
         delay, reported = 0.5, False
         while not self._closed.is_set():
             try:
-                with psycopg.connect(self._url, autocommit=True, connect_timeout=3) as connection:
+                with psycopg.connect(self._url, autocommit=True,
+                                     connect_timeout=CONNECT_TIMEOUT_S) as connection:
                     connection.execute(f"LISTEN {NOTIFY_CHANNEL}")
                     if reported:
                         log.info("%s: listening for job events again", self._name)

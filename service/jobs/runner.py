@@ -6,6 +6,7 @@ supervision and the recovery of dead trainers' jobs are parts it holds, not clas
 from __future__ import annotations
 
 import asyncio
+import builtins
 import hashlib
 import math
 import time
@@ -51,7 +52,7 @@ class JobRunner:
     def get(self, job_id: str) -> JobRecord:
         return self.jobs.get(job_id)
 
-    def list(self) -> list[JobRecord]:
+    def list(self) -> builtins.list[JobRecord]:
         return self.jobs.list()
 
     def running_here(self) -> int:
@@ -208,10 +209,10 @@ class JobRunner:
     async def run(self, stop: asyncio.Event) -> None:
         await self.trainer.run(stop)
 
-    def recover(self) -> list[str]:
+    def recover(self) -> builtins.list[str]:
         return self.recovery.recover()
 
-    def command(self, record: JobRecord) -> list[str]:
+    def command(self, record: JobRecord) -> builtins.list[str]:
         return self.child.command(record)
 
     def close(self) -> None:

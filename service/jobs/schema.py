@@ -61,11 +61,25 @@ def upgrade(connection: psycopg.Connection[Any]) -> list[int]:
                               f"convserve knows ({LATEST}): upgrade convserve on this replica")
         for version, statements in MIGRATIONS:
             if version > current:
-                connection.execute(statements)  # type: ignore[arg-type]  (no parameters)
+                # No parameters: several statements in one string are allowed.
+                connection.execute(statements)
                 connection.execute("INSERT INTO convserve_schema (version) VALUES (%s)",
                                    (version,))
                 applied.append(version)
     return applied
+
+
+def upgrade_at(url: str) -> list[int]:
+    """`upgrade` over a connection of its own (`convserve db upgrade`); Unavailable when the
+    database cannot be reached."""
+    try:
+        with psycopg.connect(url, connect_timeout=10) as connection:
+            return upgrade(connection)
+    except (psycopg.OperationalError, psycopg.InterfaceError) as error:
+        from convserve.jobs.backend import redact
+
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise Unavailable(f"job store {redact(url)} is unavailable: {first}") from None
 
 
 def version(connection: psycopg.Connection[Any]) -> int:
