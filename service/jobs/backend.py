@@ -75,10 +75,11 @@ class JobStore(Protocol):
     def queued(self) -> builtins.list[str]:
         """Queued job ids, next first."""
 
-    def create(self, record: JobRecord, *, event: dict[str, Any], max_queued: int) -> str:
-        """Insert a new QUEUED job and its first event; returns its id, or the id of the job
-        that already has its idempotency key (a retry); LimitExceeded when `max_queued` jobs
-        wait."""
+    def create(self, record: JobRecord, *, event: dict[str, Any], max_queued: int
+               ) -> tuple[str, bool]:
+        """Insert a new QUEUED job and its first event: (its id, True); or (the id of the job
+        that already has its idempotency key, False) for a retry. LimitExceeded when
+        `max_queued` jobs wait."""
 
     def locked(self, job_id: str) -> contextlib.AbstractContextManager[JobTransaction]:
         """The job, locked for a read-modify-write (NotFound when it does not exist)."""

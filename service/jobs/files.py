@@ -118,22 +118,23 @@ class FileJobStore:
     def queued(self) -> builtins.list[str]:
         return self.queue.job_ids()
 
-    def create(self, record: JobRecord, *, event: dict[str, Any], max_queued: int) -> str:
+    def create(self, record: JobRecord, *, event: dict[str, Any], max_queued: int
+               ) -> tuple[str, bool]:
         job_dir = self.models.job_dir(record.id)
         if job_dir.exists():
-            return record.id  # the id is the key's: the job that has it
+            return record.id, False  # the id is the key's: the job that has it
         with self.queue.bounded(max_queued):
             try:
                 # mkdir is atomic across replicas sharing the store: of two racing retries with
                 # the same key exactly one creates the job.
                 os.mkdir(job_dir)
             except FileExistsError:
-                return record.id
+                return record.id, False
             transaction = FileTransaction(self, record)
             transaction.event(**event)
             self.write(record)
             self.queue.add(record.id, record.queued_at)
-        return record.id
+        return record.id, True
 
     @contextlib.contextmanager
     def locked(self, job_id: str) -> Iterator[FileTransaction]:

@@ -218,7 +218,8 @@ class PostgresJobStore:
         if waiting >= max_queued:
             raise LimitExceeded(f"training queue is full ({waiting} jobs waiting); retry later")
 
-    def create(self, record: JobRecord, *, event: dict[str, Any], max_queued: int) -> str:
+    def create(self, record: JobRecord, *, event: dict[str, Any], max_queued: int
+               ) -> tuple[str, bool]:
         _check(record.id)
         key = record.idempotency_key or None
         with self.transaction() as cursor:
@@ -226,7 +227,7 @@ class PostgresJobStore:
                 found = cursor.execute("SELECT id FROM convserve_jobs WHERE idempotency_key = %s",
                                        (key,)).fetchone()
                 if found:
-                    return str(found[0])
+                    return str(found[0]), False
             self.check_bound(cursor, max_queued, record.id)
             inserted = cursor.execute(
                 "INSERT INTO convserve_jobs (id, state, queued_at, created_at, "
@@ -240,13 +241,13 @@ class PostgresJobStore:
                 found = cursor.execute("SELECT id FROM convserve_jobs WHERE idempotency_key = %s",
                                        (key,)).fetchone()
                 if found:
-                    return str(found[0])
+                    return str(found[0]), False
                 raise Unavailable(f"job id {record.id} collided; retry")
             row = cursor.execute(f"SELECT {_COLUMNS} FROM convserve_jobs WHERE id = %s",
                                  (record.id,)).fetchone()
             assert row is not None
             PostgresTransaction(self, cursor, row).event(**event)
-        return record.id
+        return record.id, True
 
     @contextlib.contextmanager
     def locked(self, job_id: str) -> Iterator[PostgresTransaction]:

@@ -99,6 +99,9 @@ class JobRunner:
         if not isinstance(idempotency_key, str) or len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
             raise InvalidInput(f"idempotency_key must be a string of at most "
                                f"{MAX_IDEMPOTENCY_KEY} characters")
+        if not idempotency_key.isprintable():  # NUL and the like: no job store keeps them alike
+            raise InvalidInput(f"idempotency_key {idempotency_key!r} holds control characters; "
+                               "use printable text")
         if idempotency_key and self.jobs.keyed_ids:
             digest = hashlib.sha256(idempotency_key.encode("utf-8", "surrogatepass"))
             job_id = "k" + digest.hexdigest()[:20]
@@ -110,16 +113,13 @@ class JobRunner:
                            queued_at=now, gate_policy=policy.to_dict())
         event = {"kind": "state", "state": JobState.QUEUED.value,
                  "replica": self.config.replica_id, "gate_policy": policy.to_dict()}
-        holder = self.jobs.create(record, event=event, max_queued=self.config.max_queue)
-        if holder == record.id and not (idempotency_key and self.jobs.keyed_ids):
+        holder, created = self.jobs.create(record, event=event, max_queued=self.config.max_queue)
+        if created:
             self.trainer.wake()
             return record
-        existing = self._existing(holder)
-        if existing.created_at == record.created_at and existing.replica == record.replica:
-            self.trainer.wake()
-            return existing  # this call created it (a keyed id: no way to tell otherwise)
         if not idempotency_key:
             raise Unavailable(f"job id {job_id} collided; retry")
+        existing = self._existing(holder)
         if existing.params != params:
             changed = sorted(k for k, v in params.to_dict().items()
                              if existing.params.to_dict().get(k) != v)

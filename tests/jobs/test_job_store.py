@@ -25,7 +25,7 @@ from convserve.contracts.errors import ClaimLost
 from convserve.contracts.job_dir import JobState
 from convserve.contracts.job_spec import read_job_spec
 from convserve.contracts.store import ModelStore
-from convserve.errors import AlreadyExists, Conflict, LimitExceeded, NotFound
+from convserve.errors import AlreadyExists, Conflict, InvalidInput, LimitExceeded, NotFound
 from convserve.jobs import JobRecord, JobRunner, RunnerConfig, TrainParams
 from convserve.jobs.config import GatePolicy
 
@@ -114,6 +114,8 @@ def test_an_idempotency_key_maps_to_one_job_across_replicas(replicas) -> None:
         ids = set(pool.map(lambda n: (a, b)[n % 2].submit(
             TrainParams.of(), idempotency_key="raced").id, range(8)))
     assert len(ids) == 1 and len(a.list()) == 2
+    with pytest.raises(InvalidInput, match="control characters"):  # PostgreSQL text holds no NUL
+        a.submit(TrainParams.of(), idempotency_key="nightly\x00")
 
 
 def test_the_queue_bound_holds_under_racing_submits(replicas) -> None:
