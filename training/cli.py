@@ -22,7 +22,14 @@ from convserve.contracts.commands import (
     OneLineParser,
     add_version_flag,
 )
-from convserve.contracts.errors import ConfigError, DatasetError, ExportError, ResumeError, StoreError
+from convserve.contracts.errors import (
+    ConfigError,
+    DatasetError,
+    ExportError,
+    ResumeError,
+    StoreError,
+    Unavailable,
+)
 from convserve.contracts.gate_policy import GatePolicy, add_gate_arguments, gate_policy_of
 from convserve.contracts.job_dir import EVENTS_FILE, JobState, Phase
 from convserve.contracts.job_spec import read_job_spec
@@ -35,6 +42,9 @@ from convserve.training.progress import ProgressReporter
 if TYPE_CHECKING:
     from convserve.training.distributed import World
     from convserve.training.pipeline import RunOutcome
+
+
+FENCE_WAIT_S = 60.0  # how long a finished job waits for an unreachable job store before publishing
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +150,11 @@ def _run(job: Invocation, resume: bool, world: World, reporter: ProgressReporter
         return _fail(reporter, EXIT_USAGE, str(error))
     except (ExportError, StoreError) as error:
         return _fail(reporter, EXIT_FAILED, str(error))
+    except Unavailable as error:  # the job store, at the fence: not the job's fault
+        if job.job_id:  # STOPPED: its trainer puts it back in the queue, to resume and publish
+            return _fail(reporter, EXIT_INTERRUPTED, f"{error}; not published: the job goes back "
+                         "to the queue and resumes from its checkpoint", state=Phase.STOPPED)
+        return _fail(reporter, EXIT_FAILED, str(error))
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a trainer stopping): the last epoch's
         # checkpoint stays. A job's run is not over (its trainer requeues it): STOPPED, not the
         # final INTERRUPTED that a run by hand ends with.
@@ -163,14 +178,24 @@ def _run(job: Invocation, resume: bool, world: World, reporter: ProgressReporter
 
 
 def _fence(job: Invocation, store: ModelStore) -> Callable[[], None]:
-    """Right before publishing, the job's store must still say this attempt holds the job: the
-    job store the runner named in the environment (PostgreSQL), or the store's files."""
+    """Right before publishing, the job store must still say this attempt holds the job: the
+    one the runner named in the environment (PostgreSQL), or the store's files. While the job
+    store is unreachable it asks again, with backoff, for up to FENCE_WAIT_S; then Unavailable
+    (the job goes back to the queue, see `_run`)."""
     from convserve.jobs.backend import JOBS_URL_ENV, opened
 
     def check() -> None:
         assert job.job_id is not None
+        deadline, delay = time.monotonic() + FENCE_WAIT_S, 0.5
         with opened(os.environ.get(JOBS_URL_ENV, ""), store) as jobs:
-            jobs.fence(job.job_id, job.attempt)
+            while True:
+                try:
+                    return jobs.fence(job.job_id, job.attempt)
+                except Unavailable:
+                    if time.monotonic() + delay > deadline:
+                        raise
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
 
     return check
 

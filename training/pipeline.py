@@ -132,6 +132,8 @@ def gate_and_publish(publication: Publication, model_path: Path, card: dict[str,
                              decision=decision)
     decide = gate.decide_against(publication.store, publication.policy, parity, data.classes,
                                  onnx_validation, data.val_images, data.val_labels)
+    if publication.fence is not None:
+        publication.fence()  # first outside the store's lock: any wait for the job store is here
 
     def fenced(champion: int | None) -> GateDecision:
         # Under the store's lock: an attempt whose job was taken over never publishes, however

@@ -19,6 +19,7 @@ from convserve.contracts.job_dir import (
     STDOUT_FILE,
     EventTail,
     JobState,
+    Phase,
     checkpoint_path,
     timestamp,
 )
@@ -259,6 +260,11 @@ class ChildSupervisor:
             elif outcome == "stopped":
                 # The child (SIGTERM: KeyboardInterrupt) kept its last epoch's checkpoint.
                 requeue(transaction, "released", released_by=self._config.replica_id)
+            elif final_event == Phase.STOPPED:
+                # The child stopped itself, its checkpoint kept (its job store was unreachable
+                # when it came to publish, or someone sent it SIGTERM): resume it later.
+                requeue(transaction, "released", released_by=self._config.replica_id,
+                        reason="its training process stopped before it could publish")
             elif code == 0 and final_event in (JobState.PROMOTED, JobState.REJECTED):
                 adopt_outcome(transaction, self._models, JobState(final_event))
             elif code == 0:

@@ -21,5 +21,7 @@ def is_training_process(pid: int, job_id: str) -> bool:
     except OSError:
         return False
     zombie = stat.rsplit(")", 1)[-1].split()[:1] == ["Z"]
-    return not zombie and b"convserve.training" in argv and job_id.encode() in argv
+    # A job's child names its job directory (`--job <store>/jobs/<id>`), whose last part is the id.
+    names = {os.path.basename(arg.rstrip(b"/")) for arg in argv}
+    return not zombie and b"convserve.training" in argv and job_id.encode() in names
 

@@ -19,7 +19,8 @@ from tests.waits import process_alive, wait_until
 
 pytestmark = pytest.mark.slow
 TRAINING_S = 300  # a bound for 2 shared cores, never a measurement
-# The operator's gate on trainers: any candidate passes (1-epoch models and the untrained
+# The operator's gate, on the replicas that accept the Trains (a job's gate policy is resolved
+# there, once, and stored with it): any candidate passes (1-epoch models and the untrained
 # champion all score near chance; the gate itself is tests/training/test_gate.py's).
 ACCEPT_ANY = ("--min-improvement", "-1")
 
@@ -50,8 +51,8 @@ def _attempts(store: Path, job_id: str) -> list[tuple[str, str]]:
 def test_two_serving_replicas_queue_and_one_trainer_runs(store_dir, datasets, onnx_models
                                                           ) -> None:
     publish(ModelStore(store_dir), onnx_models["bad"], accuracy=0.1)
-    with running_server(store_dir, datasets, "--role", "serve") as first, \
-            running_server(store_dir, datasets, "--role", "serve") as second, \
+    with running_server(store_dir, datasets, "--role", "serve", *ACCEPT_ANY) as first, \
+            running_server(store_dir, datasets, "--role", "serve", *ACCEPT_ANY) as second, \
             Client(first.address) as a, Client(second.address) as b:
         job_a = a.train("synthetic:200", epochs=1, min_accuracy=0.0)
         job_b = b.train("synthetic:200", epochs=1, min_accuracy=0.0)
@@ -61,7 +62,7 @@ def test_two_serving_replicas_queue_and_one_trainer_runs(store_dir, datasets, on
                 ) == (2, 1)
         assert first.metric("convserve_jobs_queued") == 2
         assert first.metric("convserve_jobs_running") == 0
-        with running_server(store_dir, datasets, "--role", "train", *ACCEPT_ANY) as trainer, \
+        with running_server(store_dir, datasets, "--role", "train") as trainer, \
                 Client(trainer.address) as t:
             assert t.health() == "SERVING"  # a trainer is ready without a model
             with pytest.raises(ClientError) as no_inference:
@@ -84,12 +85,12 @@ def test_two_serving_replicas_queue_and_one_trainer_runs(store_dir, datasets, on
 def test_two_racing_trainers_run_each_job_exactly_once(store_dir, datasets, onnx_models
                                                         ) -> None:
     publish(ModelStore(store_dir), onnx_models["bad"], accuracy=0.1)
-    with running_server(store_dir, datasets, "--role", "serve") as serving, \
+    with running_server(store_dir, datasets, "--role", "serve", *ACCEPT_ANY) as serving, \
             Client(serving.address) as client:
         jobs = [client.train("synthetic:64", epochs=1, seed=seed, min_accuracy=0.0).id
                 for seed in range(4)]
-        with running_server(store_dir, datasets, "--role", "train", *ACCEPT_ANY) as one, \
-                running_server(store_dir, datasets, "--role", "train", *ACCEPT_ANY) as two:
+        with running_server(store_dir, datasets, "--role", "train") as one, \
+                running_server(store_dir, datasets, "--role", "train") as two:
             finals = [client.wait(job_id, timeout=TRAINING_S) for job_id in jobs]
             trainers = {_replica_id(one), _replica_id(two)}
     assert [f.state for f in finals] == ["PROMOTED"] * 4, [f.error for f in finals]
@@ -104,8 +105,8 @@ def test_two_racing_trainers_run_each_job_exactly_once(store_dir, datasets, onnx
 
 def test_a_trainer_killed_mid_job_is_resumed_from_its_checkpoint_by_another(
         store_dir, datasets) -> None:
-    fast_reclaim = ("--stale-job-after-s", "5", *ACCEPT_ANY)
-    with running_server(store_dir, datasets, "--role", "serve") as serving, \
+    fast_reclaim = ("--stale-job-after-s", "5")
+    with running_server(store_dir, datasets, "--role", "serve", *ACCEPT_ANY) as serving, \
             Client(serving.address) as client:
         job = client.train("digits", epochs=3, min_accuracy=0.0)
         one = ServerProcess(store_dir, datasets, "--role", "train", *fast_reclaim)
@@ -148,7 +149,7 @@ def test_a_trainer_killed_mid_job_is_resumed_from_its_checkpoint_by_another(
 def test_a_serving_replica_cancels_a_queued_job_and_a_claimed_one(store_dir, datasets,
                                                                   onnx_models) -> None:
     publish(ModelStore(store_dir), onnx_models["bad"], accuracy=0.1)
-    with running_server(store_dir, datasets, "--role", "serve") as serving, \
+    with running_server(store_dir, datasets, "--role", "serve", *ACCEPT_ANY) as serving, \
             running_server(store_dir, datasets, "--role", "train") as trainer, \
             Client(serving.address) as client:
         long_job = client.train("synthetic:5000", epochs=50)
