@@ -56,6 +56,12 @@ class EventCursor(Protocol):
         (None: an event that cannot be read, such as a line torn by a crash)."""
 
 
+class EventWaiter(Protocol):
+    async def wait(self, timeout_s: float) -> None:
+        """Return when the job may have new events since the last call (at once if some came
+        meanwhile), or after `timeout_s`."""
+
+
 class JobStore(Protocol):
     name: str                    # names the store in messages and logs (never a password)
     forwards_child_events: bool  # True: the trainer copies its child's events.jsonl into it
@@ -106,8 +112,9 @@ class JobStore(Protocol):
     def last_state(self, job_id: str) -> str | None:
         """The `state` of the job's last "state" event (a JobState or Phase name)."""
 
-    async def changed(self, job_id: str, timeout_s: float) -> None:
-        """Return when the job may have new events, or after `timeout_s`."""
+    def waiter(self, job_id: str) -> contextlib.AbstractContextManager[EventWaiter]:
+        """Listen for the job's new events while the block runs: a watcher reads, then waits,
+        and an event that came in between still wakes it."""
 
     def fence(self, job_id: str, attempt: int) -> None:
         """ClaimLost unless attempt `attempt` still holds the job (checked right before a

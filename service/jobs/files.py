@@ -75,6 +75,13 @@ class FileTransaction:
                 jobs.queue.add(record.id, record.queued_at or record.created_at)
 
 
+class PollingWaiter:
+    """The files store cannot notify: a watcher looks again every WATCH_POLL_S."""
+
+    async def wait(self, timeout_s: float) -> None:
+        await asyncio.sleep(min(timeout_s, WATCH_POLL_S))
+
+
 class FileJobStore:
     forwards_child_events = False  # the child appends to the same events.jsonl
     keyed_ids = True
@@ -190,8 +197,9 @@ class FileJobStore:
     def last_state(self, job_id: str) -> str | None:
         return last_state(self.models.job_dir(job_id) / EVENTS_FILE)
 
-    async def changed(self, job_id: str, timeout_s: float) -> None:
-        await asyncio.sleep(min(timeout_s, WATCH_POLL_S))
+    @contextlib.contextmanager
+    def waiter(self, job_id: str) -> Iterator[PollingWaiter]:
+        yield PollingWaiter()
 
     def fence(self, job_id: str, attempt: int) -> None:
         check_claim(self.models.job_dir(job_id), attempt)

@@ -286,12 +286,22 @@ class PostgresJobStore:
                             "declared dead and the job went back to the queue; this attempt "
                             "does not publish")
 
-    async def changed(self, job_id: str, timeout_s: float) -> None:
-        await self._listener.wait(job_id, timeout_s)
+    def waiter(self, job_id: str) -> contextlib.AbstractContextManager[_Waiter]:
+        return self._listener.waiter(job_id)
 
     def close(self) -> None:
         self._listener.close()
         self._pool.close()
+
+
+class _Waiter:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.event = loop, asyncio.Event()
+
+    async def wait(self, timeout_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.event.wait(), timeout_s)
+        self.event.clear()  # before the caller reads: what comes after sets it again
 
 
 class _Listener:
@@ -306,8 +316,12 @@ class _Listener:
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
 
-    async def wait(self, job_id: str, timeout_s: float) -> None:
-        entry = (asyncio.get_running_loop(), asyncio.Event())
+    @contextlib.contextmanager
+    def waiter(self, job_id: str) -> Iterator[_Waiter]:
+        """Registered for the whole watch, so a notification between a read and the next wait
+        is kept (the event stays set) rather than lost."""
+        waiter = _Waiter(asyncio.get_running_loop())
+        entry = (waiter.loop, waiter.event)
         with self._lock:
             if self._thread is None and not self._closed.is_set():
                 self._thread = threading.Thread(target=self._listen, name="jobs-listen",
@@ -315,8 +329,7 @@ class _Listener:
                 self._thread.start()
             self._waiters.setdefault(job_id, set()).add(entry)
         try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(entry[1].wait(), timeout_s)
+            yield waiter
         finally:
             with self._lock:
                 waiting = self._waiters.get(job_id, set())

@@ -191,15 +191,17 @@ class JobRunner:
         NotFound before the first yield."""
         await asyncio.to_thread(self.get, job_id)
         cursor = self.jobs.follow(job_id)
-        while True:
-            # The record first: a final state's event is written before the record turns final.
-            final = (await asyncio.to_thread(self.get, job_id)).state.final
-            for sequence, event in await asyncio.to_thread(cursor.read):
-                if sequence > after_sequence and event is not None:
-                    yield sequence, event
-            if final:
-                return
-            await self.jobs.changed(job_id, WATCH_WAIT_S)
+        with self.jobs.waiter(job_id) as waiter:  # listening before the first read
+            while True:
+                # The record first: a final state's event is written before the record turns
+                # final.
+                final = (await asyncio.to_thread(self.get, job_id)).state.final
+                for sequence, event in await asyncio.to_thread(cursor.read):
+                    if sequence > after_sequence and event is not None:
+                        yield sequence, event
+                if final:
+                    return
+                await waiter.wait(WATCH_WAIT_S)
 
     # ------------------------------------------------------------------- what a trainer does
 

@@ -3,6 +3,7 @@ server, and a connection dropped mid-transaction. A real server (tests/postgres.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -134,3 +135,32 @@ def test_a_restarted_database_loses_no_job_and_claims_none_twice(
     finally:
         server.close()
         trainer.close()
+
+
+def test_an_event_committed_between_a_read_and_the_wait_still_wakes_the_watcher(
+        store_dir: Path, postgres_url: str) -> None:
+    writer, reader = _runner(store_dir, postgres_url, "a"), _runner(store_dir, postgres_url, "b")
+    try:
+        job = writer.submit(TrainParams.of())
+
+        async def scenario() -> None:
+            with reader.jobs.waiter(job.id) as waiter:
+                # Any first wake comes after the listener's LISTEN (a NOTIFY, or the wake-up
+                # of every waiter once it has connected): from here on it is listening.
+                await asyncio.to_thread(_write_event, writer, job.id)
+                await asyncio.wait_for(waiter.wait(30.0), timeout=10.0)
+                # A watcher has read; an event commits before it waits again: still woken by
+                # that NOTIFY, not by the 30 s fallback.
+                await asyncio.to_thread(_write_event, writer, job.id)
+                await asyncio.wait_for(waiter.wait(30.0), timeout=10.0)
+
+        asyncio.run(scenario())
+    finally:
+        writer.close()
+        reader.close()
+
+
+def _write_event(runner: JobRunner, job_id: str) -> None:
+    with runner.jobs.locked(job_id) as transaction:
+        transaction.event("progress", step=1)
+        transaction.save()

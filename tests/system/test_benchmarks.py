@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -73,3 +74,24 @@ def test_the_profile_script_samples_a_live_server_per_stage(repo_root: Path, tmp
     shares = dict(re.findall(r"^\| ([^|]+?) \| ([\d.]+) % \|$", out.read_text(), re.MULTILINE))
     assert "ONNX Runtime (Session.run)" in shares, shares
     assert sum(map(float, shares.values())) == pytest.approx(100, abs=0.5)
+
+
+def test_job_queue_benchmark_measures_files_and_postgresql(repo_root: Path, tmp_path: Path,
+                                                           postgres_url: str) -> None:
+    """Both job stores, tiny sizes: every check passes and every figure is there."""
+    result = subprocess.run(
+        [sys.executable, "benchmarks/job_queue.py", "--backends", "files,postgresql",
+         "--jobs-url", postgres_url, "--jobs", "12", "--trainers", "1,3", "--events", "10",
+         "--store", str(tmp_path)], cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    results = {r["backend"]: r for r in map(json.loads, lines[:2])}
+    assert set(results) == {"files", "postgresql"}
+    assert results["postgresql"]["store"].startswith("PostgreSQL ")
+    for backend in results.values():
+        for trainers in (1, 3):
+            claims = backend[f"claims{trainers}"]
+            assert len(claims["claims_by_trainer"]) == trainers and claims["each_claimed_once"]
+        assert backend["watch"]["received"] == 10
+        assert backend["watch"]["latency_ms"]["p50"] > 0
+    assert re.search(r"^\| postgresql \| [\d,]+ / [\d,]+ \| ", result.stdout, re.MULTILINE)
