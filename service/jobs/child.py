@@ -26,7 +26,7 @@ from convserve.contracts.job_dir import (
 from convserve.contracts.job_spec import JobSpec
 from convserve.contracts.store import ModelStore
 from convserve.errors import Unavailable
-from convserve.jobs.backend import JOBS_URL_ENV, JobStore, JobTransaction
+from convserve.jobs.backend import FILES, JOBS_URL_ENV, JobStore, JobTransaction
 from convserve.jobs.config import RunnerConfig
 from convserve.jobs.process_group import signal_group
 from convserve.jobs.records import JobRecord
@@ -192,8 +192,9 @@ class ChildSupervisor:
 
     def _child_env(self) -> dict[str, str]:
         env = {**os.environ, **(self._config.child_env or {})}
-        if self._config.jobs_url:  # the child's fence asks the job store (never in spec.json)
-            env[JOBS_URL_ENV] = self._config.jobs_url
+        # The child's fence asks this job store (never in spec.json: it may hold a password),
+        # whatever this replica's own environment said (its flag wins there too).
+        env[JOBS_URL_ENV] = self._config.jobs_url or FILES
         if self._config.processes == 1:  # under torchrun the ranks' parent is torchrun
             env[PARENT_PID_ENV] = str(os.getpid())  # the child dies with this replica
         return env

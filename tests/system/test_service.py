@@ -397,7 +397,9 @@ from convserve.server import config, server
 from convserve.client import Client
 
 async def main():
-    replica = await server.start(config.ServerConfig(store={str(store_dir)!r}, port=0))
+    # Any free ports: `make demo` leaves its server on the defaults (50051, metrics 9090).
+    replica = await server.start(config.ServerConfig(store={str(store_dir)!r}, port=0,
+                                                     metrics_port=0))
     reply = await asyncio.to_thread(
         lambda: Client(replica.address).predict(__import__("numpy").zeros((1, 32, 32, 3), "uint8")))
     await server.stop(replica, 1)
