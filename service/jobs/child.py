@@ -114,18 +114,25 @@ class ChildSupervisor:
         unreachable, until it succeeds or the trainer stops (the last argument: its event).
         A job left behind that way is reclaimed once its lease lapses."""
         stop: asyncio.Event = args[-1]
-        delay = self._config.poll_s
+        delay, failing = self._config.poll_s, False
         while True:
             try:
-                return await asyncio.to_thread(write, *args[:-1])
+                result = await asyncio.to_thread(write, *args[:-1])
             except Unavailable as error:
                 if stop.is_set():
                     log.warning("stopping with the job store unreachable: %s", error)
                     return False
-                log.warning("%s; retrying in %.1f s", error, delay)
+                if not failing:  # once per outage, not once per try
+                    log.warning("%s; retrying with backoff (up to %.0f s)", error,
+                                self._config.max_backoff_s)
+                    failing = True
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
                 delay = min(delay * 2, self._config.max_backoff_s)
+                continue
+            if failing:
+                log.info("the job store is reachable again")
+            return result
 
     async def _supervise(self, process: asyncio.subprocess.Process, record: JobRecord,
                          stop: asyncio.Event, wake: asyncio.Event, events: ChildEvents) -> str:
