@@ -3,11 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-LAYOUT := build/layout
 # A CPU-only machine still installs the registry's standard (CUDA) torch build: see pyproject.toml.
 PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: venv demo test lint layout protos image image-serve image-full clean
+.PHONY: venv demo test lint protos image image-serve image-full clean
 
 venv: $(STAMP)
 
@@ -26,22 +25,17 @@ demo: venv
 test: venv lint
 	$(BIN)/python -m pytest
 
-## protos: regenerate service/pb from protos/ (a test fails while they are stale)
+## protos: regenerate service/convserve/pb from protos/ (a test fails while they are stale)
 protos: venv
 	$(BIN)/python protos/generate.py
 
-lint: venv layout
+## lint: ruff, hadolint, import-linter (the layers in pyproject.toml) and mypy, on the tree as it
+## is: service/ and training/ each hold a portion of the `convserve` namespace package
+lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/hadolint Dockerfile
-	cd $(LAYOUT) && $(CURDIR)/$(BIN)/lint-imports $(CURDIR)/pyproject.toml
-	cd $(LAYOUT) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml
-
-## layout: the package as the wheel lays it out (service/ is convserve, training/ convserve.training),
-## for the tools that read files instead of importing through the editable install
-layout:
-	rm -rf $(LAYOUT) && mkdir -p $(LAYOUT)
-	cp -r service $(LAYOUT)/convserve && cp -r training $(LAYOUT)/convserve/training
-	find $(LAYOUT) -name __pycache__ -prune -exec rm -rf {} +
+	PYTHONPATH=service:training $(BIN)/lint-imports
+	$(BIN)/mypy
 
 ## image: build both container images with podman from a local Debian base (no Docker engine
 ## needed): localhost/convserve:serve (serving replicas, no torch) and localhost/convserve:full

@@ -240,15 +240,19 @@ def make_store(root: Path) -> Path:
 def start_convserve(store: Path, extra: list[str], checkout: Path = REPO) -> LaunchedServer:
     """`convserve serve` on `store` with the benchmark's flags, running `checkout`'s code.
 
-    This checkout runs through this environment's install. Another one runs its own code: one
-    from before the package was named convserve (its folders imported as `service`) from its
-    folder, a later one from a copy laid out as the wheel is, on PYTHONPATH (ahead of this
-    environment's editable install)."""
+    This checkout runs through this environment's install. Another one runs its own code, on
+    PYTHONPATH ahead of this environment's editable install: its service/ and training/ folders
+    where they hold `convserve` as it is imported; before that layout, a copy laid out as the
+    wheel is; before the package was named convserve (its folders imported as `service`), from
+    its folder."""
     flags = ["--store", str(store), "--port", "0", "--metrics-port", "0", "--log-level",
              "WARNING", *extra]
     checkout = checkout.resolve()
     if checkout == REPO:
         return launch(serve_command(*flags), cwd=REPO)
+    if (checkout / "service" / "convserve").is_dir():  # its folders hold `convserve` as it is
+        path = os.pathsep.join(str(checkout / folder) for folder in ("service", "training"))
+        return launch(serve_command(*flags), cwd=checkout, env={**os.environ, "PYTHONPATH": path})
     if "package-dir" not in (checkout / "pyproject.toml").read_text():
         return launch([sys.executable, "-m", "service.cli", "serve", *flags], cwd=checkout)
     layout = Path(tempfile.mkdtemp(prefix="convserve-layout-"))

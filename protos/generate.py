@@ -1,4 +1,4 @@
-"""Generate the Python stubs of protos/ into service/pb/ (run by `make protos`).
+"""Generate the Python stubs of protos/ into service/convserve/pb/ (run by `make protos`).
 
     python protos/generate.py [OUT_DIR]
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from grpc_tools import protoc
 
 PROTO_ROOT = Path(__file__).resolve().parent
-DEFAULT_OUT = PROTO_ROOT.parent / "service" / "pb"
+DEFAULT_OUT = PROTO_ROOT.parent / "service" / "convserve" / "pb"
 PROTOS = sorted(p.relative_to(PROTO_ROOT).as_posix() for p in PROTO_ROOT.rglob("*.proto"))
 
 

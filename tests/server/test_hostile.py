@@ -119,7 +119,7 @@ def test_a_sigkilled_replica_takes_its_training_child_along_and_the_job_resumes(
 def test_memory_is_handed_back_across_model_swaps() -> None:
     """20 promotions flipped under load (benchmarks/swap_memory.py): RSS, sampled once each
     replaced model's memory is released, stays at its size after the first swap. Without the
-    fixed mmap threshold and malloc_trim (service/lifecycle.py) the same measurement gave a
+    fixed mmap threshold and malloc_trim (service/convserve/lifecycle.py) the same measurement gave a
     median of 1.2-1.3x and a peak of 1.4-1.8x; with malloc_trim alone, 1.2x under CPU load."""
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
     import swap_memory

@@ -1,4 +1,4 @@
-"""The committed stubs in service/pb are exactly what protos/ generates (run `make protos`)."""
+"""The committed stubs in service/convserve/pb are exactly what protos/ generates (run `make protos`)."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ def _generator():
 
 def test_stubs_are_current(tmp_path: Path) -> None:
     generated = _generator().generate(tmp_path)
-    committed = REPO_ROOT / "service" / "pb"
+    committed = REPO_ROOT / "service" / "convserve" / "pb"
     assert generated, "protos/ generated nothing"
     for path in generated:
         relative = path.relative_to(tmp_path)
         assert (committed / relative).read_bytes() == path.read_bytes(), \
-            f"service/pb/{relative} is stale: run `make protos` and commit the result"
+            f"service/convserve/pb/{relative} is stale: run `make protos` and commit the result"
     committed_files = {p.relative_to(committed) for p in committed.rglob("*.py*")
                        if p.name != "__init__.py" and "__pycache__" not in p.parts}
     assert committed_files == {p.relative_to(tmp_path) for p in generated}
