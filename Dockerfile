@@ -15,7 +15,7 @@
 # the CUDA and cuDNN libraries that onnxruntime-gpu also uses, so only the host's NVIDIA driver is
 # needed (NVIDIA Container Toolkit, `--gpus all`). `serve` has no CUDA libraries: ONNX Runtime runs
 # on the CPU there unless they are added (docs/deploy.md says how).
-# Without a Docker engine: `make image` (podman, local Debian base; docs/deploy.md).
+# `make image` builds both with docker or podman, whichever is installed (ENGINE=, BASE_IMAGE=).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 # The runtime requirement lists, from pyproject.toml: the stages below copy only these files, so an

@@ -37,19 +37,27 @@ lint: venv
 	PYTHONPATH=service:training $(BIN)/lint-imports
 	$(BIN)/mypy
 
-## image: build both container images with podman from a local Debian base (no Docker engine
-## needed): localhost/convserve:serve (serving replicas, no torch) and localhost/convserve:full
-## (serving + training). `--format docker` keeps the HEALTHCHECK (docs/deploy.md).
-PODMAN_BUILD := ../shared/tools/podman-build . -- --format docker \
-	--build-arg BASE_IMAGE=localhost/debian-python:bookworm
+## image: build both container images from the Dockerfile, with docker or podman (whichever is
+## installed; docker first): convserve:serve (serving replicas, no torch) and convserve:full
+## (serving + training), the names deploy/compose.yaml uses. `make image-serve`, `make image-full`:
+## one each. Overrides: ENGINE=docker|podman; BASE_IMAGE=... (empty: the Dockerfile's default,
+## python:3.11-slim-bookworm; any image with Python 3.11); IMAGE=... (the name before `:serve`).
+## With podman, `--format docker` keeps the HEALTHCHECK (OCI, podman's default, drops it).
+ENGINE     ?= $(firstword $(foreach e,docker podman,$(if $(shell command -v $(e) 2>/dev/null),$(e))))
+BASE_IMAGE ?=
+IMAGE      ?= convserve
+# One line and a non-zero status when no engine can build: make's $(error), expanded in the recipe.
+IMAGE_NEEDS_ENGINE = $(if $(ENGINE),$(if $(shell command -v $(ENGINE) 2>/dev/null),,$(error make image: ENGINE=$(ENGINE) is not installed; set ENGINE=docker or ENGINE=podman)),$(error make image: needs docker or podman (neither is installed); set ENGINE=... to choose one))
+IMAGE_BUILD = $(strip $(ENGINE) build $(if $(filter podman,$(notdir $(ENGINE))),--format docker) \
+	$(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)))
 
 image: image-serve image-full
 
 image-serve:
-	TAG=localhost/convserve:serve $(PODMAN_BUILD) --target serve
+	$(IMAGE_NEEDS_ENGINE)$(IMAGE_BUILD) --target serve --tag $(IMAGE):serve .
 
 image-full:
-	TAG=localhost/convserve:full $(PODMAN_BUILD) --target full
+	$(IMAGE_NEEDS_ENGINE)$(IMAGE_BUILD) --target full --tag $(IMAGE):full .
 
 clean:
 	rm -rf runs build .pytest_cache .ruff_cache

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from convserve.errors import InvalidInput
+from convserve.contracts.errors import InvalidInput
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
 
 IMAGE_SHAPE = (32, 32, 3)                  # H, W, C: the model's input, NHWC

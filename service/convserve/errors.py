@@ -1,31 +1,18 @@
 """The one place convserve's errors meet gRPC: the status a caller receives for an exception, and
 `ClientError`, what the SDK raises for a failed call.
 
-The hierarchy itself is `convserve.contracts.errors` (standard library only); it is re-exported
-here so serving code imports its errors and the status map from one module. The servicers never
-choose a status code themselves.
+The hierarchy itself is `convserve.contracts.errors` (standard library only), and every module
+imports its error classes from there: one import path for each class (a test checks it). This
+module holds only what needs grpc. The servicers never choose a status code themselves.
 """
 
 from __future__ import annotations
 
 import grpc
 
-from convserve.contracts.errors import (
-    AlreadyExists,
-    Conflict,
-    ConvserveError,
-    InvalidInput,
-    LimitExceeded,
-    NoModel,
-    NotFound,
-    PermissionDenied,
-    Unauthenticated,
-    Unavailable,
-)
+from convserve.contracts.errors import ConvserveError
 
-__all__ = ["AlreadyExists", "ClientError", "Conflict", "ConvserveError", "InvalidInput",
-           "LimitExceeded", "NoModel", "NotFound", "PermissionDenied", "Unauthenticated",
-           "Unavailable", "status_of"]
+__all__ = ["ClientError", "status_of"]
 
 
 class ClientError(ConvserveError):

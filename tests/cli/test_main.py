@@ -1,4 +1,5 @@
-"""Tests for `convserve models ...` (service/convserve/cli/main.py): real stores on disk, real subprocesses, no mocks.
+"""Tests for `convserve models ...` (service/convserve/cli/main.py): real stores on disk, real
+subprocesses, no mocks.
 
 Versions are made with ModelStore.publish and fake model bytes: the store does not parse ONNX.
 """

@@ -15,16 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from convserve.contracts.errors import IntegrityError, InvalidJobId, StoreError, VersionNotFound
 from convserve.contracts.model_card import GateDecision
-from convserve.contracts.store import (
-    HistoryEntry,
-    IntegrityError,
-    InvalidJobId,
-    ModelStore,
-    PublishResult,
-    StoreError,
-    VersionNotFound,
-)
+from convserve.contracts.store import HistoryEntry, ModelStore, PublishResult
 from tests.barrier import release_when_ready
 from tests.conftest import REPO_ROOT
 

@@ -21,11 +21,17 @@ from typing import Any
 
 import pytest
 
-from convserve.contracts.errors import ClaimLost
+from convserve.contracts.errors import (
+    AlreadyExists,
+    ClaimLost,
+    Conflict,
+    InvalidInput,
+    LimitExceeded,
+    NotFound,
+)
 from convserve.contracts.job_dir import JobState
 from convserve.contracts.job_spec import read_job_spec
 from convserve.contracts.store import ModelStore
-from convserve.errors import AlreadyExists, Conflict, InvalidInput, LimitExceeded, NotFound
 from convserve.jobs import JobRecord, JobRunner, RunnerConfig, TrainParams
 from convserve.jobs.config import GatePolicy
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from convserve.contracts.errors import Unavailable
 from convserve.contracts.job_dir import JobState
 from convserve.contracts.store import ModelStore
-from convserve.errors import Unavailable
 from convserve.jobs import JobRunner, RunnerConfig, TrainParams
 from convserve.jobs.postgres import PostgresJobStore
 from convserve.jobs.schema import LATEST, upgrade, version

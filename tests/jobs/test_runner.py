@@ -22,11 +22,11 @@ from typing import Any
 
 import pytest
 
+from convserve.contracts.errors import AlreadyExists, Conflict, InvalidInput, LimitExceeded, NotFound
 from convserve.contracts.gate_policy import GateBounds
 from convserve.contracts.job_dir import JobState, read_events
 from convserve.contracts.spec import TrainConfig
 from convserve.contracts.store import ModelStore
-from convserve.errors import AlreadyExists, Conflict, InvalidInput, LimitExceeded, NotFound
 from convserve.jobs import JobRecord, JobRunner, RunnerConfig, TrainParams
 from tests.conftest import REPO_ROOT
 

@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from convserve.client import Client, ClientError
+from convserve.contracts.errors import ConfigError
 from convserve.server import config as config_module
 from tests.servers import images, running_server
 
@@ -48,7 +49,7 @@ def test_the_token_is_redacted_and_inconsistent_settings_are_refused(pki: Path) 
             (["--tls-cert-file", str(pki / "server.pem")], "set together with tls_key_file"),
             (["--auth-token-file", str(pki / "missing")], "expected a readable file"),
             (["--auth-token", "x", "--auth-token-file", str(pki / "token")], "not both")):
-        with pytest.raises(config_module.ConfigError, match=message):
+        with pytest.raises(ConfigError, match=message):
             config_module.parse(argv, {})
 
 

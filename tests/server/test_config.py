@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from convserve.contracts.errors import ConfigError
 from convserve.server import config
 
 
@@ -28,12 +29,12 @@ def test_a_flag_wins_over_its_environment_variable_which_wins_over_the_default()
     (["--max-job-attempts", "0"], "max_job_attempts=0 is out of range: expected 1..100"),
 ])
 def test_an_invalid_value_is_one_clear_error(argv: list[str], message: str) -> None:
-    with pytest.raises(config.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         config.parse(argv, {})
 
 
 def test_an_invalid_environment_value_names_the_variable() -> None:
-    with pytest.raises(config.ConfigError, match="CONVSERVE_CUDA_GRAPHS='maybe' is not a valid bool"):
+    with pytest.raises(ConfigError, match="CONVSERVE_CUDA_GRAPHS='maybe' is not a valid bool"):
         config.parse([], {"CONVSERVE_CUDA_GRAPHS": "maybe"})
 
 
@@ -61,8 +62,8 @@ def test_serve_refuses_a_bad_value_with_one_line_and_exit_code_2(repo_root) -> N
 
 def test_an_operators_negative_min_improvement_is_accepted_for_its_own_jobs(tmp_path: Path
                                                                              ) -> None:
+    from convserve.contracts.errors import InvalidInput
     from convserve.contracts.store import ModelStore
-    from convserve.errors import InvalidInput
     from convserve.jobs import JobRunner, TrainParams
     from convserve.server.server import runner_config
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from convserve import arrays
+from convserve.contracts.errors import InvalidInput, LimitExceeded, NoModel
 from convserve.contracts.store import ModelStore
-from convserve.errors import InvalidInput, LimitExceeded, NoModel
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
 from convserve.serving import codec
 from convserve.serving.batcher import BatchingConfig, DynamicBatcher

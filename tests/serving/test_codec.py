@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from convserve import arrays
-from convserve.errors import InvalidInput, LimitExceeded
+from convserve.contracts.errors import InvalidInput, LimitExceeded
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
 from convserve.serving import codec
 

@@ -18,13 +18,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from convserve.contracts.errors import IntegrityError, ModelLoadError, NoModel, NotFound
 from convserve.contracts.model_card import GateDecision
-from convserve.contracts.store import IntegrityError, ModelStore
-from convserve.errors import NoModel, NotFound
+from convserve.contracts.store import ModelStore
 from convserve.serving.loader import (
     CPU,
     CUDA,
-    ModelLoadError,
     SessionSettings,
     available_providers,
     choose_providers,

@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from convserve.errors import InvalidInput, LimitExceeded
+from convserve.contracts.errors import InvalidInput, LimitExceeded
 from convserve.serving import codec, tensors
 
 LIMITS = codec.Limits(max_images=4)

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convserve.training.data import DATASET_NAMES_HELP, Dataset, DatasetError, load_dataset
+from convserve.contracts.errors import DatasetError
+from convserve.training.data import DATASET_NAMES_HELP, Dataset, load_dataset
 from tests.conftest import python_env
 
 DIGITS_TOTAL = 1797
@@ -491,7 +492,8 @@ def test_folder_unlistable_class_dir_is_a_dataset_error(tmp_path: Path) -> None:
         # runs as root): load in a child without them (util-linux's setpriv), so the refusal
         # is real there too.
         script = ("import sys; from pathlib import Path\n"
-                  "from convserve.training.data import DatasetError, load_dataset\n"
+                  "from convserve.contracts.errors import DatasetError\n"
+                  "from convserve.training.data import load_dataset\n"
                   "try:\n    load_dataset('folder:ds', Path(sys.argv[1]))\n"
                   "except DatasetError as error:\n    print(error)\n"
                   "else:\n    print('loaded: the locked directory was read')\n")

@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from convserve.contracts.errors import ConfigError
+from convserve.contracts.errors import ConfigError, InvalidInput
 from convserve.contracts.job_dir import read_events
 from convserve.contracts.spec import TrainConfig
 from convserve.contracts.store import ModelStore
-from convserve.errors import InvalidInput
 from convserve.jobs import JobRunner, RunnerConfig, TrainParams
 from convserve.training import distributed
 from convserve.training.batches import epoch_batches

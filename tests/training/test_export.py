@@ -63,6 +63,7 @@ def test_parity_check_catches_a_model_that_differs_from_its_export(tmp_path) -> 
     net = ConvNet(10)
     model = serving_model(net, Preprocess([0.5] * 3, [0.25] * 3))
     path = export_onnx(model, tmp_path / "model.onnx", {"classes": [str(i) for i in range(10)]})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no temporary left
     images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
     assert check_parity(model, path, images).passed
     with torch.no_grad():
@@ -110,6 +111,7 @@ def test_a_run_whose_export_disagrees_with_torch_fails_and_publishes_nothing(tmp
     assert store.versions() == [champion] and store.promoted_version() == champion
     card = json.loads((tmp_path / "run" / "card.json").read_text())
     assert card["gate"]["promoted"] is False and "parity" in card["gate"]["reason"]
+    assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
     exported = [e for e in read_events(tmp_path / "run" / "events.jsonl") if e["type"] == "exported"]
     assert exported and exported[0]["parity"]["max_abs_diff"] > exported[0]["parity"]["tolerance"]
 

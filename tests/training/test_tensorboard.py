@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,7 +220,9 @@ def test_resume_after_a_kill_in_the_last_epoch_keeps_every_step_once(
         pass
 
     def die_before_the_last(*args: object, **kwargs: object) -> Path:
-        if args[5] == config.epochs:  # (run_dir, net, optimizer, schedule, config, epoch, ...)
+        # By name, however train.py passes it (today: positionally).
+        epoch = inspect.signature(save_checkpoint).bind(*args, **kwargs).arguments["epoch"]
+        if epoch == config.epochs:
             raise Killed
         return save_checkpoint(*args, **kwargs)  # type: ignore[arg-type]
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from convserve.contracts import durable_files
 from convserve.contracts.errors import ResumeError
 from convserve.contracts.job_dir import checkpoint_path, read_events
 from convserve.contracts.spec import TrainConfig
@@ -156,6 +157,26 @@ def test_checkpoint_loads_with_weights_only(tmp_path, small_data) -> None:
     state = torch.load(checkpoint_path(tmp_path), weights_only=True)
     assert state["epoch"] == 1 and state["config"]["dataset"] == SMALL_SYNTHETIC
     assert set(state) >= {"model", "optimizer", "config", "epoch", "log", "normalization"}
+
+
+def test_each_checkpoint_is_written_durably_and_leaves_no_temporary(tmp_path, small_data,
+                                                                      monkeypatch) -> None:
+    """Checkpoints go through `durable_files.replace_with`: torch.save to a temporary file
+    beside the checkpoint, fsync'd, renamed over it; the directory fsync'd."""
+    synced: list[Path] = []
+    real_fsync_file = durable_files.fsync_file
+
+    def fsync_file(path: Path) -> None:
+        synced.append(path)
+        real_fsync_file(path)
+
+    monkeypatch.setattr(durable_files, "fsync_file", fsync_file)
+    _train(tmp_path, small_data, epochs=2)
+    path = checkpoint_path(tmp_path)
+    written = [p for p in synced if p.name.startswith(f".{path.name}.")]
+    assert len(written) == 2 and all(p.parent == path.parent for p in written)  # one per epoch
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    assert torch.load(path, weights_only=True)["epoch"] == 2
 
 
 @pytest.mark.slow

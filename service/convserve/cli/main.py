@@ -46,9 +46,9 @@ from convserve.contracts.commands import (
     add_output_flag,
     add_version_flag,
 )
-from convserve.contracts.errors import ConfigError, IntegrityError, StoreError
+from convserve.contracts.errors import ConfigError, IntegrityError, StoreError, Unavailable
 from convserve.contracts.store import HistoryEntry, ModelStore
-from convserve.errors import ClientError, Unavailable
+from convserve.errors import ClientError
 from convserve.jobs.backend import JOBS_URL_ENV
 
 PROG = "convserve"

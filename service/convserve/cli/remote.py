@@ -21,6 +21,7 @@ from convserve.contracts.commands import (
     EXIT_USAGE,
     add_output_flag,
 )
+from convserve.contracts.errors import ConfigError
 from convserve.contracts.gate_policy import add_gate_arguments, gate_overrides_of
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ def serve(args: argparse.Namespace) -> int:
         settings = config.from_sources(args)
         # Before anything is logged: a port in use is one line and exit 2.
         config.check_port_free(settings.host, settings.port, "gRPC")
-    except config.ConfigError as error:
+    except ConfigError as error:
         print(f"convserve serve: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     logs.configure(settings.log_level, settings.log_format)
@@ -93,7 +94,7 @@ def serve(args: argparse.Namespace) -> int:
 
             return asyncio.run(workers.serve_workers(settings))
         asyncio.run(server.serve(settings))
-    except config.ConfigError as error:  # e.g. a port in use: one line, no traceback
+    except ConfigError as error:  # e.g. a port in use: one line, no traceback
         print(f"convserve serve: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_OK

@@ -13,10 +13,10 @@ import numpy as np
 from grpc_health.v1 import health_pb2
 
 from convserve import arrays
-from convserve.contracts.errors import ConfigError
+from convserve.contracts.errors import ConfigError, ConvserveError
 from convserve.contracts.job_dir import FINAL
 from convserve.contracts.spec import REQUEST_SETTINGS, TrainConfig
-from convserve.errors import ClientError, ConvserveError, status_of
+from convserve.errors import ClientError, status_of
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
 
 

@@ -10,7 +10,7 @@ import fcntl
 import hashlib
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 CHUNK_SIZE = 64 * 1024
@@ -54,17 +54,34 @@ def touch(path: Path) -> None:
 def replace_file(path: Path, text: str) -> None:
     """Replace `path` atomically: readers see the old content or the new, never a mix. The
     temporary name is unique, so writers in other processes never share one."""
+    replace_with(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def replace_with(path: Path, write: Callable[[Path], object]) -> None:
+    """Replace `path` atomically with the file `write` makes at the path it is given: a temporary
+    name beside `path`, unique to this call (for writers that take a path: `torch.save`,
+    `onnx.save_model`). The file is fsync'd, renamed over `path`, and the directory fsync'd, so
+    readers see the old content or the new, and the new survives a power cut once this returns.
+    If `write` raises, `path` keeps its old content (or stays absent) and no temporary file is
+    left behind."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     fsync_dir(path.parent)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush `path`'s data to the disk (a read-only descriptor is enough on Linux)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -26,8 +26,8 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any, Protocol
 
+from convserve.contracts.errors import InvalidInput
 from convserve.contracts.store import ModelStore
-from convserve.errors import InvalidInput
 from convserve.jobs.records import JobRecord
 
 FILES = "files"

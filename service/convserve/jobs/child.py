@@ -12,6 +12,7 @@ import os
 import signal
 from typing import Any
 
+from convserve.contracts.errors import Unavailable
 from convserve.contracts.gate_policy import GatePolicy
 from convserve.contracts.job_dir import (
     EVENTS_FILE,
@@ -25,7 +26,6 @@ from convserve.contracts.job_dir import (
 )
 from convserve.contracts.job_spec import JobSpec
 from convserve.contracts.store import ModelStore
-from convserve.errors import Unavailable
 from convserve.jobs.backend import FILES, JOBS_URL_ENV, JobStore, JobTransaction
 from convserve.jobs.config import RunnerConfig
 from convserve.jobs.process_group import signal_group

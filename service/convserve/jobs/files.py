@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from convserve.contracts.durable_files import locked, replace_file, touch
+from convserve.contracts.errors import IntegrityError, InvalidInput, InvalidJobId, NotFound, Unavailable
 from convserve.contracts.job_dir import (
     CANCEL_MARKER,
     EVENTS_FILE,
@@ -35,8 +36,7 @@ from convserve.contracts.job_dir import (
     last_state,
     write_claim,
 )
-from convserve.contracts.store import IntegrityError, InvalidJobId, ModelStore
-from convserve.errors import InvalidInput, NotFound, Unavailable
+from convserve.contracts.store import ModelStore
 from convserve.jobs.queue import JobQueue
 from convserve.jobs.records import JobRecord, age_s
 

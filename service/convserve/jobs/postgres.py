@@ -37,10 +37,17 @@ import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from convserve.contracts.errors import ClaimLost, IntegrityError
+from convserve.contracts.errors import (
+    ClaimLost,
+    IntegrityError,
+    InvalidInput,
+    InvalidJobId,
+    LimitExceeded,
+    NotFound,
+    Unavailable,
+)
 from convserve.contracts.job_dir import JobState, event_line
-from convserve.contracts.store import InvalidJobId, check_job_id
-from convserve.errors import InvalidInput, LimitExceeded, NotFound, Unavailable
+from convserve.contracts.store import check_job_id
 from convserve.jobs.backend import redact
 from convserve.jobs.records import JobRecord
 from convserve.jobs.schema import NOTIFY_CHANNEL, QUEUE_LOCK, upgrade

@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 from convserve.contracts.durable_files import locked, touch
-from convserve.errors import LimitExceeded
+from convserve.contracts.errors import LimitExceeded
 
 LOCK_FILE = ".lock"
 

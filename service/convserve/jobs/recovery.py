@@ -11,9 +11,9 @@ import socket
 import time
 from collections.abc import Callable
 
+from convserve.contracts.errors import IntegrityError, NotFound
 from convserve.contracts.job_dir import JobState
-from convserve.contracts.store import IntegrityError, ModelStore
-from convserve.errors import NotFound
+from convserve.contracts.store import ModelStore
 from convserve.jobs.backend import JobStore, JobTransaction
 from convserve.jobs.config import RunnerConfig
 from convserve.jobs.process_group import is_training_process, signal_group

@@ -14,10 +14,10 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from convserve.contracts.errors import AlreadyExists, Conflict, InvalidInput, NotFound, Unavailable
 from convserve.contracts.gate_policy import GatePolicy
 from convserve.contracts.job_dir import JobState, timestamp
 from convserve.contracts.store import ModelStore
-from convserve.errors import AlreadyExists, Conflict, InvalidInput, NotFound, Unavailable
 from convserve.jobs.backend import JobStore, open_job_store
 from convserve.jobs.child import ChildSupervisor
 from convserve.jobs.config import RunnerConfig

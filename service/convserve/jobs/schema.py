@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 
-from convserve.errors import Unavailable
+from convserve.contracts.errors import Unavailable
 
 # Advisory lock keys: any two distinct 64-bit numbers unlikely to collide with an application's.
 MIGRATION_LOCK = 0x636F6E7673657276  # "convserv"

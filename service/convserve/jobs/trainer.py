@@ -7,8 +7,8 @@ import contextlib
 import logging
 import threading
 
+from convserve.contracts.errors import Unavailable
 from convserve.contracts.job_dir import JobState, timestamp
-from convserve.errors import Unavailable
 from convserve.jobs.backend import JobStore
 from convserve.jobs.child import ChildSupervisor, first_of
 from convserve.jobs.config import RunnerConfig

@@ -15,8 +15,9 @@ from typing import Any
 
 import grpc
 
+from convserve.contracts.errors import ConvserveError, PermissionDenied, Unauthenticated
 from convserve.contracts.headers import AUTHORIZATION
-from convserve.errors import ConvserveError, PermissionDenied, Unauthenticated, status_of
+from convserve.errors import status_of
 
 OPERATOR_METHODS = frozenset({"/convserve.v1.Training/Train", "/convserve.v1.Training/CancelJob",
                               "/convserve.v1.Models/Promote"})

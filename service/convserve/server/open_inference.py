@@ -20,9 +20,8 @@ import numpy as np
 
 from convserve.arrays import IMAGE_SHAPE
 from convserve.contracts.commands import package_version
-from convserve.contracts.errors import NoModel
+from convserve.contracts.errors import InvalidInput, NoModel, NotFound
 from convserve.contracts.store import ModelStore
-from convserve.errors import InvalidInput, NotFound
 from convserve.serving import codec, tensors
 from convserve.serving.predictor import Predictor
 

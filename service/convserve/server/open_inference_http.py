@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
+from convserve.contracts.errors import InvalidInput, PermissionDenied, Unauthenticated
 from convserve.contracts.headers import REQUEST_ID_HEADER, REQUEST_ID_PATTERN
-from convserve.errors import InvalidInput, PermissionDenied, Unauthenticated, status_of
+from convserve.errors import status_of
 from convserve.server.logs import REQUEST_ID
 from convserve.server.open_inference import Inferred, Input, OpenInference, Requested
 from convserve.server.telemetry import RequestMetrics

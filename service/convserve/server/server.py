@@ -24,9 +24,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 
+from convserve.contracts.errors import PortInUse, Unavailable
 from convserve.contracts.gate_policy import GateBounds, GatePolicy
 from convserve.contracts.store import ModelStore
-from convserve.errors import Unavailable
 from convserve.jobs import JobRunner, RunnerConfig
 from convserve.jobs.backend import FILES
 from convserve.lifecycle import map_large_blocks_separately
@@ -38,7 +38,6 @@ from convserve.server.config import (
     HTTP_PREFIX,
     LISTENING_PREFIX,
     METRICS_PREFIX,
-    PortInUse,
     ServerConfig,
     check_port_free,
 )

@@ -22,10 +22,11 @@ from typing import Any, TypeVar
 
 import grpc
 
+from convserve.contracts.errors import InvalidInput
 from convserve.contracts.headers import REQUEST_ID_HEADER, REQUEST_ID_PATTERN
 from convserve.contracts.job_dir import JobState
 from convserve.contracts.store import ModelStore
-from convserve.errors import InvalidInput, status_of
+from convserve.errors import status_of
 from convserve.jobs import JobRunner
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
 from convserve.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from prometheus_client import Histogram
 
-from convserve.errors import LimitExceeded
+from convserve.contracts.errors import LimitExceeded
 from convserve.serving.loader import LoadedModel
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from convserve.arrays import IMAGE_SHAPE, NCHW_SHAPE
-from convserve.errors import InvalidInput, LimitExceeded
+from convserve.contracts.errors import InvalidInput, LimitExceeded
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
 from convserve.serving.images import to_model_pixels
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter, Histogram
 
-from convserve.contracts.store import ModelStore, VersionNotFound
-from convserve.errors import NoModel, NotFound
+from convserve.contracts.errors import NoModel, NotFound, VersionNotFound
+from convserve.contracts.store import ModelStore
 from convserve.lifecycle import release_freed_memory
 from convserve.serving.loader import LoadedModel, SessionSettings, load_version
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from convserve.arrays import NCHW_SHAPE
-from convserve.errors import InvalidInput
+from convserve.contracts.errors import InvalidInput
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
 from convserve.serving import codec
 

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import torch
 
+from convserve.contracts.durable_files import replace_with
 from convserve.contracts.errors import ExportError
 from convserve.contracts.model_metadata import METADATA_PREFIX
 from convserve.training.model import IMAGE_SIZE, ConvNet, Preprocess, ServingModel
@@ -72,8 +73,10 @@ def export_onnx(model: ServingModel, path: Path, metadata: dict[str, Any]) -> Pa
         entry = proto.metadata_props.add()
         entry.key, entry.value = METADATA_PREFIX + key, json.dumps(value, sort_keys=True)
     onnx.checker.check_model(proto, full_check=True)
-    # Weights inline (no external .data file): the 0.8 MB model is one self-contained artifact.
-    onnx.save_model(proto, str(path), save_as_external_data=False)
+    # Weights inline (no external .data file): the 0.8 MB model is one self-contained artifact;
+    # written to a temporary name, fsync'd and renamed (`durable_files`): all or nothing.
+    replace_with(path, lambda partial: onnx.save_model(proto, str(partial), format="protobuf",
+                                                       save_as_external_data=False))
     return path
 
 

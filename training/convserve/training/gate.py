@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from convserve.contracts.errors import StoreError
 from convserve.contracts.gate_policy import GatePolicy
 from convserve.contracts.model_card import GateDecision
-from convserve.contracts.store import ModelStore, StoreError
+from convserve.contracts.store import ModelStore
 from convserve.training.metrics import ValidationMetrics
 from convserve.training.onnx_eval import OnnxClassifier
 

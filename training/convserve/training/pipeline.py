@@ -16,7 +16,6 @@ is published as the store's next immutable version; a rejected one stays here fo
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from convserve.contracts.durable_files import replace_file
 from convserve.contracts.errors import ExportError
 from convserve.contracts.gate_policy import GatePolicy
 from convserve.contracts.job_dir import CARD_FILE, MODEL_FILE, Phase
@@ -193,10 +193,9 @@ def build_card(metadata: dict[str, Any], result: TrainResult, parity: ParityRepo
 
 
 def write_json(path: Path, value: Any) -> None:
-    """Write-then-rename: a reader (another process tailing the run) never sees half a file."""
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_text(json.dumps(value, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(partial, path)
+    """Write-then-rename, fsync'd (`durable_files`): a reader (another process tailing the run)
+    never sees half a file, and a crash leaves the old file or the new."""
+    replace_file(path, json.dumps(value, indent=2, allow_nan=False) + "\n")
 
 
 def summary(outcome: RunOutcome, started: float) -> str:

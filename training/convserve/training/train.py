@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from convserve.contracts.durable_files import replace_with
 from convserve.contracts.errors import ConfigError, ResumeError
 from convserve.contracts.job_dir import TENSORBOARD_DIR, checkpoint_path
 from convserve.contracts.spec import TrainConfig
@@ -321,8 +321,9 @@ def save_checkpoint(run_dir: Path, net: ConvNet, optimizer: torch.optim.Optimize
                     schedule: torch.optim.lr_scheduler.LRScheduler, config: TrainConfig,
                     epoch: int, log: TrainLog, mean: list[float], std: list[float],
                     classes: tuple[str, ...]) -> Path:
-    """Everything needed to continue after `epoch` epochs; written to a temporary file and renamed
-    so that a kill mid-write leaves the previous checkpoint intact."""
+    """Everything needed to continue after `epoch` epochs; written to a temporary file, fsync'd and
+    renamed (`durable_files.replace_with`) so that a kill or a power cut mid-write leaves the
+    previous checkpoint intact."""
     path = checkpoint_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
@@ -335,9 +336,7 @@ def save_checkpoint(run_dir: Path, net: ConvNet, optimizer: torch.optim.Optimize
         "normalization": {"mean": list(mean), "std": list(std)},
         "classes": list(classes),
     }
-    partial = path.with_suffix(".tmp")
-    torch.save(state, partial)
-    os.replace(partial, path)
+    replace_with(path, lambda partial: torch.save(state, partial))
     return path
 
 

@@ -19,20 +19,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from convserve.contracts.errors import DatasetError
 from convserve.training.data.cifar10 import load_cifar10
-from convserve.training.data.dataset import (
-    DATASET_NAMES_HELP,
-    Dataset,
-    DatasetError,
-    check_seed,
-    check_val_fraction,
-    show,
-)
+from convserve.training.data.dataset import DATASET_NAMES_HELP, Dataset, check_seed, check_val_fraction, show
 from convserve.training.data.digits import load_digits
 from convserve.training.data.folder import load_folder
 from convserve.training.data.synthetic import SYNTHETIC_RE, load_synthetic, parse_synthetic_size
 
-__all__ = ["DATASET_NAMES_HELP", "Dataset", "DatasetError", "load_dataset"]
+__all__ = ["DATASET_NAMES_HELP", "Dataset", "load_dataset"]
 
 def load_dataset(name: str, root: Path | str, *, download: bool = False, seed: int = 0,
                  val_fraction: float = 0.2) -> Dataset:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from convserve.training.data.dataset import Dataset, DatasetError
+from convserve.contracts.errors import DatasetError
+from convserve.training.data.dataset import Dataset
 
 CIFAR10_FOLDER = "cifar-10-batches-py"
 

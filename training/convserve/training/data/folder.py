@@ -9,8 +9,9 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
+from convserve.contracts.errors import DatasetError
 from convserve.serving.images import to_model_pixels
-from convserve.training.data.dataset import DATASET_NAMES_HELP, Dataset, DatasetError, show, split_dataset
+from convserve.training.data.dataset import DATASET_NAMES_HELP, Dataset, show, split_dataset
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 # Pillow surfaces corrupt or truncated files through many exception types, depending on

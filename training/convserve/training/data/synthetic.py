@@ -8,7 +8,8 @@ import re
 
 import numpy as np
 
-from convserve.training.data.dataset import DATASET_NAMES_HELP, IMAGE_SIZE, Dataset, DatasetError, upsample
+from convserve.contracts.errors import DatasetError
+from convserve.training.data.dataset import DATASET_NAMES_HELP, IMAGE_SIZE, Dataset, upsample
 
 SYNTHETIC_CLASSES = 10
 SYNTHETIC_DEFAULT_TRAIN = 5000
