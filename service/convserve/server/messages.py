@@ -78,7 +78,8 @@ def train_request(params: TrainParams, idempotency_key: str) -> pb.TrainRequest:
     request = pb.TrainRequest(idempotency_key=idempotency_key,
                               **params.config.request_values())
     for name, value in params.gate.items():
-        setattr(request.gate, name, value)
+        if value is not None:  # None: "not checked", as an unset optional field says
+            setattr(request.gate, name, value)
     return request
 
 

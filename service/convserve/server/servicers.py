@@ -149,10 +149,11 @@ class _Measured:
 
 
 class InferenceServicer(_Measured, pb_grpc.InferenceServicer):
-    SERVICE = "convserve.v1.Inference"
     """`decode_pool`: where encoded (PNG/JPEG) and large raw requests are decoded, off the event
     loop, so a heavy request waits only on its own decoding; the pool's size bounds how many
     decode at once (and so the memory decoding holds: see `codec.Limits`)."""
+
+    SERVICE = "convserve.v1.Inference"
 
     def __init__(self, manager: ModelManager, store: ModelStore, limits: codec.Limits,
                  predictor: Predictor, metrics: RequestMetrics | None = None,
@@ -192,8 +193,9 @@ class InferenceServicer(_Measured, pb_grpc.InferenceServicer):
 
 
 class TrainingServicer(_Measured, pb_grpc.TrainingServicer):
+    """Any replica answers for any job: jobs live in the job store (convserve.jobs)."""
+
     SERVICE = "convserve.v1.Training"
-    """Any replica answers for any job: jobs live in the shared store (convserve.jobs)."""
 
     def __init__(self, runner: JobRunner, metrics: RequestMetrics | None = None) -> None:
         super().__init__(metrics)
@@ -241,6 +243,7 @@ class TrainingServicer(_Measured, pb_grpc.TrainingServicer):
 
 class ModelsServicer(_Measured, pb_grpc.ModelsServicer):
     SERVICE = "convserve.v1.Models"
+
     def __init__(self, store: ModelStore, manager: ModelManager,
                  metrics: RequestMetrics | None = None) -> None:
         super().__init__(metrics)
