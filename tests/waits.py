@@ -35,3 +35,9 @@ def process_alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def started(pid: int) -> None:
+    """Wait until a just-started process runs its own program: Popen may return while the
+    kernel still sets it up (vfork), and its command line reads empty until then."""
+    wait_until(lambda: Path(f"/proc/{pid}/cmdline").read_bytes(), f"process {pid} to start")

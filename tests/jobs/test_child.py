@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,6 @@ from convserve.contracts.gate_policy import GateBounds, GatePolicy
 from convserve.contracts.job_dir import EVENTS_FILE, EventTail, JobState, read_events
 from convserve.contracts.job_spec import read_job_spec
 from convserve.contracts.model_card import GateDecision
-from convserve.contracts.store import ModelStore
 from convserve.jobs import JobRecord, JobRunner, RunnerConfig, TrainParams
 from convserve.jobs.child import ChildEvents, first_of, gate_policy_of
 from convserve.lifecycle import PARENT_PID_ENV
@@ -42,19 +41,12 @@ def _event(**fields: Any) -> str:
 
 
 @pytest.fixture
-def runners(store_dir: Path) -> Iterator[Any]:
-    made: list[JobRunner] = []
+def runners(replica_factory: Callable[..., JobRunner]) -> Callable[..., JobRunner]:
+    def make(replica_id: str = "trainer-a", **settings: Any) -> JobRunner:
+        fast = {"heartbeat_s": 0.1, "cancel_grace_s": 5.0, "poll_s": 0.05}
+        return replica_factory(replica_id, **{**fast, **settings})
 
-    def make(replica_id: str = "trainer-a", **config: Any) -> JobRunner:
-        settings = {"datasets_root": store_dir.parent / "datasets", "replica_id": replica_id,
-                    "heartbeat_s": 0.1, "cancel_grace_s": 5.0, "poll_s": 0.05, **config}
-        runner = JobRunner(ModelStore(store_dir), RunnerConfig(**settings))
-        made.append(runner)
-        return runner
-
-    yield make
-    for runner in made:
-        runner.close()
+    return make
 
 
 def _claimed(runner: JobRunner, **settings: Any) -> JobRecord:

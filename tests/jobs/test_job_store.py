@@ -11,12 +11,12 @@ tests/system/test_roles.py.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,35 +31,16 @@ from convserve.contracts.errors import (
 )
 from convserve.contracts.job_dir import JobState
 from convserve.contracts.job_spec import read_job_spec
-from convserve.contracts.store import ModelStore
-from convserve.jobs import JobRecord, JobRunner, RunnerConfig, TrainParams
+from convserve.jobs import JobRecord, JobRunner, TrainParams
 from convserve.jobs.config import GatePolicy
 
 LEASE_S = 0.5  # short, so a lapsed lease takes a moment; never a measurement
 
 
-@pytest.fixture(params=["files", "postgresql"])
-def jobs_url(request: pytest.FixtureRequest) -> str:
-    """"" for the files store, or a fresh PostgreSQL database's URL."""
-    return "" if request.param == "files" else request.getfixturevalue("postgres_url")
-
-
 @pytest.fixture
-def replicas(store_dir: Path, jobs_url: str) -> Iterator[Callable[..., JobRunner]]:
+def replicas(replica_factory: Callable[..., JobRunner], jobs_url: str) -> Callable[..., JobRunner]:
     """replicas("trainer-a", max_queue=2, ...) -> a JobRunner on the test's stores."""
-    made: list[JobRunner] = []
-
-    def make(replica_id: str = "replica-a", **config: Any) -> JobRunner:
-        settings: dict[str, Any] = {"datasets_root": store_dir.parent / "datasets",
-                                    "replica_id": replica_id, "jobs_url": jobs_url,
-                                    "stale_after_s": LEASE_S, **config}
-        runner = JobRunner(ModelStore(store_dir), RunnerConfig(**settings))
-        made.append(runner)
-        return runner
-
-    yield make
-    for runner in made:
-        runner.close()
+    return functools.partial(replica_factory, jobs_url=jobs_url, stale_after_s=LEASE_S)
 
 
 def _claim(runner: JobRunner) -> JobRecord:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from convserve.jobs.process_group import is_training_process
+from tests.waits import started
 
 
 def test_a_training_process_is_known_by_the_job_directory_it_names(tmp_path: Path) -> None:
@@ -15,6 +16,7 @@ def test_a_training_process_is_known_by_the_job_directory_it_names(tmp_path: Pat
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
                               "convserve.training", "--job", str(job_dir)])
     try:
+        started(child.pid)
         assert is_training_process(child.pid, "abc123")
         assert not is_training_process(child.pid, "abc12")  # another job, a prefix of its id
         assert not is_training_process(child.pid, "jobs")

@@ -5,13 +5,14 @@ host: its replica id names this host and a pid that no longer exists, so no leas
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,29 +20,13 @@ import pytest
 
 from convserve.contracts.job_dir import JobState
 from convserve.contracts.model_card import GateDecision
-from convserve.contracts.store import ModelStore
-from convserve.jobs import JobRecord, JobRunner, RunnerConfig, TrainParams
-
-
-@pytest.fixture(params=["files", "postgresql"])
-def jobs_url(request: pytest.FixtureRequest) -> str:
-    return "" if request.param == "files" else request.getfixturevalue("postgres_url")
+from convserve.jobs import JobRecord, JobRunner, TrainParams
+from tests.waits import started
 
 
 @pytest.fixture
-def replicas(store_dir: Path, jobs_url: str) -> Iterator[Callable[..., JobRunner]]:
-    made: list[JobRunner] = []
-
-    def make(replica_id: str, **config: Any) -> JobRunner:
-        settings = {"datasets_root": store_dir.parent / "datasets", "replica_id": replica_id,
-                    "jobs_url": jobs_url, "cancel_grace_s": 10.0, **config}
-        runner = JobRunner(ModelStore(store_dir), RunnerConfig(**settings))
-        made.append(runner)
-        return runner
-
-    yield make
-    for runner in made:
-        runner.close()
+def replicas(replica_factory: Callable[..., JobRunner], jobs_url: str) -> Callable[..., JobRunner]:
+    return functools.partial(replica_factory, jobs_url=jobs_url, cancel_grace_s=10.0)
 
 
 def _dead_pid() -> int:
@@ -175,6 +160,7 @@ def test_an_orphaned_training_process_on_this_host_is_stopped_first(
         [sys.executable, "-c", "import time; time.sleep(120)", "convserve.training", "--job",
          str(job_dir)],
         start_new_session=True)
+    started(orphan.pid)
     try:
         with survivor.jobs.locked(record.id) as transaction:
             transaction.record.pid = orphan.pid

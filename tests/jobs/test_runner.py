@@ -29,6 +29,7 @@ from convserve.contracts.spec import TrainConfig
 from convserve.contracts.store import ModelStore
 from convserve.jobs import JobRecord, JobRunner, RunnerConfig, TrainParams
 from tests.conftest import REPO_ROOT
+from tests.waits import started
 
 TINY = {"dataset": "synthetic:200", "epochs": 1, "batch_size": 32}
 LONG = {"dataset": "synthetic:5000", "epochs": 50}  # never finishes: cancelled or killed early
@@ -429,6 +430,7 @@ def test_recover_requeues_jobs_of_gone_trainers_until_their_attempts_run_out(
         [sys.executable, "-c", "import time; time.sleep(60)", "convserve.training", "--job-id",
          orphaned.id],
         start_new_session=True)
+    started(leftover.pid)
     now = datetime.now(UTC)
     long_ago = (now - timedelta(minutes=5)).isoformat()
     _edit(store_dir, stale.id, pid=_dead_pid(), heartbeat_at=long_ago)
