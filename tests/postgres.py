@@ -324,12 +324,7 @@ def postgres_template() -> Iterator[tuple[Path, Path]]:
 def postgres_server(postgres_template: tuple[Path, Path]) -> Iterator[PostgresServer]:
     """The session's shared server: give each test its own database (`postgres_url`), and never
     stop, kill or restart it (`own_postgres` is for that)."""
-    server = PostgresServer(*postgres_template)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
+    yield from _started(postgres_template)
 
 
 @pytest.fixture
@@ -345,7 +340,11 @@ def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
 def own_postgres(postgres_template: tuple[Path, Path]) -> Iterator[PostgresServer]:
     """A dedicated, started server for this test alone, which it may kill, stop or restart; gone
     after the test whatever happened."""
-    server = PostgresServer(*postgres_template)
+    yield from _started(postgres_template)
+
+
+def _started(template: tuple[Path, Path]) -> Iterator[PostgresServer]:
+    server = PostgresServer(*template)
     try:
         server.start()
         yield server
