@@ -69,7 +69,7 @@ COPY service ./service
 COPY training ./training
 RUN pip wheel --no-deps --wheel-dir /opt/wheels .
 
-# Serving replicas: every RPC, Train jobs queued in the store for a trainer; torch is not inside.
+# Serving replicas: every RPC, Train jobs queued in the job store for a trainer; torch is not inside.
 FROM serve-deps AS serve
 COPY --from=wheel /opt/wheels /opt/wheels
 RUN pip install --no-deps /opt/wheels/convserve-*.whl

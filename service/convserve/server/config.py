@@ -40,8 +40,8 @@ def _setting(default: Any, help: str) -> Any:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    role: str = _setting("all", "serve: answer every RPC and queue Train jobs in the store; "
-                         "train: run the store's queued jobs; all: both")
+    role: str = _setting("all", "serve: answer every RPC and queue Train jobs in the job store; "
+                         "train: run the job store's queued jobs; all: both")
     store: Path = _setting(Path("store"), "the model store (shared by every replica)")
     jobs_url: str = _setting("files", "the job store: files (in the model store's directory; one "
                              "machine or a shared volume) or postgresql://user:password@host/db "
@@ -77,7 +77,7 @@ class ServerConfig:
                                     "shares the cores)")
     graph_optimization: str = _setting("all", "ONNX Runtime graph optimisation: disable, basic, "
                                        "extended or all")
-    max_queued_jobs: int = _setting(8, "training jobs the store's queue holds before a Train "
+    max_queued_jobs: int = _setting(8, "training jobs the job store's queue holds before a Train "
                                     "is RESOURCE_EXHAUSTED")
     max_job_attempts: int = _setting(3, "a job whose trainer dies goes back to the queue; after "
                                      "this many such runs it is FAILED")

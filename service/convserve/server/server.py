@@ -3,7 +3,7 @@ runner, all on one asyncio loop. Tests call `start(config)` with port 0 and talk
 server on 127.0.0.1.
 
 Its role (`--role`) says which parts run: `serve` loads the promoted model and answers every
-service (a Train is queued in the store); `train` claims and runs the store's queued jobs and
+service (a Train is queued in the job store); `train` claims and runs its queued jobs and
 answers health, reflection and the Training service only (no model is loaded); `all` both.
 """
 

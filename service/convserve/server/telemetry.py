@@ -14,7 +14,7 @@
     convserve_model_version                        gauge: the live version (0: none)
     convserve_replaced_models_unreleased           gauge: replaced models whose memory is held
     convserve_jobs_running                         gauge: jobs this replica runs now (0 or 1)
-    convserve_jobs_queued                          gauge: jobs waiting in the store's queue
+    convserve_jobs_queued                          gauge: jobs waiting in the job store's queue
     convserve_training_images_per_second           gauge: this replica's running job (0: none)
     process_*, python_*                            prometheus-client's own collectors
 
@@ -91,7 +91,7 @@ def replica_registry(requests: RequestMetrics, runner: JobRunner, serving: Servi
                    lambda: manager.replaced_unreleased)
     gauges.add("convserve_jobs_running", "Training jobs this replica runs now (0 or 1)",
                runner.running_here)
-    gauges.add("convserve_jobs_queued", "Jobs waiting in the store's queue: the same on every "
+    gauges.add("convserve_jobs_queued", "Jobs waiting in the job store's queue: the same on every "
                "replica (aggregate with max, not sum)", runner.queued)
     gauges.add("convserve_training_images_per_second",
                "Training throughput of the job this replica runs (0: none)",

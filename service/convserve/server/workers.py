@@ -14,7 +14,7 @@ host needs more than one. The parent does no serving itself; it
    restarts it whole; a worker whose parent dies gets SIGTERM from the kernel.
 
 Jobs: with role all, worker 0 also claims and runs queued jobs, one at a time as a single
-process would; any worker queues a Train and answers for any job, since jobs live in the store.
+process would; any worker queues a Train and answers for any job, since jobs live in the job store.
 Metrics: worker i serves /metrics on metrics_port + i (0 stays "any free port"; -1 off).
 """
 
