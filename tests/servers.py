@@ -7,6 +7,7 @@ import contextlib
 import json
 import re
 import signal
+import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -41,6 +42,11 @@ class ServerProcess:
         self.stderr_lines: list[str] = []
         # Drain stderr so a chatty server never blocks on a full pipe.
         threading.Thread(target=self._drain, daemon=True).start()
+
+    @property
+    def replica_id(self) -> str:
+        """The id its job runner claims jobs under (host:pid), as job records name trainers."""
+        return f"{socket.gethostname()}:{self.process.pid}"
 
     def metric(self, name: str, **labels: str) -> float:
         """One sample's value on worker 0's /metrics (0 if absent)."""

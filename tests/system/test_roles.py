@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,6 @@ TRAINING_S = 300  # a bound for 2 shared cores, never a measurement
 # champion all score near chance; the gate itself is tests/training/test_gate.py's).
 ACCEPT_ANY = ("--min-improvement", "-1")
 
-
-def _replica_id(server: ServerProcess) -> str:
-    return f"{socket.gethostname()}:{server.process.pid}"
 
 
 def _record(store: Path, job_id: str) -> dict[str, Any]:
@@ -71,9 +67,9 @@ def test_two_serving_replicas_queue_and_one_trainer_runs(store_dir, datasets, on
             for client, job in ((b, job_a), (a, job_b)):  # watched on the other replica
                 final = client.wait(job.id, timeout=TRAINING_S)
                 assert final.state == "PROMOTED", final.error
-            me = _replica_id(trainer)
+            me = trainer.replica_id
         for job, accepted_by in ((job_a, first), (job_b, second)):
-            assert _record(store_dir, job.id)["replica"] == _replica_id(accepted_by)
+            assert _record(store_dir, job.id)["replica"] == accepted_by.replica_id
             assert _runs(store_dir, job.id) == [me]  # once, on the trainer
             assert _attempts(store_dir, job.id) == [(me, "PROMOTED")]
         assert ModelStore(store_dir).promoted_version() == 3  # the untrained 1, then 2 and 3
@@ -92,7 +88,7 @@ def test_two_racing_trainers_run_each_job_exactly_once(store_dir, datasets, onnx
         with running_server(store_dir, datasets, "--role", "train") as one, \
                 running_server(store_dir, datasets, "--role", "train") as two:
             finals = [client.wait(job_id, timeout=TRAINING_S) for job_id in jobs]
-            trainers = {_replica_id(one), _replica_id(two)}
+            trainers = {one.replica_id, two.replica_id}
     assert [f.state for f in finals] == ["PROMOTED"] * 4, [f.error for f in finals]
     for job_id in jobs:
         runs = _runs(store_dir, job_id)
@@ -125,7 +121,7 @@ def test_a_trainer_killed_mid_job_is_resumed_from_its_checkpoint_by_another(
                 wait_until(lambda: not process_alive(child), "the orphaned child to stop")
                 final = client.wait(job.id, timeout=TRAINING_S)
                 assert final.state == "PROMOTED", final.error
-                killed, other = _replica_id(one), _replica_id(two)
+                killed, other = one.replica_id, two.replica_id
         finally:
             one.stop()
     assert _attempts(store_dir, job.id) == [(killed, "lost"), (other, "PROMOTED")]
@@ -165,7 +161,7 @@ def test_a_serving_replica_cancels_a_queued_job_and_a_claimed_one(store_dir, dat
         with pytest.raises(ClientError) as finished:
             client.cancel(long_job.id)
         assert finished.value.code == grpc.StatusCode.FAILED_PRECONDITION
-        me = _replica_id(trainer)
+        me = trainer.replica_id
     assert _attempts(store_dir, long_job.id) == [(me, "CANCELLED")]
     assert _attempts(store_dir, queued.id) == []  # never claimed
     assert [e["state"] for e in _events(store_dir, queued.id) if e["type"] == "state"] == [
