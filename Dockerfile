@@ -56,7 +56,8 @@ STOPSIGNAL SIGTERM
 ENTRYPOINT ["convserve"]
 CMD ["serve"]
 
-# The serving dependencies (grpcio, numpy, onnxruntime-gpu, Pillow, aiohttp, prometheus-client),
+# The serving dependencies (grpcio, numpy, onnxruntime-gpu, Pillow, aiohttp, prometheus-client,
+# boto3 for an s3:// model store, psycopg for a PostgreSQL job store),
 # pinned by the lock; the dev tools (pytest, ruff, ...) stay out.
 FROM base AS serve-deps
 RUN pip install --constraint requirements.lock --requirement serve.txt

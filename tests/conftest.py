@@ -11,6 +11,9 @@ import pytest
 # A real PostgreSQL server's fixtures (tests/postgres.py), for every test module.
 from tests.postgres import own_postgres, postgres_server, postgres_template, postgres_url  # noqa: F401
 
+# A real S3-compatible server's fixtures (tests/s3.py, SeaweedFS), for every test module.
+from tests.s3 import own_s3_server, s3_server, s3_url, s3_weed  # noqa: F401
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SMALL_SYNTHETIC = "synthetic:640"  # 640 train / 128 val images: a few seconds per epoch on 2 cores
 
@@ -42,9 +45,9 @@ def store_dir(tmp_path: Path, datasets: Path) -> Path:
 
 @pytest.fixture
 def store(store_dir: Path):
-    from convserve.contracts.store import ModelStore
+    from convserve.store.directory import DirectoryStore
 
-    return ModelStore(store_dir)
+    return DirectoryStore(store_dir)
 
 
 @pytest.fixture(scope="session")
@@ -93,10 +96,10 @@ def onnx_models(small_run, tmp_path_factory):
 @pytest.fixture
 def store_with_model(tmp_path: Path, onnx_models) -> tuple[Path, Path]:
     """A store whose version 1 (the "good" model) is promoted, and an empty datasets root."""
-    from convserve.contracts.store import ModelStore
+    from convserve.store.directory import DirectoryStore
     from tests.servers import publish  # imported here: tests.servers imports this module
 
     store, datasets = tmp_path / "store", tmp_path / "datasets"
     datasets.mkdir()
-    publish(ModelStore(store), onnx_models["good"])
+    publish(DirectoryStore(store), onnx_models["good"])
     return store, datasets

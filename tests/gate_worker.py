@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from convserve.contracts.gate_policy import GatePolicy
-from convserve.contracts.store import ModelStore
+from convserve.store.directory import DirectoryStore
 from convserve.training import gate
 from convserve.training.data import load_dataset
 from convserve.training.export import ParityReport
@@ -40,7 +40,7 @@ def main() -> None:
     candidate = OnnxClassifier(args.model).score(data.val_images, data.val_labels)
     # Parity is not under test here: the models are real exports that passed it.
     parity = ParityReport(images=1, max_abs_diff=0.0, argmax_equal=True, tolerance=1e-5)
-    store = ModelStore(args.store)
+    store = DirectoryStore(args.store)
     decide = gate.decide_against(store, GatePolicy(min_accuracy=0.0), parity, data.classes,
                                  candidate, data.val_images, data.val_labels)
 

@@ -18,8 +18,8 @@ import numpy as np
 
 from convserve.cli.launch import ServerStartError, launch, serve_command
 from convserve.contracts.model_card import GateDecision
-from convserve.contracts.store import ModelStore
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
+from convserve.store.base import ModelStore
 from tests.conftest import REPO_ROOT, python_env
 
 

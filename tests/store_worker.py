@@ -1,6 +1,6 @@
-"""Publish one model into a store from a separate process; used by tests/contracts/test_store.py.
+"""Publish one model into a store from a separate process; used by tests/store/.
 
-    python tests/store_worker.py <store_root> <model_file> <accuracy>
+    python tests/store_worker.py <store: a directory or s3://bucket/prefix> <model_file> <accuracy>
         [--hold-seconds S] [--barrier DIR] [--job-id ID] [--crash-at POINT]
 
 decide() promotes iff ``accuracy`` beats the champion card's metrics.onnx_val_accuracy (or there
@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from convserve.contracts import store as store_module
 from convserve.contracts.model_card import GateDecision
-from convserve.contracts.store import ModelStore
+from convserve.store import base as store_module
+from convserve.store.location import location_of, open_store
 from tests.barrier import arrive_and_wait
 
 
@@ -36,17 +36,19 @@ def main() -> None:
     parser.add_argument("--barrier", type=Path, default=None,
                         help="start together with the other workers (tests/barrier.py)")
     parser.add_argument("--job-id", default=None)
+    parser.add_argument("--work-dir", default=None, help="for an s3:// store: its local cache")
     parser.add_argument("--crash-at", default=None,
-                        help="die by SIGKILL at this named point of publish (store._crash_point)")
+                        help="die by SIGKILL at this named point of publish (store.base.crash_point)")
     args = parser.parse_args()
 
-    store = ModelStore(args.root)
+    # An s3:// store takes its endpoint and credentials from the AWS_* environment.
+    store = open_store(location_of(args.root, work_dir=args.work_dir or ""))
     if args.crash_at:
         def crash_point(name: str) -> None:
             if name == args.crash_at:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        store_module._crash_point = crash_point
+        store_module.crash_point = crash_point
 
     trace: dict[str, object] = {}  # when decide() ran and what it saw, for the race tests
 

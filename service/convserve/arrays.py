@@ -10,10 +10,14 @@ import math
 import numpy as np
 
 from convserve.contracts.errors import InvalidInput
+from convserve.contracts.model_signature import SIGNATURE, dims_text
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
 
-IMAGE_SHAPE = (32, 32, 3)                  # H, W, C: the model's input, NHWC
-NCHW_SHAPE = (3, 32, 32)
+IMAGE_SHAPE = SIGNATURE.shape_in("NHWC")   # H, W, C: the model's input (32, 32, 3)
+NCHW_SHAPE = SIGNATURE.shape_in("NCHW")    # C, H, W: (3, 32, 32), as torchvision's ToTensor gives
+_SHAPES_TEXT = (f"{list(IMAGE_SHAPE)}, {list(NCHW_SHAPE)}, {dims_text(IMAGE_SHAPE)} or "
+                f"{dims_text(NCHW_SHAPE)}")
+
 
 def encode_raw(images: np.ndarray) -> pb.RawImages:
     """uint8 or float32 images, [32,32,3] / [3,32,32] (one) or [N,32,32,3] / [N,3,32,32]."""
@@ -24,12 +28,11 @@ def encode_raw(images: np.ndarray) -> pb.RawImages:
     if array.ndim == 3:
         array = array[np.newaxis]
     if array.ndim != 4 or array.shape[1:] not in (IMAGE_SHAPE, NCHW_SHAPE):
-        raise InvalidInput("images: expected shape [32, 32, 3], [3, 32, 32], [N, 32, 32, 3] or "
-                           f"[N, 3, 32, 32], got {list(np.shape(images))}")
+        raise InvalidInput(f"images: expected shape {_SHAPES_TEXT}, got {list(np.shape(images))}")
     if array.shape[0] < 1:
         raise InvalidInput(f"images: expected at least 1 image, got shape {list(array.shape)}")
-    # 32 != 3, so where the 3 sits tells the layout unambiguously.
-    layout = pb.NHWC if array.shape[-1] == 3 else pb.NCHW
+    # The two shapes differ (32 != 3), so the shape tells the layout unambiguously.
+    layout = pb.NHWC if array.shape[1:] == IMAGE_SHAPE else pb.NCHW
     wire = np.ascontiguousarray(array, dtype=native.newbyteorder("<"))
     return pb.RawImages(
         data=wire.tobytes(),

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from convserve.cli.main import STORE_ENV, main
+from convserve.cli.main import main
+from convserve.cli.models import STORE_ENV
 from convserve.contracts.commands import EXIT_FAILED
 from convserve.contracts.model_card import GateDecision
-from convserve.contracts.store import ModelStore
+from convserve.store.base import ModelStore
+from convserve.store.directory import DirectoryStore
 from convserve.training.data import load_dataset
 from tests.conftest import REPO_ROOT, python_env
 
@@ -47,7 +49,7 @@ def two_versions(store: ModelStore, tmp_path: Path) -> ModelStore:
 
 
 def cli(store: ModelStore | Path, *args: str) -> int:
-    root = store.root if isinstance(store, ModelStore) else store
+    root = store.root if isinstance(store, DirectoryStore) else store
     return main([*args, "--store", str(root)])
 
 

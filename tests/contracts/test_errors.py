@@ -92,7 +92,7 @@ def test_the_scan_sees_each_wrong_form(tmp_path: Path) -> None:
     module = package / "bad.py"
     module.write_text("from convserve.errors import ClientError, InvalidInput\n"
                       "from ..errors import NotFound\n"
-                      "from convserve.contracts.store import StoreError\n"
+                      "from convserve.store.directory import StoreError\n"
                       "from convserve.contracts.errors import ConfigError\n"
                       "from convserve.contracts import errors\n"
                       "import convserve.errors\n"
@@ -102,7 +102,7 @@ def test_the_scan_sees_each_wrong_form(tmp_path: Path) -> None:
     found = [line.partition(": ")[2] for line in wrong_imports(module, tmp_path)]
     assert found == ["from convserve.errors import InvalidInput",
                      "from convserve.errors import NotFound",
-                     "from convserve.contracts.store import StoreError",
+                     "from convserve.store.directory import StoreError",
                      "convserve.errors.Unavailable", "config.ConfigError"]
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from convserve.contracts.gate_policy import GatePolicy
-from convserve.contracts.job_dir import JobState
+from convserve.contracts.job_state import JobState
 from convserve.contracts.model_card import GateDecision, InputSpec, ModelCard
 from convserve.jobs import JobRecord, TrainParams
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from convserve.contracts.store import ModelStore
 from convserve.jobs import JobRunner, RunnerConfig
+from convserve.store.directory import DirectoryStore
 
 
 @pytest.fixture(params=["files", "postgresql"])
@@ -28,7 +28,7 @@ def replica_factory(store_dir: Path) -> Iterator[Callable[..., JobRunner]]:
     def make(replica_id: str = "replica-a", **settings: Any) -> JobRunner:
         config = RunnerConfig(**{"datasets_root": store_dir.parent / "datasets",
                                  "replica_id": replica_id, **settings})
-        made.append(JobRunner(ModelStore(store_dir), config))
+        made.append(JobRunner(DirectoryStore(store_dir), config))
         return made[-1]
 
     yield make

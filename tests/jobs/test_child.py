@@ -16,12 +16,13 @@ from typing import Any
 import pytest
 
 from convserve.contracts.gate_policy import GateBounds, GatePolicy
-from convserve.contracts.job_dir import EVENTS_FILE, EventTail, JobState, read_events
-from convserve.contracts.job_spec import read_job_spec
+from convserve.contracts.job_state import JobState
 from convserve.contracts.model_card import GateDecision
 from convserve.jobs import JobRecord, JobRunner, RunnerConfig, TrainParams
 from convserve.jobs.child import ChildEvents, first_of, gate_policy_of
 from convserve.lifecycle import PARENT_PID_ENV
+from convserve.store.job_dir import EVENTS_FILE, EventTail, read_events
+from convserve.store.job_spec import read_job_spec
 from tests.waits import wait_until
 
 
@@ -70,7 +71,7 @@ def _run(runner: JobRunner, record: JobRecord, *, stopped: bool = False) -> JobR
 
 
 def _states(runner: JobRunner, job_id: str) -> list[str]:
-    return [e["state"] for e in read_events(runner.models.job_dir(job_id) / EVENTS_FILE)
+    return [e["state"] for e in read_events(runner.models.work.job_dir(job_id) / EVENTS_FILE)
             if e["type"] == "state"]
 
 
@@ -81,11 +82,11 @@ def test_command_writes_the_spec_with_the_servers_settings_and_resumes_from_a_ch
         runners) -> None:
     runner = runners(compile="off", progress_interval_s=0.25)
     record = _claimed(runner, epochs=4, gate={"min_accuracy": 0.8})
-    job_dir = runner.models.job_dir(record.id)
+    job_dir = runner.models.work.job_dir(record.id)
     command = runner.child.command(record)
     assert command == [runner.config.python, "-m", "convserve.training", "--job", str(job_dir)]
     spec = read_job_spec(job_dir)
-    assert (spec.job_id, spec.attempt, spec.store) == (record.id, 1, str(runner.models.root))
+    assert (spec.job_id, spec.attempt, spec.store) == (record.id, 1, runner.models.location)
     assert spec.config.epochs == 4 and spec.config.compile == "off"
     assert spec.config.datasets_root == str(runner.config.datasets_root)
     assert spec.progress_interval_s == 0.25 and spec.gate == GatePolicy(min_accuracy=0.8)
@@ -100,7 +101,7 @@ def test_several_processes_run_under_torchrun(runners) -> None:
     command = runner.child.command(record)
     assert command[:7] == [runner.config.python, "-m", "torch.distributed.run", "--standalone",
                            "--nproc-per-node", "2", "-m"]
-    assert command[7:] == ["convserve.training", "--job", str(runner.models.job_dir(record.id))]
+    assert command[7:] == ["convserve.training", "--job", str(runner.models.work.job_dir(record.id))]
 
 
 def test_gate_policy_of_prefers_the_stored_policy_over_this_servers(runners) -> None:
@@ -121,7 +122,7 @@ def test_the_child_environment_names_the_job_store_and_its_parent(
     runner = runners(python=stub, jobs_url=jobs_url, processes=processes,
                      child_env={"EXTRA_SETTING": "42"})
     record = _run(runner, _claimed(runner, batch_size=64))
-    lines = (runner.models.job_dir(record.id) / "env.txt").read_text().splitlines()
+    lines = (runner.models.work.job_dir(record.id) / "env.txt").read_text().splitlines()
     env = dict(line.split("=", 1) for line in lines if "=" in line)
     assert env["CONVSERVE_JOBS_URL"] == expected_url and env["EXTRA_SETTING"] == "42"
     # One process: the child dies with this replica. Under torchrun the ranks' parent is torchrun.
@@ -197,7 +198,7 @@ def test_a_trainer_stopping_as_it_claims_releases_the_job_without_a_child(
     runner = runners(python=_stub(store_dir.parent, 'touch "$job/started"'))
     record = _run(runner, _claimed(runner), stopped=True)
     assert record.state == JobState.QUEUED and record.lost_attempts == 0
-    assert not (runner.models.job_dir(record.id) / "started").exists()
+    assert not (runner.models.work.job_dir(record.id) / "started").exists()
 
 
 def test_an_attempt_that_lost_its_claim_stops_its_child_and_records_nothing(
@@ -222,7 +223,7 @@ def test_a_cancel_request_stops_the_child_at_its_next_heartbeat(runners, store_d
     stub = _stub(store_dir.parent, 'touch "$job/started"\nwhile :; do sleep 0.05; done')
     runner = runners(python=stub)
     record = _claimed(runner)
-    started = runner.models.job_dir(record.id) / "started"
+    started = runner.models.work.job_dir(record.id) / "started"
 
     async def main() -> None:
         run = asyncio.create_task(runner.child.run(record, asyncio.Event(), asyncio.Event()))

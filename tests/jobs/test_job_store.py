@@ -29,10 +29,10 @@ from convserve.contracts.errors import (
     LimitExceeded,
     NotFound,
 )
-from convserve.contracts.job_dir import JobState
-from convserve.contracts.job_spec import read_job_spec
+from convserve.contracts.job_state import JobState
 from convserve.jobs import JobRecord, JobRunner, TrainParams
 from convserve.jobs.config import GatePolicy
+from convserve.store.job_spec import read_job_spec
 
 LEASE_S = 0.5  # short, so a lapsed lease takes a moment; never a measurement
 
@@ -84,7 +84,7 @@ def test_the_gate_policy_is_resolved_at_submit_and_the_trainer_uses_the_stored_o
     lenient = replicas("trainer-b", gate_defaults=GatePolicy(min_accuracy=0.1))
     claimed = _claim(lenient)
     lenient.command(claimed)
-    spec = read_job_spec(lenient.models.job_dir(job.id))
+    spec = read_job_spec(lenient.models.work.job_dir(job.id))
     assert spec.gate == GatePolicy(min_accuracy=0.7, min_improvement=0.01)
     assert spec.attempt == 1
 

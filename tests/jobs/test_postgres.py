@@ -13,15 +13,15 @@ import psycopg
 import pytest
 
 from convserve.contracts.errors import Unavailable
-from convserve.contracts.job_dir import JobState
-from convserve.contracts.store import ModelStore
+from convserve.contracts.job_state import JobState
 from convserve.jobs import JobRunner, RunnerConfig, TrainParams
 from convserve.jobs.postgres import PostgresJobStore
 from convserve.jobs.schema import LATEST, upgrade, version
+from convserve.store.directory import DirectoryStore
 
 
 def _runner(store_dir: Path, url: str, replica: str = "replica-a") -> JobRunner:
-    return JobRunner(ModelStore(store_dir), RunnerConfig(
+    return JobRunner(DirectoryStore(store_dir), RunnerConfig(
         datasets_root=store_dir.parent, replica_id=replica, jobs_url=url))
 
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from convserve.contracts.gate_policy import GatePolicy
-from convserve.contracts.job_dir import JobState
+from convserve.contracts.job_state import JobState
 from convserve.contracts.model_card import GateDecision
 from convserve.jobs.params import TrainParams
 from convserve.jobs.records import Attempt, JobRecord, age_s

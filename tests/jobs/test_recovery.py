@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from convserve.contracts.job_dir import JobState
+from convserve.contracts.job_state import JobState
 from convserve.contracts.model_card import GateDecision
 from convserve.jobs import JobRecord, JobRunner, TrainParams
 from tests.waits import started
@@ -106,7 +106,7 @@ def test_a_job_whose_child_wrote_rejected_is_rejected_with_its_cards_gate(replic
     survivor, record = _claimed_by_a_dead_trainer(replicas)
     gate = GateDecision(False, ("accuracy 0.1 is below min_accuracy 0.5",),
                         candidate_accuracy=0.1, required_accuracy=0.5)
-    job_dir = survivor.models.job_dir(record.id, create=True)
+    job_dir = survivor.models.work.job_dir(record.id, create=True)
     (job_dir / "card.json").write_text(json.dumps({"gate": gate.to_dict()}))
     with survivor.jobs.locked(record.id) as transaction:  # the child's last event
         transaction.event("state", state=JobState.REJECTED.value)
@@ -154,7 +154,7 @@ def test_a_job_carrying_this_replicas_own_id_is_an_earlier_process_s(replicas) -
 def test_an_orphaned_training_process_on_this_host_is_stopped_first(
         replicas, tmp_path: Path) -> None:
     survivor, record = _claimed_by_a_dead_trainer(replicas)
-    job_dir = survivor.models.job_dir(record.id, create=True)
+    job_dir = survivor.models.work.job_dir(record.id, create=True)
     # What a job's child looks like in /proc: `... convserve.training --job <store>/jobs/<id>`.
     orphan = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(120)", "convserve.training", "--job",

@@ -24,10 +24,11 @@ import pytest
 
 from convserve.contracts.errors import AlreadyExists, Conflict, InvalidInput, LimitExceeded, NotFound
 from convserve.contracts.gate_policy import GateBounds
-from convserve.contracts.job_dir import JobState, read_events
+from convserve.contracts.job_state import JobState
 from convserve.contracts.spec import TrainConfig
-from convserve.contracts.store import ModelStore
 from convserve.jobs import JobRecord, JobRunner, RunnerConfig, TrainParams
+from convserve.store.directory import DirectoryStore
+from convserve.store.job_dir import read_events
 from tests.conftest import REPO_ROOT
 from tests.waits import started
 
@@ -41,7 +42,7 @@ def _runner(store_dir: Path, replica: str = "replica-a", **config: Any) -> JobRu
         "datasets_root": store_dir.parent / "datasets", "replica_id": replica,
         "child_env": {"PYTHONPATH": str(REPO_ROOT)}, "heartbeat_s": 0.2, "cancel_grace_s": 3.0,
         **config}
-    return JobRunner(ModelStore(store_dir), RunnerConfig(**settings))
+    return JobRunner(DirectoryStore(store_dir), RunnerConfig(**settings))
 
 
 def _with_worker(runner: JobRunner, scenario: Callable[[], Awaitable[Any]]) -> Any:
@@ -78,7 +79,7 @@ def _running(runner: JobRunner, job_id: str) -> Callable[[], JobRecord | None]:
 
 
 def _events(store_dir: Path, job_id: str) -> list[dict[str, Any]]:
-    return read_events(ModelStore(store_dir).job_dir(job_id) / "events.jsonl")
+    return read_events(DirectoryStore(store_dir).work.job_dir(job_id) / "events.jsonl")
 
 
 def _states(store_dir: Path, job_id: str) -> list[str]:
@@ -122,7 +123,7 @@ def test_a_job_is_promoted_watched_from_another_replica_then_a_stricter_gate_rej
 
     watched = _with_worker(a, scenario)
 
-    store = ModelStore(store_dir)
+    store = DirectoryStore(store_dir)
     done = b.get(first.id)
     assert done.state == JobState.PROMOTED, done.error
     assert done.model_version == 1 and done.gate and done.gate.promoted is True
@@ -210,8 +211,8 @@ def test_any_replica_cancels_a_running_job_and_a_queued_one(
 
     assert asked.state == JobState.CANCELLED and asked.pid is None and asked.attempts == []
     assert _states(store_dir, queued.id) == ["QUEUED", "CANCELLED"]  # never claimed
-    assert a.queued() == 0 and os.listdir(ModelStore(store_dir).queue_dir) == [".lock"]
-    assert ModelStore(store_dir).versions() == []
+    assert a.queued() == 0 and os.listdir(DirectoryStore(store_dir).work.queue_dir) == [".lock"]
+    assert DirectoryStore(store_dir).versions() == []
 
 
 def _stubborn_python(tmp_path: Path) -> str:
@@ -271,7 +272,7 @@ def test_resume_queues_an_interrupted_job_once_and_refuses_others(store_dir: Pat
     runner = _runner(store_dir)
     job = runner.submit(TrainParams.of())
     assert runner.claim_next() is not None
-    path = ModelStore(store_dir).job_dir(job.id) / "job.json"
+    path = DirectoryStore(store_dir).work.job_dir(job.id) / "job.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "state": "INTERRUPTED"}))
     other = _runner(store_dir, "replica-b")
     resumed = other.resume(job.id)
@@ -313,7 +314,7 @@ def test_bad_requests_are_refused_and_write_nothing(store_dir: Path, asked: dict
     runner = _runner(store_dir, gate_bounds=GateBounds(min_accuracy_floor=0.3))
     with pytest.raises(InvalidInput, match=re.escape(fragment)):
         runner.submit(TrainParams.of(**asked), idempotency_key="k1")
-    assert os.listdir(ModelStore(store_dir).jobs_dir) == []
+    assert os.listdir(DirectoryStore(store_dir).work.jobs_dir) == []
 
 
 def test_an_idempotency_key_maps_to_one_job_across_replicas(store_dir: Path) -> None:
@@ -337,7 +338,7 @@ def test_an_idempotency_key_maps_to_one_job_across_replicas(store_dir: Path) -> 
     with ThreadPoolExecutor(8) as pool:
         ids = set(pool.map(lambda i: (b, c)[i % 2].submit(TrainParams.of(), "race").id, range(16)))
     assert len(ids) == 1
-    assert sorted(os.listdir(ModelStore(store_dir).jobs_dir)) == sorted([job.id, *ids])
+    assert sorted(os.listdir(DirectoryStore(store_dir).work.jobs_dir)) == sorted([job.id, *ids])
     assert _states(store_dir, ids.pop()) == ["QUEUED"]
 
 
@@ -346,7 +347,7 @@ def test_a_full_queue_refuses_and_writes_nothing(store_dir: Path) -> None:
     job = runner.submit(TrainParams.of())
     with pytest.raises(LimitExceeded, match=r"training queue is full \(1 jobs waiting\)"):
         runner.submit(TrainParams.of())
-    assert os.listdir(ModelStore(store_dir).jobs_dir) == [job.id]
+    assert os.listdir(DirectoryStore(store_dir).work.jobs_dir) == [job.id]
     runner.cancel(job.id)  # frees the place
     assert runner.submit(TrainParams.of()).state == JobState.QUEUED
 
@@ -367,7 +368,7 @@ def test_watch_follows_the_file_holds_back_a_partial_line_and_ends_when_final(
         store_dir: Path) -> None:
     writer, reader = _runner(store_dir, "replica-a"), _runner(store_dir, "replica-b")
     job = writer.submit(TrainParams.of())
-    events_path = ModelStore(store_dir).job_dir(job.id) / "events.jsonl"
+    events_path = DirectoryStore(store_dir).work.job_dir(job.id) / "events.jsonl"
 
     async def scenario() -> list[tuple[int, dict]]:
         seen: list[tuple[int, dict]] = []
@@ -414,7 +415,7 @@ def test_unknown_and_invalid_job_ids(store_dir: Path) -> None:
 
 def _edit(store_dir: Path, job_id: str, **change: Any) -> None:
     """What a trainer that died left in the record (written by hand, as it would stand)."""
-    path = ModelStore(store_dir).job_dir(job_id) / "job.json"
+    path = DirectoryStore(store_dir).work.job_dir(job_id) / "job.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
 
 
@@ -441,9 +442,9 @@ def test_recover_requeues_jobs_of_gone_trainers_until_their_attempts_run_out(
         {"number": n, "trainer": f"t{n}", "claimed_at": long_ago, "outcome": o}
         for n, o in ((1, "lost"), (2, "released"), (3, "lost"), (4, ""))])
     _edit(store_dir, cancelled.id, heartbeat_at=long_ago)
-    (ModelStore(store_dir).job_dir(cancelled.id) / "cancel.requested").touch()
+    (DirectoryStore(store_dir).work.job_dir(cancelled.id) / "cancel.requested").touch()
     _edit(store_dir, unfiled.id, queued_at=long_ago)  # and its queue file lost in a crash:
-    for path in ModelStore(store_dir).queue_dir.glob(f"*.{unfiled.id}"):
+    for path in DirectoryStore(store_dir).work.queue_dir.glob(f"*.{unfiled.id}"):
         path.unlink()
 
     try:
@@ -478,7 +479,7 @@ def test_a_trainer_that_lost_its_claim_records_nothing_and_its_child_does_not_pu
     """A hung trainer declared dead: its job went to another trainer. The old attempt's
     heartbeat finds the claim gone, and the fencing check refuses its publish."""
     from convserve.contracts.errors import ClaimLost
-    from convserve.contracts.job_dir import check_claim
+    from convserve.store.job_dir import check_claim
 
     a, b = _runner(store_dir, "trainer-a"), _runner(store_dir, "trainer-b")
     job = a.submit(TrainParams.of())
@@ -491,7 +492,7 @@ def test_a_trainer_that_lost_its_claim_records_nothing_and_its_child_does_not_pu
     assert a.child.heartbeat(first) is False  # a's heartbeat: the claim is b's now
     a.child.end_attempt(first, JobState.FAILED, error="a's late verdict")
     assert a.get(job.id).state == JobState.RUNNING and a.get(job.id).trainer == "trainer-b"
-    job_dir = ModelStore(store_dir).job_dir(job.id)
+    job_dir = DirectoryStore(store_dir).work.job_dir(job.id)
     check_claim(job_dir, 2)
     with pytest.raises(ClaimLost, match="attempt 1 of job .* no longer holds it"):
         check_claim(job_dir, 1)
@@ -526,9 +527,9 @@ def test_the_runner_imports_no_torch() -> None:
 def test_the_spec_travels_from_the_request_to_the_job_spec_file(store_dir: Path) -> None:
     """Unset fields take the spec's defaults, an explicit 0 stays 0, and the spec.json the runner
     writes for the child holds exactly the requested settings plus the server's own."""
-    from convserve.contracts.job_spec import read_job_spec
     from convserve.pb.convserve.v1 import convserve_pb2 as pb
     from convserve.server import messages
+    from convserve.store.job_spec import read_job_spec
 
     defaults = TrainConfig()
     unset = messages.train_params(pb.TrainRequest(dataset="digits")).config
@@ -543,11 +544,11 @@ def test_the_spec_travels_from_the_request_to_the_job_spec_file(store_dir: Path)
     runner = _runner(store_dir)
     record = runner.submit(params)
     command = runner.command(record)
-    assert command[-2:] == ["--job", str(runner.models.job_dir(record.id))]
-    job = read_job_spec(runner.models.job_dir(record.id))
+    assert command[-2:] == ["--job", str(runner.models.work.job_dir(record.id))]
+    job = read_job_spec(runner.models.work.job_dir(record.id))
     assert job.config == dataclasses.replace(
         params.config, datasets_root=str(store_dir.parent / "datasets"), compile="auto")
-    assert (job.job_id, job.store, job.gate.min_accuracy) == (record.id, str(store_dir), 0.4)
+    assert (job.job_id, job.store, job.gate.min_accuracy) == (record.id, runner.models.location, 0.4)
 
 
 @pytest.mark.slow
@@ -565,12 +566,12 @@ def test_recover_records_what_a_child_finished_after_its_replica_died(store_dir:
     _with_worker(runner, scenario)
     assert runner.get(promoted.id).state == JobState.PROMOTED
     version = runner.get(promoted.id).model_version
-    assert version == ModelStore(store_dir).promoted_version()
+    assert version == DirectoryStore(store_dir).promoted_version()
     # What the store holds when the replica dies after its child's last event but before it
     # recorded the outcome: the record still says RUNNING, under a replica that is gone.
     dead = f"{socket.gethostname()}:{_dead_pid()}"
     for job in (promoted, rejected):
-        path = ModelStore(store_dir).job_dir(job.id) / "job.json"
+        path = DirectoryStore(store_dir).work.job_dir(job.id) / "job.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "state": "RUNNING",
                                     "model_version": None, "gate": None, "finished_at": "",
                                     "trainer": dead, "pid": _dead_pid()}))

@@ -15,7 +15,7 @@ def test_a_flag_wins_over_its_environment_variable_which_wins_over_the_default()
                "CONVSERVE_CUDA_GRAPHS": "yes"}
     parsed = config.parse(["--port", "7000"], environ)
     assert parsed.port == 7000 and parsed.max_batch_size == 32 and parsed.cuda_graphs is True
-    assert parsed.store == Path("store") and parsed.max_concurrent_batches == 1
+    assert parsed.store == "store" and parsed.max_concurrent_batches == 1
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -63,12 +63,12 @@ def test_serve_refuses_a_bad_value_with_one_line_and_exit_code_2(repo_root) -> N
 def test_an_operators_negative_min_improvement_is_accepted_for_its_own_jobs(tmp_path: Path
                                                                              ) -> None:
     from convserve.contracts.errors import InvalidInput
-    from convserve.contracts.store import ModelStore
     from convserve.jobs import JobRunner, TrainParams
     from convserve.server.server import runner_config
+    from convserve.store.directory import DirectoryStore
 
     settings = config.parse(["--min-improvement", "-0.02", "--store", str(tmp_path / "s")])
-    runner = JobRunner(ModelStore(settings.store), runner_config(settings))
+    runner = JobRunner(DirectoryStore(settings.store), runner_config(settings))
     policy = runner.validate(TrainParams())  # the server's own default: accepted
     assert policy.min_improvement == -0.02
     assert runner.validate(TrainParams(gate={"min_improvement": 0.01})).min_improvement == 0.01

@@ -16,10 +16,10 @@ from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from convserve.contracts.store import ModelStore
 from convserve.pb.convserve.oip import open_inference_pb2 as oip
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
 from convserve.server import open_inference_grpc
+from convserve.store.directory import DirectoryStore
 from tests.servers import ServerProcess, images, publish
 
 pytestmark = pytest.mark.slow
@@ -54,7 +54,7 @@ METHODS = _methods()
 def server(tmp_path_factory, onnx_models) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("fuzz")
     (root / "datasets").mkdir()
-    publish(ModelStore(root / "store"), onnx_models["good"])
+    publish(DirectoryStore(root / "store"), onnx_models["good"])
     replica = ServerProcess(root / "store", root / "datasets")
     try:
         yield replica

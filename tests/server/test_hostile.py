@@ -81,14 +81,14 @@ def test_a_sigkilled_replica_takes_its_training_child_along_and_the_job_resumes(
     import signal
 
     from convserve.client import Client
-    from convserve.contracts.store import ModelStore
+    from convserve.store.directory import DirectoryStore
 
     store, datasets = store_with_model
     first = ServerProcess(store, datasets)
     try:
         with Client(first.address) as client:
             job = client.train("synthetic:640", epochs=4, min_accuracy=0.0)
-            job_dir = ModelStore(store).job_dir(job.id)
+            job_dir = DirectoryStore(store).work.job_dir(job.id)
             wait_until((job_dir / "checkpoints" / "last.pt").exists, "an epoch's checkpoint",
                        timeout=300, interval=0.2)
             child = json.loads((job_dir / "job.json").read_text())["pid"]
@@ -140,11 +140,11 @@ def test_data_loss_and_internal_errors_over_grpc_leave_the_server_serving(store_
     import os
 
     from convserve.client import Client, ClientError
-    from convserve.contracts.store import ModelStore
+    from convserve.store.directory import DirectoryStore
     from tests.servers import publish
 
     store_dir, datasets = store_with_model
-    store = ModelStore(store_dir)
+    store = DirectoryStore(store_dir)
     assert publish(store, onnx_models["bad"]) == 2  # promoted: version 1 is now only pinnable
     model = store.model_path(1)
     os.chmod(model, 0o644)

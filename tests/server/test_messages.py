@@ -9,7 +9,7 @@ import json
 import pytest
 
 from convserve.contracts.errors import ConfigError
-from convserve.contracts.job_dir import JobState
+from convserve.contracts.job_state import JobState
 from convserve.contracts.model_card import GateDecision, ModelCard
 from convserve.contracts.spec import TrainConfig
 from convserve.jobs import JobRecord, TrainParams

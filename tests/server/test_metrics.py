@@ -17,12 +17,12 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from convserve.client import Client
-from convserve.contracts.store import ModelStore
 from convserve.jobs import JobRunner, RunnerConfig, TrainParams
 from convserve.metrics import ReadAtScrape, new_registry, serve_http
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
 from convserve.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from convserve.server.telemetry import RequestMetrics
+from convserve.store.directory import DirectoryStore
 from tests.servers import images, running_server, sample
 from tests.waits import wait_until
 
@@ -83,7 +83,7 @@ def test_a_replica_reports_requests_batches_model_and_jobs(store_with_model) -> 
     store_dir, datasets = store_with_model
     # 40 jobs another replica queued in the shared store: this serving replica (it runs none)
     # reports the one queue, from its folder, without reading anyone's records.
-    other = JobRunner(ModelStore(store_dir), RunnerConfig(datasets_root=datasets, max_queue=40,
+    other = JobRunner(DirectoryStore(store_dir), RunnerConfig(datasets_root=datasets, max_queue=40,
                                                           replica_id="other"))
     for _ in range(40):
         other.submit(TrainParams.of(dataset="synthetic:64"))

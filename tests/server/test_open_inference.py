@@ -18,8 +18,8 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from convserve.client import Client
-from convserve.contracts.store import ModelStore
 from convserve.pb.convserve.oip import open_inference_pb2 as oip
+from convserve.store.directory import DirectoryStore
 from tests.conftest import REPO_ROOT
 from tests.servers import ServerProcess, images, publish, running_server
 
@@ -32,7 +32,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, onnx_models) -> Iterator[Se
     net untrained, so the two answer differently."""
     root = tmp_path_factory.mktemp("oip")
     (root / "datasets").mkdir()
-    store = ModelStore(root / "store")
+    store = DirectoryStore(root / "store")
     assert publish(store, onnx_models["good"]) == 1
     assert publish(store, onnx_models["bad"]) == 2
     with running_server(root / "store", root / "datasets", "--http-port", "0") as server:

@@ -18,12 +18,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from convserve.contracts.errors import PortInUse
 from convserve.contracts.gate_policy import GateBounds, GatePolicy
-from convserve.contracts.job_dir import JobState
-from convserve.contracts.store import ModelStore
+from convserve.contracts.job_state import JobState
 from convserve.jobs import JobRunner, RunnerConfig, TrainParams
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
 from convserve.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from convserve.server import config, server
+from convserve.store.directory import DirectoryStore
 from tests.servers import predict_request
 
 T = TypeVar("T")
@@ -130,7 +130,7 @@ def test_a_trainer_reclaims_a_dead_trainers_job_as_it_starts(store_dir: Path,
                                                              datasets: Path) -> None:
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    models = ModelStore(store_dir)
+    models = DirectoryStore(store_dir)
     dead = JobRunner(models, RunnerConfig(datasets_root=datasets,
                                           replica_id=f"{socket.gethostname()}:{gone.pid}"))
     job = dead.submit(TrainParams.of())

@@ -12,12 +12,12 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
-from convserve.contracts.job_dir import JobState
-from convserve.contracts.store import ModelStore
+from convserve.contracts.job_state import JobState
 from convserve.jobs import JobRunner, RunnerConfig
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
 from convserve.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from convserve.server import config, server
+from convserve.store.directory import DirectoryStore
 from tests.servers import predict_request, publish
 
 T = TypeVar("T")
@@ -123,7 +123,7 @@ def test_a_full_queue_is_resource_exhausted(store_dir: Path, datasets: Path) -> 
 def test_an_unreadable_job_record_is_data_loss(store_dir: Path, datasets: Path) -> None:
     async def scenario(s: Stubs) -> None:
         job = await s.training.Train(pb.TrainRequest())
-        (ModelStore(store_dir).job_dir(job.id) / "job.json").write_text("{not json")
+        (DirectoryStore(store_dir).work.job_dir(job.id) / "job.json").write_text("{not json")
         code, details = await _code(s.training.GetJob(pb.GetJobRequest(id=job.id)))
         assert code == Code.DATA_LOSS and "unreadable record" in details
 
@@ -134,7 +134,7 @@ def test_watch_job_skips_events_up_to_after_sequence_but_tracks_their_state(
         store_dir: Path, datasets: Path) -> None:
     """Events 1 QUEUED, 2 RUNNING, 3 progress, 4 CANCELLED: a watcher resuming after 2 gets 3
     and 4, and 3 says RUNNING (the state of event 2, which it did not get)."""
-    runner = JobRunner(ModelStore(store_dir), RunnerConfig(datasets_root=datasets))
+    runner = JobRunner(DirectoryStore(store_dir), RunnerConfig(datasets_root=datasets))
 
     async def scenario(s: Stubs) -> tuple[list[pb.JobEvent], list[pb.JobEvent]]:
         job = await s.training.Train(pb.TrainRequest())
@@ -178,7 +178,7 @@ def test_without_a_model_predict_and_get_model_are_failed_precondition(
 def test_get_model_list_models_and_promote_answer_from_the_store(
         store_with_model: tuple[Path, Path], onnx_models: dict[str, Path]) -> None:
     store_path, datasets = store_with_model
-    store = ModelStore(store_path)
+    store = DirectoryStore(store_path)
     publish(store, onnx_models["bad"], accuracy=0.1)  # version 2, promoted
     store.promote(1, reason="pin", actor="test")
 
@@ -208,7 +208,7 @@ def test_get_model_list_models_and_promote_answer_from_the_store(
         assert (await s.inference.Predict(predict_request(2))).model_version == 2
 
     _serve(store_path, datasets, scenario)
-    assert ModelStore(store_path).history()[-1].reason == "roll forward"
+    assert DirectoryStore(store_path).history()[-1].reason == "roll forward"
 
 
 def test_every_answer_echoes_the_callers_request_id_or_a_new_one(

@@ -17,10 +17,10 @@ import grpc
 import pytest
 
 from convserve.cli.launch import serve_command
-from convserve.contracts.store import ModelStore
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
 from convserve.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
 from convserve.server.config import ServerConfig
+from convserve.store.directory import DirectoryStore
 from tests.conftest import REPO_ROOT, python_env
 from tests.servers import ServerProcess, predict_request, running_server, scraped
 from tests.waits import wait_until
@@ -97,7 +97,7 @@ def test_a_train_sent_to_either_worker_runs_once_on_worker_zero(store_with_model
         workers = _child_pids(server.process.pid)
         records = {}
         for job in (first, second, third):
-            job_dir = ModelStore(store).job_dir(job.id)
+            job_dir = DirectoryStore(store).work.job_dir(job.id)
             records[job.id] = json.loads((job_dir / "job.json").read_text())
             starts = [e for e in map(json.loads, (job_dir / "events.jsonl").read_text()
                                      .splitlines())

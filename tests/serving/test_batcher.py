@@ -15,11 +15,11 @@ import pytest
 
 from convserve import arrays
 from convserve.contracts.errors import InvalidInput, LimitExceeded, NoModel
-from convserve.contracts.store import ModelStore
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
 from convserve.serving import codec
 from convserve.serving.batcher import BatchingConfig, DynamicBatcher
 from convserve.serving.loader import LoadedModel, SessionSettings, load_version
+from convserve.store.directory import DirectoryStore
 from tests.servers import images, publish
 
 
@@ -48,7 +48,7 @@ class RecordingModel:
 
 @pytest.fixture(scope="module")
 def loaded(onnx_models, tmp_path_factory) -> LoadedModel:
-    store = ModelStore(tmp_path_factory.mktemp("store"))
+    store = DirectoryStore(tmp_path_factory.mktemp("store"))
     publish(store, onnx_models["good"])
     return load_version(store, 1, SessionSettings(providers=("cpu",), intra_op_threads=1))
 

@@ -14,7 +14,6 @@ from onnx import TensorProto, helper
 
 from convserve.contracts.errors import IntegrityError, ModelLoadError, VersionNotFound
 from convserve.contracts.model_card import GateDecision
-from convserve.contracts.store import ModelStore
 from convserve.serving.loader import (
     CPU,
     CUDA,
@@ -26,6 +25,7 @@ from convserve.serving.loader import (
     load_version,
 )
 from convserve.serving.runners import PlainRunner
+from convserve.store.base import ModelStore
 from tests.servers import images, publish
 
 ON_CPU = SessionSettings(providers=("cpu",), intra_op_threads=1, warmup_batch_sizes=(1,))

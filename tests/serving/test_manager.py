@@ -20,7 +20,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from convserve.contracts.errors import IntegrityError, ModelLoadError, NoModel, NotFound
 from convserve.contracts.model_card import GateDecision
-from convserve.contracts.store import ModelStore
 from convserve.serving.loader import (
     CPU,
     CUDA,
@@ -31,6 +30,7 @@ from convserve.serving.loader import (
     load_version,
 )
 from convserve.serving.manager import ModelManager
+from convserve.store.base import ModelStore
 from tests.conftest import REPO_ROOT, python_env
 
 CLASSES = ["airplane", "bird", "cat"]

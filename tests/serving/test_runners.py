@@ -15,7 +15,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from convserve.contracts.store import ModelStore
 from convserve.server import config as config_module
 from convserve.server.server import session_settings
 from convserve.serving.loader import (
@@ -36,6 +35,7 @@ from convserve.serving.runners import (
     buckets_up_to,
     pad_batch,
 )
+from convserve.store.directory import DirectoryStore
 from tests.servers import images, publish
 
 
@@ -165,7 +165,7 @@ def test_settings_reject_unordered_graph_buckets() -> None:
 
 def test_a_cpu_session_runs_plainly_even_with_gpu_options_on(onnx_models, tmp_path) -> None:
     """--cuda-graphs on a CPU host: the GPU options are ignored and the model still serves."""
-    store = ModelStore(tmp_path / "store")
+    store = DirectoryStore(tmp_path / "store")
     publish(store, onnx_models["good"])
     model = load_version(store, 1, SessionSettings(providers=("cpu",), cuda_graphs=True,
                                                    intra_op_threads=1))
@@ -184,7 +184,7 @@ needs_cuda = pytest.mark.skipif(CUDA not in available_providers(),
 @needs_cuda
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 def test_cuda_serving_matches_cpu(onnx_models, tmp_path, cuda_graphs: bool) -> None:
-    store = ModelStore(tmp_path / "store")
+    store = DirectoryStore(tmp_path / "store")
     publish(store, onnx_models["good"])
     on_cpu = load_version(store, 1, SessionSettings(providers=("cpu",)))
     on_gpu = load_version(store, 1, SessionSettings(providers=("cuda",), cuda_graphs=cuda_graphs,

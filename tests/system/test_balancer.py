@@ -24,7 +24,7 @@ import grpc
 import pytest
 
 from convserve.client import Client, ClientError
-from convserve.contracts.store import ModelStore
+from convserve.store.directory import DirectoryStore
 from tests.conftest import REPO_ROOT
 from tests.servers import ServerProcess, images
 from tests.waits import wait_until
@@ -86,7 +86,7 @@ def _predict_count(replica: ServerProcess) -> float:
 @needs_nginx
 def test_two_replicas_behind_nginx(tmp_path: Path, store_with_model) -> None:
     store_dir, datasets = store_with_model
-    store = ModelStore(store_dir)
+    store = DirectoryStore(store_dir)
     replicas = [ServerProcess(store_dir, datasets), ServerProcess(store_dir, datasets)]
     try:
         with nginx_in_front_of(replicas, tmp_path / "nginx") as balancer, \

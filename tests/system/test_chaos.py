@@ -15,9 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from convserve.client import Client
-from convserve.contracts.job_dir import JobState
+from convserve.contracts.job_state import JobState
 from convserve.contracts.model_card import GateDecision
-from convserve.contracts.store import ModelStore
+from convserve.store.base import ModelStore
+from convserve.store.directory import DirectoryStore
 from tests.conftest import REPO_ROOT, python_env
 from tests.servers import ServerProcess, publish, running_server
 from tests.waits import process_alive, wait_until
@@ -36,7 +37,7 @@ def assert_store_invariants(store: ModelStore) -> None:
         store.publish(model, {}, lambda _: GateDecision(False, ("check",)), actor="test")
     versions = store.versions()
     for version in versions:
-        store.verify(version)  # sha256 of model.onnx matches its card
+        store.open_version(version)  # sha256 of model.onnx matches its card
         assert store.card(version)["version"] == version
     promoted = store.promoted_version()
     assert promoted is None or promoted in versions
@@ -44,8 +45,8 @@ def assert_store_invariants(store: ModelStore) -> None:
     assert all(entry.version in versions for entry in history)
     assert (history[-1].version if history else None) == promoted
     published_by = {store.card(v).get("job_id"): v for v in versions if store.card(v).get("job_id")}
-    for job_id in store.job_ids():
-        path = store.job_dir(job_id) / "job.json"
+    for job_id in store.work.job_ids():
+        path = store.work.job_dir(job_id) / "job.json"
         if not path.exists():
             continue
         record = json.loads(path.read_text())
@@ -60,7 +61,7 @@ def assert_store_invariants(store: ModelStore) -> None:
 def test_a_publish_killed_at_any_point_leaves_a_sound_store(tmp_path_factory, onnx_models,
                                                             kill_after: float) -> None:
     root = tmp_path_factory.mktemp("publish-chaos") / "store"
-    store = ModelStore(root)
+    store = DirectoryStore(root)
     publish(store, onnx_models["bad"], accuracy=0.1)
     worker = subprocess.Popen(
         [sys.executable, "tests/store_worker.py", str(root), str(onnx_models["good"]), "0.9",
@@ -79,7 +80,7 @@ def test_a_replica_killed_at_any_point_of_a_job_ends_it_elsewhere_in_agreement_w
         tmp_path_factory, onnx_models, kill_after: float) -> None:
     root = tmp_path_factory.mktemp("job-chaos")
     (root / "datasets").mkdir()
-    store = ModelStore(root / "store")
+    store = DirectoryStore(root / "store")
     publish(store, onnx_models["bad"], accuracy=0.1)
     server = ServerProcess(store.root, root / "datasets")
     try:
@@ -91,7 +92,7 @@ def test_a_replica_killed_at_any_point_of_a_job_ends_it_elsewhere_in_agreement_w
     finally:
         server.stop()
     # Its training child stops with it (SIGTERM from the kernel), or has finished.
-    record = json.loads((store.job_dir(job.id) / "job.json").read_text())
+    record = json.loads((store.work.job_dir(job.id) / "job.json").read_text())
     if record.get("pid"):
         wait_until(lambda: not process_alive(record["pid"]),
                    "the training child to die with its replica")

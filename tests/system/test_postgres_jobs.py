@@ -23,7 +23,7 @@ import psycopg
 import pytest
 
 from convserve.client import Client, ClientError
-from convserve.contracts.store import ModelStore
+from convserve.store.directory import DirectoryStore
 from tests.conftest import SMALL_SYNTHETIC
 from tests.postgres import PostgresServer
 from tests.servers import ServerProcess, images, publish, running_server
@@ -57,7 +57,7 @@ def _file_events(store: Path, job_id: str) -> list[dict[str, Any]]:
     """What the job's training processes wrote themselves (every attempt's, appended), as far
     as written: none before the first, and not a line still being written."""
     try:
-        text = (ModelStore(store).job_dir(job_id) / "events.jsonl").read_text()
+        text = (DirectoryStore(store).work.job_dir(job_id) / "events.jsonl").read_text()
     except FileNotFoundError:
         return []
     return [json.loads(line) for line in text.split("\n")[:-1]]
@@ -68,7 +68,7 @@ def _attempts(url: str, job_id: str) -> list[tuple[str, str]]:
 
 
 def _versions_of(store: Path, job_id: str) -> list[int]:
-    models = ModelStore(store)
+    models = DirectoryStore(store)
     return [v for v in models.versions() if models.card(v).get("job_id") == job_id]
 
 
@@ -182,7 +182,7 @@ def test_two_serving_and_two_training_replicas_on_one_postgresql(store_dir, data
 
             # Promoted exactly once, and both serving replicas serve it.
             assert _versions_of(store_dir, job.id) == [final.model_version]
-            assert ModelStore(store_dir).promoted_version() == final.model_version
+            assert DirectoryStore(store_dir).promoted_version() == final.model_version
             for client in (a, b):
                 wait_until(lambda c=client: c.predict(images(2)).version == final.model_version,
                            f"version {final.model_version} served")
@@ -277,7 +277,7 @@ def test_the_trainer_taking_over_stops_the_hung_trainers_training_process(
 def test_postgresql_down_jobs_unavailable_predict_unaffected(store_dir, datasets, onnx_models,
                                                              own_postgres: PostgresServer) -> None:
     url = own_postgres.create_database("jobs")
-    publish(ModelStore(store_dir), onnx_models["bad"], accuracy=0.1)
+    publish(DirectoryStore(store_dir), onnx_models["bad"], accuracy=0.1)
     # The simple path: the lease (60 s) outlasts the outage (a few seconds: the calls below
     # each wait for the pool's connection timeout), so nobody takes the job over (with one
     # trainer nobody could anyway: a trainer never reclaims the job it runs itself).
@@ -412,7 +412,7 @@ def test_a_database_restarted_under_load_loses_no_job_and_runs_none_twice(
         states = [e["state"] for e in _events(url, job_id) if e["type"] == "state"]
         assert states.count("PROMOTED") == 1 and states[-1] == "PROMOTED", (key, states)
         assert _versions_of(store_dir, job_id) == [finals[key].model_version]
-    assert len(ModelStore(store_dir).versions()) == len(keys)  # one version per promotion
+    assert len(DirectoryStore(store_dir).versions()) == len(keys)  # one version per promotion
 
 
 def test_a_job_reaching_its_publication_while_postgresql_is_down_still_promotes_once(

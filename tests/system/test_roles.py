@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from convserve.client import Client, ClientError
-from convserve.contracts.store import ModelStore
+from convserve.store.directory import DirectoryStore
 from tests.servers import ServerProcess, images, publish, running_server
 from tests.waits import process_alive, wait_until
 
@@ -26,11 +26,11 @@ ACCEPT_ANY = ("--min-improvement", "-1")
 
 
 def _record(store: Path, job_id: str) -> dict[str, Any]:
-    return json.loads((ModelStore(store).job_dir(job_id) / "job.json").read_text())
+    return json.loads((DirectoryStore(store).work.job_dir(job_id) / "job.json").read_text())
 
 
 def _events(store: Path, job_id: str) -> list[dict[str, Any]]:
-    path = ModelStore(store).job_dir(job_id) / "events.jsonl"
+    path = DirectoryStore(store).work.job_dir(job_id) / "events.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
@@ -46,7 +46,7 @@ def _attempts(store: Path, job_id: str) -> list[tuple[str, str]]:
 
 def test_two_serving_replicas_queue_and_one_trainer_runs(store_dir, datasets, onnx_models
                                                           ) -> None:
-    publish(ModelStore(store_dir), onnx_models["bad"], accuracy=0.1)
+    publish(DirectoryStore(store_dir), onnx_models["bad"], accuracy=0.1)
     with running_server(store_dir, datasets, "--role", "serve", *ACCEPT_ANY) as first, \
             running_server(store_dir, datasets, "--role", "serve", *ACCEPT_ANY) as second, \
             Client(first.address) as a, Client(second.address) as b:
@@ -72,7 +72,7 @@ def test_two_serving_replicas_queue_and_one_trainer_runs(store_dir, datasets, on
             assert _record(store_dir, job.id)["replica"] == accepted_by.replica_id
             assert _runs(store_dir, job.id) == [me]  # once, on the trainer
             assert _attempts(store_dir, job.id) == [(me, "PROMOTED")]
-        assert ModelStore(store_dir).promoted_version() == 3  # the untrained 1, then 2 and 3
+        assert DirectoryStore(store_dir).promoted_version() == 3  # the untrained 1, then 2 and 3
         for client in (a, b):
             wait_until(lambda c=client: c.predict(images(1)).version == 3, "version 3 served")
         assert [j.id for j in a.jobs()] == [j.id for j in b.jobs()]
@@ -80,7 +80,7 @@ def test_two_serving_replicas_queue_and_one_trainer_runs(store_dir, datasets, on
 
 def test_two_racing_trainers_run_each_job_exactly_once(store_dir, datasets, onnx_models
                                                         ) -> None:
-    publish(ModelStore(store_dir), onnx_models["bad"], accuracy=0.1)
+    publish(DirectoryStore(store_dir), onnx_models["bad"], accuracy=0.1)
     with running_server(store_dir, datasets, "--role", "serve", *ACCEPT_ANY) as serving, \
             Client(serving.address) as client:
         jobs = [client.train("synthetic:64", epochs=1, seed=seed, min_accuracy=0.0).id
@@ -95,7 +95,7 @@ def test_two_racing_trainers_run_each_job_exactly_once(store_dir, datasets, onnx
         assert len(runs) == 1 and runs[0] in trainers, runs
         assert len(_attempts(store_dir, job_id)) == 1
     # Four promotions, one version each: no job published twice.
-    cards = [ModelStore(store_dir).card(v) for v in ModelStore(store_dir).versions()]
+    cards = [DirectoryStore(store_dir).card(v) for v in DirectoryStore(store_dir).versions()]
     assert sorted(c.get("job_id") or "" for c in cards) == sorted(["", *jobs])
 
 
@@ -138,13 +138,13 @@ def test_a_trainer_killed_mid_job_is_resumed_from_its_checkpoint_by_another(
     # No finished epoch trained twice: the second attempt started after the checkpoint's.
     assert epochs == sorted(set(epochs)) and epochs[-1] == 3
     assert [e for e in epochs if e > resumed_from[0]] == list(range(resumed_from[0] + 1, 4))
-    assert [c.get("job_id") for c in map(ModelStore(store_dir).card,
-                                         ModelStore(store_dir).versions())].count(job.id) == 1
+    assert [c.get("job_id") for c in map(DirectoryStore(store_dir).card,
+                                         DirectoryStore(store_dir).versions())].count(job.id) == 1
 
 
 def test_a_serving_replica_cancels_a_queued_job_and_a_claimed_one(store_dir, datasets,
                                                                   onnx_models) -> None:
-    publish(ModelStore(store_dir), onnx_models["bad"], accuracy=0.1)
+    publish(DirectoryStore(store_dir), onnx_models["bad"], accuracy=0.1)
     with running_server(store_dir, datasets, "--role", "serve", *ACCEPT_ANY) as serving, \
             running_server(store_dir, datasets, "--role", "train") as trainer, \
             Client(serving.address) as client:
@@ -166,4 +166,4 @@ def test_a_serving_replica_cancels_a_queued_job_and_a_claimed_one(store_dir, dat
     assert _attempts(store_dir, queued.id) == []  # never claimed
     assert [e["state"] for e in _events(store_dir, queued.id) if e["type"] == "state"] == [
         "QUEUED", "CANCELLED"]
-    assert ModelStore(store_dir).versions() == [1]
+    assert DirectoryStore(store_dir).versions() == [1]

@@ -18,9 +18,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from convserve.client import Client, ClientError
 from convserve.contracts.commands import EXIT_REJECTED
-from convserve.contracts.store import ModelStore
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
 from convserve.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
+from convserve.store.directory import DirectoryStore
 from convserve.training.onnx_eval import OnnxClassifier
 from tests.conftest import REPO_ROOT, python_env
 from tests.progress_checks import assert_rates_and_a_countdown
@@ -70,7 +70,7 @@ def test_train_watch_promote_then_predict_from_the_new_version(store_dir, datase
         prediction = client.predict(batch, top_k=3)
         assert prediction.version == 1 and prediction.classes == tuple(map(str, range(10)))
         np.testing.assert_allclose(prediction.probabilities.sum(axis=1), 1.0, atol=1e-5)
-        model_file = ModelStore(store_dir).model_path(1)
+        model_file = DirectoryStore(store_dir).model_path(1)
         expected = OnnxClassifier(model_file).probabilities(batch)
         np.testing.assert_allclose(prediction.probabilities, expected, rtol=0, atol=1e-6)
         assert list(prediction.predicted) == list(expected.argmax(axis=1))
@@ -83,7 +83,7 @@ def test_train_watch_promote_then_predict_from_the_new_version(store_dir, datase
 
 def test_a_rejected_candidate_never_changes_what_is_served(store_dir, datasets,
                                                            onnx_models) -> None:
-    publish(ModelStore(store_dir), onnx_models["good"])
+    publish(DirectoryStore(store_dir), onnx_models["good"])
     with running_server(store_dir, datasets) as server, Client(server.address) as client:
         batch = images(4, seed=1)
         before = client.predict(batch)
@@ -92,11 +92,11 @@ def test_a_rejected_candidate_never_changes_what_is_served(store_dir, datasets,
         assert final.state == "REJECTED" and final.model_version == 0
         assert "min_improvement" in final.gate_reason
         # The store holds only version 1, so no poll can swap anything in.
-        assert ModelStore(store_dir).versions() == [1]
+        assert DirectoryStore(store_dir).versions() == [1]
         after = client.predict(batch)
         assert after.version == before.version == 1
         np.testing.assert_array_equal(after.probabilities, before.probabilities)
-        assert ModelStore(store_dir).versions() == [1]
+        assert DirectoryStore(store_dir).versions() == [1]
 
 
 def _run_in_terminal(args: list[str], timeout: float = 300) -> tuple[int, str]:
@@ -202,7 +202,7 @@ def test_the_async_client_serves_concurrent_calls_like_the_sync_one(store_with_m
 
 def test_predict_under_load_across_a_promotion_loses_nothing(store_dir, datasets,
                                                              onnx_models) -> None:
-    store = ModelStore(store_dir)
+    store = DirectoryStore(store_dir)
     publish(store, onnx_models["bad"], accuracy=0.1)
     with running_server(store_dir, datasets) as server:
         seen: dict[int, list[int]] = {i: [] for i in range(16)}  # versions, per caller, in order
@@ -240,7 +240,7 @@ def test_predict_under_load_across_a_promotion_loses_nothing(store_dir, datasets
 
 
 def test_two_replicas_share_jobs_and_promotions(store_dir, datasets, onnx_models) -> None:
-    store = ModelStore(store_dir)
+    store = DirectoryStore(store_dir)
     publish(store, onnx_models["bad"], accuracy=0.1)
     # A 1-epoch candidate and an untrained champion both score near chance, so the verdict
     # could go either way on one image: the operator's gate here accepts any candidate
@@ -267,7 +267,7 @@ def test_two_replicas_share_jobs_and_promotions(store_dir, datasets, onnx_models
 
 def test_promote_rolls_back_and_pinned_versions_are_served(store_dir, datasets,
                                                            onnx_models) -> None:
-    store = ModelStore(store_dir)
+    store = DirectoryStore(store_dir)
     publish(store, onnx_models["bad"])
     publish(store, onnx_models["good"])
     with running_server(store_dir, datasets) as server, Client(server.address) as client:
@@ -354,7 +354,7 @@ BAD_REQUESTS = {
 
 def test_each_bad_input_gets_its_code_and_the_server_keeps_serving(store_dir, datasets,
                                                                    onnx_models) -> None:
-    publish(ModelStore(store_dir), onnx_models["good"])
+    publish(DirectoryStore(store_dir), onnx_models["good"])
     with running_server(store_dir, datasets, "--max-images-per-request", "8",
                         "--max-message-bytes", str(2 << 20)) as server, \
             grpc.insecure_channel(server.address) as channel:
@@ -370,7 +370,7 @@ def test_each_bad_input_gets_its_code_and_the_server_keeps_serving(store_dir, da
 
 
 def test_health_and_reflection_list_every_service(store_dir, datasets, onnx_models) -> None:
-    publish(ModelStore(store_dir), onnx_models["good"])
+    publish(DirectoryStore(store_dir), onnx_models["good"])
     with running_server(store_dir, datasets) as server, \
             grpc.insecure_channel(server.address) as channel:
         assert _health(server.address) == health_pb2.HealthCheckResponse.SERVING
@@ -390,7 +390,7 @@ def test_health_and_reflection_list_every_service(store_dir, datasets, onnx_mode
 
 def test_the_serving_path_never_imports_torch(store_dir, onnx_models) -> None:
     """A fresh interpreter starts a replica, serves a Predict and reports what it imported."""
-    publish(ModelStore(store_dir), onnx_models["good"])
+    publish(DirectoryStore(store_dir), onnx_models["good"])
     script = f"""
 import asyncio, sys
 from convserve.server import config, server
@@ -421,7 +421,7 @@ def test_sigterm_drains_and_exits_zero(store_dir, datasets, onnx_models) -> None
     refused; the process exits 0."""
     import signal
 
-    publish(ModelStore(store_dir), onnx_models["good"])
+    publish(DirectoryStore(store_dir), onnx_models["good"])
     big, small = predict_request(1024), predict_request(1)
     with running_server(store_dir, datasets, "--intra-op-threads", "1") as server, \
             grpc.insecure_channel(server.address) as channel:
@@ -482,7 +482,7 @@ def test_sigterm_puts_a_training_job_back_in_the_queue_for_the_next_trainer(stor
 def test_cli_commands_against_a_server(store_dir, datasets, onnx_models, tmp_path) -> None:
     from PIL import Image
 
-    publish(ModelStore(store_dir), onnx_models["good"])
+    publish(DirectoryStore(store_dir), onnx_models["good"])
     files = []
     for index, pixels in enumerate(images(2, seed=5)):
         files.append(tmp_path / f"image{index}.png")
@@ -547,7 +547,7 @@ def test_health_watch_streams_serving_once_a_model_is_promoted(store_dir, datase
                                                            timeout=120)
         first = next(stream)
         assert first.status == health_pb2.HealthCheckResponse.NOT_SERVING
-        publish(ModelStore(store_dir), onnx_models["good"])  # what a job's promotion does
+        publish(DirectoryStore(store_dir), onnx_models["good"])  # what a job's promotion does
         assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
         stream.cancel()
         # The liveness service was SERVING throughout: the process answered.
@@ -559,7 +559,7 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_dropped_by_the_server(
     """The server honours deadlines itself, not only the client: a request queued behind long
     batches, whose deadline passes while it waits, never reaches ONNX Runtime (the batch-size
     histogram never counts it) and is recorded CANCELLED."""
-    publish(ModelStore(store_dir), onnx_models["good"])
+    publish(DirectoryStore(store_dir), onnx_models["good"])
     big, small = predict_request(1024), predict_request(1)
     with running_server(store_dir, datasets, "--intra-op-threads", "1") as server, \
             grpc.insecure_channel(server.address) as channel:

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from convserve.contracts.errors import ConfigError, InvalidInput
-from convserve.contracts.job_dir import read_events
 from convserve.contracts.spec import TrainConfig
-from convserve.contracts.store import ModelStore
 from convserve.jobs import JobRunner, RunnerConfig, TrainParams
+from convserve.store.directory import DirectoryStore
+from convserve.store.job_dir import read_events
 from convserve.training import distributed
 from convserve.training.batches import epoch_batches
 from convserve.training.data import load_dataset
@@ -45,14 +45,14 @@ def test_the_global_batch_must_divide_among_the_processes(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match="expected a multiple of the 2 processes"):
         train(TrainConfig(dataset="synthetic:64", batch_size=63, compile="off"), data, tmp_path,
               ProgressReporter(None), world=distributed.World(0, 2, 0))
-    runner = JobRunner(ModelStore(tmp_path / "store"),
+    runner = JobRunner(DirectoryStore(tmp_path / "store"),
                        RunnerConfig(datasets_root=tmp_path, processes=2))
     with pytest.raises(InvalidInput, match="must be a multiple of 2"):
         runner.submit(TrainParams.of(dataset="digits", batch_size=63))
 
 
 def test_a_job_runner_with_several_processes_launches_torchrun(tmp_path: Path) -> None:
-    runner = JobRunner(ModelStore(tmp_path / "store"),
+    runner = JobRunner(DirectoryStore(tmp_path / "store"),
                        RunnerConfig(datasets_root=tmp_path, processes=4))
     record = runner.submit(TrainParams.of(dataset="digits", batch_size=64))
     command = runner.command(record)
@@ -87,7 +87,7 @@ def test_two_gloo_processes_train_like_one_and_publish_exactly_one_version(
               for run in ("ddp", "one")]
     assert len(losses[0]) == len(losses[1])
 
-    published = ModelStore(store)
+    published = DirectoryStore(store)
     assert published.versions() == [1] and len(published.history()) == 1
     # Only rank 0 reported: one terminal state, one event per epoch.
     events = read_events(tmp_path / "ddp" / "events.jsonl")

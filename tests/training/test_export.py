@@ -81,9 +81,9 @@ def test_a_run_whose_export_disagrees_with_torch_fails_and_publishes_nothing(tmp
 
     from convserve.contracts.errors import ExportError
     from convserve.contracts.gate_policy import GatePolicy
-    from convserve.contracts.job_dir import read_events
     from convserve.contracts.spec import TrainConfig
-    from convserve.contracts.store import ModelStore
+    from convserve.store.directory import DirectoryStore
+    from convserve.store.job_dir import read_events
     from convserve.training import pipeline
     from convserve.training.progress import ProgressReporter
     from tests.servers import publish
@@ -99,7 +99,7 @@ def test_a_run_whose_export_disagrees_with_torch_fails_and_publishes_nothing(tmp
         return written
 
     monkeypatch.setattr(pipeline, "export_onnx", faulty_export)
-    store = ModelStore(tmp_path / "store")
+    store = DirectoryStore(tmp_path / "store")
     champion = publish(store, _untrained_model(tmp_path))
     reporter = ProgressReporter(tmp_path / "run" / "events.jsonl")
     with pytest.raises(ExportError, match="ONNX parity check failed"):
@@ -121,14 +121,14 @@ def test_a_run_whose_claim_was_taken_over_never_publishes(tmp_path) -> None:
     file names a later attempt) is refused under the store's lock, however good the model."""
     from convserve.contracts.errors import ClaimLost
     from convserve.contracts.gate_policy import GatePolicy
-    from convserve.contracts.job_dir import check_claim, write_claim
     from convserve.contracts.spec import TrainConfig
-    from convserve.contracts.store import ModelStore
+    from convserve.store.directory import DirectoryStore
+    from convserve.store.job_dir import check_claim, write_claim
     from convserve.training import pipeline
     from convserve.training.progress import ProgressReporter
 
-    store = ModelStore(tmp_path / "store")
-    run_dir = store.job_dir("job1", create=True)
+    store = DirectoryStore(tmp_path / "store")
+    run_dir = store.work.job_dir("job1", create=True)
     write_claim(run_dir, 2, "trainer-b")  # attempt 2 holds the job; this run is attempt 1
     reporter = ProgressReporter(run_dir / "events.jsonl")
     with pytest.raises(ClaimLost, match="attempt 1 of job job1 no longer holds it .now: 2 "

@@ -14,7 +14,8 @@ import pytest
 from convserve.contracts.errors import ConfigError
 from convserve.contracts.gate_policy import GateBounds, GatePolicy
 from convserve.contracts.model_card import GateDecision
-from convserve.contracts.store import ModelStore
+from convserve.store.base import ModelStore
+from convserve.store.directory import DirectoryStore
 from convserve.training import gate
 from convserve.training.data import load_dataset
 from convserve.training.export import ParityReport
@@ -143,7 +144,7 @@ def _publish(store: ModelStore, model: Path, val_split, **policy):
 
 
 def test_store_promotes_better_and_rejects_worse_models(tmp_path, models, val_split) -> None:
-    store = ModelStore(tmp_path)
+    store = DirectoryStore(tmp_path)
     first = _publish(store, models["bad"], val_split, min_accuracy=0.0)
     assert first.promoted and first.version == 1 and store.promoted_version() == 1
     better = _publish(store, models["good"], val_split, min_accuracy=0.0)
@@ -157,14 +158,14 @@ def test_store_promotes_better_and_rejects_worse_models(tmp_path, models, val_sp
 
 
 def test_first_model_under_min_accuracy_gets_no_version(tmp_path, models, val_split) -> None:
-    store = ModelStore(tmp_path)
+    store = DirectoryStore(tmp_path)
     result = _publish(store, models["bad"], val_split, min_accuracy=0.5)
     assert not result.promoted and "below min_accuracy" in result.decision.reason
     assert store.versions() == [] and store.promoted_version() is None
 
 
 def test_store_refuses_a_class_change_unless_allowed(tmp_path, models, val_split) -> None:
-    store = ModelStore(tmp_path)
+    store = DirectoryStore(tmp_path)
     _publish(store, models["good"], val_split, min_accuracy=0.0)
     refused = _publish(store, models["other"], val_split, min_accuracy=0.0)
     assert not refused.promoted and "differ from champion v1" in refused.decision.reason
@@ -174,7 +175,7 @@ def test_store_refuses_a_class_change_unless_allowed(tmp_path, models, val_split
 
 def test_a_corrupted_champion_is_not_scored_and_blocks_promotion(tmp_path, models,
                                                                  val_split) -> None:
-    store = ModelStore(tmp_path)
+    store = DirectoryStore(tmp_path)
     _publish(store, models["bad"], val_split, min_accuracy=0.0)
     path = store.model_path(1)
     os.chmod(path, 0o644)
@@ -201,7 +202,7 @@ def test_concurrent_jobs_are_serialised_and_the_better_model_wins(tmp_path, mode
         out, err = worker.communicate(timeout=120)
         assert worker.returncode == 0, err
         results[name] = json.loads(out)
-    store = ModelStore(tmp_path)
+    store = DirectoryStore(tmp_path)
     assert store.card(store.promoted_version())["metrics"]["onnx_val_accuracy"] == \
         results["good"]["decision"]["candidate_accuracy"]
     # The good model was promoted; the bad one either went first (and was then beaten) or went
@@ -233,7 +234,7 @@ def test_the_champion_is_rescored_on_the_candidates_split_not_read_from_its_card
         tmp_path, models, val_split, champion_name: str, claimed: float, candidate_name: str,
         promoted: bool) -> None:
     classes, images, labels = val_split
-    store = ModelStore(tmp_path)
+    store = DirectoryStore(tmp_path)
     _champion_claiming(store, models[champion_name], accuracy=claimed, recall=claimed)
     rescored = OnnxClassifier(models[champion_name]).score(images, labels).accuracy
     candidate = OnnxClassifier(models[candidate_name]).score(images, labels).accuracy
@@ -250,7 +251,7 @@ def test_the_per_class_recall_floor_uses_the_rescored_champion(tmp_path, models,
                                                                 ) -> None:
     """The champion's card claims zero recall everywhere, so no candidate could drop below it;
     re-scored, the strong champion's recall is high and the weak candidate drops far below."""
-    store = ModelStore(tmp_path)
+    store = DirectoryStore(tmp_path)
     _champion_claiming(store, models["good"], accuracy=0.0, recall=0.0)
     result = _publish(store, models["bad"], val_split, min_accuracy=0.0, min_improvement=-1.0,
                       max_class_recall_drop=0.2)

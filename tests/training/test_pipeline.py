@@ -13,9 +13,10 @@ import pytest
 
 from convserve.contracts.errors import ClaimLost
 from convserve.contracts.gate_policy import GatePolicy
-from convserve.contracts.job_dir import read_events
 from convserve.contracts.model_metadata import read_metadata
-from convserve.contracts.store import ModelStore, PublishResult
+from convserve.store.base import ModelStore, PublishResult
+from convserve.store.directory import DirectoryStore
+from convserve.store.job_dir import read_events
 from convserve.training.data import Dataset, load_dataset
 from convserve.training.export import INPUT_NAME, OUTPUT_NAME, ParityReport
 from convserve.training.pipeline import Publication, RunOutcome, gate_and_publish
@@ -87,7 +88,7 @@ def test_the_onnx_file_carries_the_metadata_the_card_starts_with(small_run: RunO
 
 def test_a_lost_claim_publishes_nothing(small_run: RunOutcome, data: Dataset,
                                         tmp_path: Path) -> None:
-    store = ModelStore(tmp_path / "store")
+    store = DirectoryStore(tmp_path / "store")
 
     def lost() -> None:
         raise ClaimLost("attempt 1 of job j1 no longer holds it")
@@ -100,7 +101,7 @@ def test_a_lost_claim_publishes_nothing(small_run: RunOutcome, data: Dataset,
 def test_a_claim_lost_while_waiting_for_the_stores_lock_publishes_nothing(
         small_run: RunOutcome, data: Dataset, tmp_path: Path) -> None:
     """The fence is checked again under the store's lock, right before the decision."""
-    store, calls = ModelStore(tmp_path / "store"), []
+    store, calls = DirectoryStore(tmp_path / "store"), []
 
     def lost_on_the_second_look() -> None:
         calls.append(1)
@@ -114,7 +115,7 @@ def test_a_claim_lost_while_waiting_for_the_stores_lock_publishes_nothing(
 
 def test_a_held_claim_publishes_the_candidate_with_its_job(small_run: RunOutcome,
                                                            data: Dataset, tmp_path: Path) -> None:
-    store = ModelStore(tmp_path / "store")
+    store = DirectoryStore(tmp_path / "store")
     result = _publish(small_run, data, store, fence=lambda: None)
     assert result.promoted and result.version == 1 and result.previous is None
     assert result.decision.parity_passed and result.decision.policy == GatePolicy(
@@ -126,7 +127,7 @@ def test_a_held_claim_publishes_the_candidate_with_its_job(small_run: RunOutcome
 
 def test_a_failed_parity_is_rejected_without_touching_the_store(
         small_run: RunOutcome, data: Dataset, tmp_path: Path) -> None:
-    store = ModelStore(tmp_path / "store")
+    store = DirectoryStore(tmp_path / "store")
     mismatch = ParityReport(images=128, max_abs_diff=0.5, argmax_equal=False, tolerance=1e-4)
 
     def never() -> None:
@@ -142,7 +143,7 @@ def test_a_failed_parity_is_rejected_without_touching_the_store(
 
 def test_a_candidate_below_the_policy_is_rejected_and_the_champion_stays(
         small_run: RunOutcome, data: Dataset, tmp_path: Path) -> None:
-    store = ModelStore(tmp_path / "store")
+    store = DirectoryStore(tmp_path / "store")
     assert _publish(small_run, data, store).version == 1
     result = _publish(small_run, data, store, policy=GatePolicy(min_accuracy=1.0))
     assert not result.promoted and result.version is None and result.previous == 1

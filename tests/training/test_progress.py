@@ -8,8 +8,8 @@ import select
 import time
 from pathlib import Path
 
-from convserve.contracts.job_dir import read_events
 from convserve.progress_bar import ProgressDisplay
+from convserve.store.job_dir import read_events
 from convserve.training.progress import ProgressReporter, enumerate_with_estimate
 from tests.terminal import screen_of
 

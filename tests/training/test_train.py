@@ -11,10 +11,10 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from convserve.contracts import durable_files
 from convserve.contracts.errors import ResumeError
-from convserve.contracts.job_dir import checkpoint_path, read_events
 from convserve.contracts.spec import TrainConfig
+from convserve.store import durable_files
+from convserve.store.job_dir import checkpoint_path, read_events
 from convserve.training.batches import steps_per_epoch
 from convserve.training.data import load_dataset
 from convserve.training.progress import ProgressReporter

@@ -16,7 +16,7 @@ Every models command takes ``--store DIR`` (default: $CONVSERVE_STORE; the flag 
 Exit codes: 0 done; 1 the operation failed (store or integrity error, no store at DIR);
 2 usage error. An error is always one line on stderr, never a traceback.
 
-Standard library and convserve.contracts.store only: this module is the server's entry point and the serving
+Standard library and convserve.store.directory only: this module is the server's entry point and the serving
 path must never import torch, numpy or onnxruntime. A command that needs them imports them inside
 its handler, so `--help` and argument errors stay fast.
 
@@ -28,35 +28,34 @@ line in ``GROUPS``.
 from __future__ import annotations
 
 import argparse
-import getpass
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-from convserve.cli import demo, remote
+from convserve.cli import demo, models, remote
 from convserve.contracts.commands import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
     OneLineParser,
-    add_output_flag,
     add_version_flag,
 )
-from convserve.contracts.errors import ConfigError, IntegrityError, StoreError, Unavailable
-from convserve.contracts.store import HistoryEntry, ModelStore
+from convserve.contracts.errors import ConfigError, StoreError, Unavailable
 from convserve.errors import ClientError
 from convserve.jobs.backend import JOBS_URL_ENV
 
 PROG = "convserve"
-STORE_ENV = "CONVSERVE_STORE"
 
 
 Handler = Callable[[argparse.Namespace], int]
 AddArguments = Callable[[argparse.ArgumentParser], None]
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
 
 
 def _no_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,207 +68,6 @@ class Command:
     handler: Handler
     help: str
     add_arguments: AddArguments = _no_arguments
-
-
-# ----------------------------------------------------------------------------- argument types
-
-
-def _non_empty(value: str) -> str:
-    if not value.strip():
-        raise argparse.ArgumentTypeError("must not be empty")
-    return value
-
-
-def _version(value: str) -> int:
-    # Plain ASCII digits only: int() would also take "1_0" (10), " 2", "+3" and non-ASCII digits.
-    if not (value.isascii() and value.isdigit()) or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer version, got {value!r}")
-    return int(value)
-
-
-def _store_path(value: str) -> Path:
-    return Path(_non_empty(value))  # Path("") would silently mean the current directory
-
-
-def _add_store(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--store", type=_store_path, default=None, metavar="DIR",
-                        help=f"model store root (default: ${STORE_ENV})")
-
-
-def _add_version(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("version", type=_version, metavar="N", help="model version number")
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def open_store(args: argparse.Namespace) -> ModelStore:
-    """The store named by --store or $CONVSERVE_STORE; it must already exist."""
-    root = args.store
-    if root is None:
-        env = os.environ.get(STORE_ENV, "")
-        if not env.strip():
-            raise ConfigError(f"no model store given: pass --store DIR or set {STORE_ENV}")
-        root = Path(env)
-    # ModelStore() creates missing directories; a typo must fail, not show an empty new store.
-    # "models" is the layout ModelStore creates (see service/contracts/store.py).
-    if not (root / "models").is_dir():
-        raise StoreError(f"no model store at {root} (expected a directory containing models/)")
-    return ModelStore(root)
-
-
-def login_user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry / no login name inside some containers
-        return "unknown"
-
-
-def _one_line(text: str) -> str:
-    # Reasons are free text; keep one history entry per output line.
-    return " ".join(text.split())
-
-
-def _or_none(version: int | None) -> str:
-    return "none" if version is None else str(version)
-
-
-def _promotion_status(store: ModelStore, version: int) -> str:
-    try:
-        promoted = store.promoted_version()
-    except IntegrityError as error:  # a dangling pointer must not hide the version being inspected
-        return f"promotion unknown ({error})"
-    if promoted == version:
-        return "promoted"
-    return f"not promoted (promoted: {_or_none(promoted)})"
-
-
-def _format_history_entry(entry: HistoryEntry) -> str:
-    return (f"{entry.time}  version {entry.version}  (was {_or_none(entry.previous)})  "
-            f"{entry.actor}  {_one_line(entry.reason)}")
-
-
-def _fail(code: int, message: str) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    return code
-
-
-# ----------------------------------------------------------------------------- models commands
-
-
-def _add_list_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_store(parser)
-    add_output_flag(parser)
-
-
-def models_list(args: argparse.Namespace) -> int:
-    store = open_store(args)
-    if args.output == "json":
-        print(json.dumps(_versions(store), indent=2))
-    elif store.versions():
-        print(format_versions_table(store))
-    else:
-        print(f"no versions in {store.root}")
-    return EXIT_OK
-
-
-def _add_show_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_version(parser)
-    _add_store(parser)
-    add_output_flag(parser)
-
-
-def models_show(args: argparse.Namespace) -> int:
-    store = open_store(args)
-    card = store.card(args.version)
-    status = _promotion_status(store, args.version)
-    try:
-        store.verify(args.version)
-        failure = None
-    except IntegrityError as error:
-        failure = str(error)
-    verified = "NOT verified" if failure else "verified"
-    if args.output == "json":
-        print(json.dumps({"version": args.version, "status": status,
-                          "sha256_verified": failure is None, "card": card}, indent=2,
-                         sort_keys=True))
-    else:
-        print(json.dumps(card, indent=2, sort_keys=True))
-        print(f"version {args.version}: {status}; sha256 {verified}")
-    return _fail(EXIT_FAILED, failure) if failure else EXIT_OK
-
-
-def _add_promote_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_version(parser)
-    parser.add_argument("--reason", type=_non_empty, required=True,
-                        help="why (recorded in the promotion history)")
-    parser.add_argument("--actor", type=_non_empty, default=None, metavar="NAME",
-                        help="recorded as operator:NAME (default: the login user)")
-    _add_store(parser)
-
-
-def models_promote(args: argparse.Namespace) -> int:
-    store = open_store(args)
-    actor = f"operator:{args.actor or login_user()}"
-    entry = store.promote(args.version, reason=args.reason, actor=actor)
-    print(f"promoted version {entry.version} (was {_or_none(entry.previous)}): "
-          f"{_one_line(entry.reason)}")
-    return EXIT_OK
-
-
-def models_history(args: argparse.Namespace) -> int:
-    store = open_store(args)
-    entries = store.history()
-    if not entries:
-        print(f"no promotions in {store.root}")
-    for entry in entries:
-        print(_format_history_entry(entry))
-    return EXIT_OK
-
-
-def format_versions_table(store: ModelStore) -> str:
-    """Plain-text table of all versions (`convserve models list`); '*' marks the promoted one."""
-    try:
-        promoted = store.promoted_version()
-    except StoreError:
-        promoted = None  # a listing must still work when the pointer is broken
-    header = ("VERSION", "P", "CREATED_AT", "DATASET", "VAL_ACC", "JOB_ID")
-    rows = [header] + [_version_row(store, v, v == promoted) for v in store.versions()]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    )
-
-
-def _versions(store: ModelStore) -> list[dict[str, object]]:
-    """`models list -o json`: one object per version (null fields: an unreadable card)."""
-    try:
-        promoted = store.promoted_version()
-    except StoreError:
-        promoted = None
-    rows: list[dict[str, object]] = []
-    for version in store.versions():
-        try:
-            card = store.model_card(version)
-        except StoreError:
-            rows.append({"version": version, "promoted": version == promoted, "card": None})
-            continue
-        rows.append({"version": version, "promoted": version == promoted,
-                     "created_at": card.created_at or None, "dataset": card.dataset or None,
-                     "val_accuracy": card.val_accuracy, "job_id": card.job_id})
-    return rows
-
-
-def _version_row(store: ModelStore, version: int, promoted: bool) -> tuple[str, ...]:
-    marker = "*" if promoted else ""
-    try:
-        card = store.model_card(version)
-    except StoreError:
-        return (str(version), marker, "(unreadable card)", "-", "-", "-")
-    accuracy = f"{card.val_accuracy:.4f}" if card.val_accuracy is not None else "-"
-    return (str(version), marker, card.created_at or "-", card.dataset or "-", accuracy,
-            card.job_id or "-")
 
 
 # ----------------------------------------------------------------------------- registry
@@ -301,14 +99,18 @@ GROUPS: dict[tuple[str, ...], str] = {
 }
 
 COMMANDS: tuple[Command, ...] = (
-    Command(("models", "list"), models_list, "list versions ('*' marks the promoted one)",
-            _add_list_arguments),
-    Command(("models", "show"), models_show, "print a version's card and check its sha256",
-            _add_show_arguments),
-    Command(("models", "promote"), models_promote,
+    Command(("models", "list"), models.models_list, "list versions ('*' marks the promoted one)",
+            models.add_list_arguments),
+    Command(("models", "show"), models.models_show, "print a version's card and check its sha256",
+            models.add_show_arguments),
+    Command(("models", "promote"), models.models_promote,
             "promote an existing version (rollback or pin), recorded in the history",
-            _add_promote_arguments),
-    Command(("models", "history"), models_history, "print the promotion history", _add_store),
+            models.add_promote_arguments),
+    Command(("models", "history"), models.models_history, "print the promotion history",
+            models.add_store),
+    Command(("models", "copy"), models.models_copy,
+            "copy a store (versions, cards, history, pointer) to an empty one: a directory to "
+            "s3:// or back", models.add_copy_arguments),
     Command(("db", "upgrade"), db_upgrade,
             "create or migrate the PostgreSQL job store's schema (replicas also do it at start)",
             _add_jobs_url),

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2
 
 from convserve import arrays
 from convserve.contracts.errors import ConfigError, ConvserveError
-from convserve.contracts.job_dir import FINAL
+from convserve.contracts.job_state import FINAL
 from convserve.contracts.spec import REQUEST_SETTINGS, TrainConfig
 from convserve.errors import ClientError, status_of
 from convserve.pb.convserve.v1 import convserve_pb2 as pb

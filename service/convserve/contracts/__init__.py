@@ -5,6 +5,7 @@
     job_dir         a job's directory, its states (JobState, Phase) and its events
     gate_policy     the promotion gate's settings and how far a request may move them
     model_card      the typed model card and gate decision
+    model_signature the model's input and output (name, dtype, layout, size): one SIGNATURE
     model_metadata  what an exported ONNX file says about itself
     store           the model store (a directory): versions, the promoted pointer, history
     durable_files   atomic, fsync'd writes and file locks

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
 from convserve.contracts.gate_policy import GatePolicy
+from convserve.contracts.model_signature import SIGNATURE
 
 
 @dataclass(frozen=True)
@@ -69,10 +70,21 @@ class GateDecision:
 
 @dataclass(frozen=True)
 class InputSpec:
-    name: str = "pixels"
-    dtype: str = "uint8"
-    layout: str = "NHWC"
-    shape: tuple[int, ...] = (-1, 32, 32, 3)
+    """The card's `input`: what its model takes. A field absent or of the wrong type reads as the
+    model signature's (an older card still serves)."""
+
+    name: str = SIGNATURE.input_name
+    dtype: str = SIGNATURE.input_dtype
+    layout: str = SIGNATURE.layout
+    shape: tuple[int, ...] = SIGNATURE.input_shape
+
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any]) -> InputSpec:
+        shape = spec.get("shape")
+        return cls(name=_text(spec.get("name"), cls.name), dtype=_text(spec.get("dtype"), cls.dtype),
+                   layout=_text(spec.get("layout"), cls.layout),
+                   shape=tuple(shape) if isinstance(shape, list) and all(
+                       _integer(d) is not None for d in shape) else cls.shape)
 
 
 @dataclass(frozen=True)
@@ -94,15 +106,10 @@ class ModelCard:
     def from_dict(cls, card: Mapping[str, Any]) -> ModelCard:
         spec, dataset, metrics = (_mapping(card.get(key)) for key in ("input", "dataset", "metrics"))
         classes = card.get("classes")
-        shape = spec.get("shape")
         return cls(
             raw=card, version=_integer(card.get("version")),
             classes=tuple(classes) if _strings(classes) else (),
-            input=InputSpec(name=_text(spec.get("name"), "pixels"),
-                            dtype=_text(spec.get("dtype"), "uint8"),
-                            layout=_text(spec.get("layout"), "NHWC"),
-                            shape=tuple(shape) if isinstance(shape, list) and all(
-                                _integer(d) is not None for d in shape) else InputSpec.shape),
+            input=InputSpec.from_dict(spec),
             dataset=_text(dataset.get("name")), created_at=_text(card.get("created_at")),
             sha256=_text(card.get("sha256")), job_id=_text(card.get("job_id")) or None,
             val_accuracy=_number(metrics.get("onnx_val_accuracy")),

@@ -27,8 +27,8 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 from convserve.contracts.errors import InvalidInput
-from convserve.contracts.store import ModelStore
 from convserve.jobs.records import JobRecord
+from convserve.store.base import ModelStore
 
 FILES = "files"
 POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")

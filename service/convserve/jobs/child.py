@@ -14,24 +14,23 @@ from typing import Any
 
 from convserve.contracts.errors import Unavailable
 from convserve.contracts.gate_policy import GatePolicy
-from convserve.contracts.job_dir import (
-    EVENTS_FILE,
-    STDERR_FILE,
-    STDOUT_FILE,
-    EventTail,
-    JobState,
-    Phase,
-    checkpoint_path,
-    timestamp,
-)
-from convserve.contracts.job_spec import JobSpec
-from convserve.contracts.store import ModelStore
+from convserve.contracts.job_state import JobState, Phase
 from convserve.jobs.backend import FILES, JOBS_URL_ENV, JobStore, JobTransaction
 from convserve.jobs.config import RunnerConfig
 from convserve.jobs.process_group import signal_group
 from convserve.jobs.records import JobRecord
 from convserve.jobs.transitions import adopt_outcome, adopt_publication, finish, requeue
 from convserve.lifecycle import PARENT_PID_ENV
+from convserve.store.base import ModelStore
+from convserve.store.job_dir import (
+    EVENTS_FILE,
+    STDERR_FILE,
+    STDOUT_FILE,
+    EventTail,
+    checkpoint_path,
+    timestamp,
+)
+from convserve.store.job_spec import JobSpec
 
 log = logging.getLogger("convserve.jobs")
 ERROR_TAIL_LINES = 15
@@ -84,8 +83,12 @@ class ChildSupervisor:
         if stop.is_set():  # stopping as it was claimed: straight back to the queue
             await self._retrying(self._release, record, stop)
             return
-        command = self.command(record)
-        job_dir = self._models.job_dir(record.id)
+        # In a thread, with backoff: an object store brings back the last checkpoint first.
+        command = await self._retrying(self.command, record, stop)
+        if command is False:  # stopping while the model store is unreachable
+            await self._retrying(self._release, record, stop)
+            return
+        job_dir = self._models.work.job_dir(record.id)
         # A store that copies the events reads only this attempt's; the files store's watcher
         # reads the whole file, and so does this trainer (the last epoch of earlier attempts).
         forward = self._jobs.forwards_child_events
@@ -110,8 +113,8 @@ class ChildSupervisor:
         await self._retrying(self._conclude, record, process.returncode, outcome, events, stop)
 
     async def _retrying(self, write: Any, *args: Any) -> Any:
-        """Run a job-store write in a thread, again with backoff while the store is
-        unreachable, until it succeeds or the trainer stops (the last argument: its event).
+        """Run a job-store (or model-store) call in a thread, again with backoff while the store
+        is unreachable, until it succeeds or the trainer stops (the last argument: its event).
         A job left behind that way is reclaimed once its lease lapses."""
         stop: asyncio.Event = args[-1]
         delay, failing = self._config.poll_s, False
@@ -291,7 +294,7 @@ class ChildSupervisor:
     def _failure(self, job_id: str, code: int | None) -> str:
         """The child's last error lines, plus what killed it when a signal did."""
         try:
-            stderr = (self._models.job_dir(job_id) / STDERR_FILE).read_text(errors="replace")
+            stderr = (self._models.work.job_dir(job_id) / STDERR_FILE).read_text(errors="replace")
         except FileNotFoundError:
             stderr = ""
         lines = [line.rstrip() for line in stderr.splitlines() if line.strip()]
@@ -309,12 +312,14 @@ class ChildSupervisor:
     def command(self, record: JobRecord) -> list[str]:
         """Write the job's spec.json (its settings, with this server's own) and return the child's
         command line, which names only the job directory."""
-        # The job's artifacts live in the model store; the PostgreSQL job store made no folder.
-        c, job_dir = self._config, self._models.job_dir(record.id, create=True)
+        # The job's run directory is in this replica's work directory (the PostgreSQL job store
+        # made no folder); what an earlier attempt saved elsewhere comes back first.
+        c, job_dir = self._config, self._models.work.job_dir(record.id, create=True)
+        self._models.restore_job_files(record.id, job_dir)
         config = dataclasses.replace(record.params.config, datasets_root=str(c.datasets_root),
                                      compile=c.compile)
         JobSpec(job_id=record.id, config=config, gate=gate_policy_of(record, c),
-                store=str(self._models.root), progress_interval_s=c.progress_interval_s,
+                store=self._models.location, progress_interval_s=c.progress_interval_s,
                 attempt=record.attempt).write(job_dir)
         args = [c.python, "-m", "convserve.training", "--job", str(job_dir)]
         if c.processes > 1:

@@ -22,23 +22,23 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from convserve.contracts.durable_files import locked, replace_file, touch
 from convserve.contracts.errors import IntegrityError, InvalidInput, InvalidJobId, NotFound, Unavailable
-from convserve.contracts.job_dir import (
+from convserve.contracts.job_state import JobState
+from convserve.jobs.queue import JobQueue
+from convserve.jobs.records import JobRecord, age_s
+from convserve.store.base import ModelStore
+from convserve.store.durable_files import locked, replace_file, touch
+from convserve.store.job_dir import (
     CANCEL_MARKER,
     EVENTS_FILE,
     LOCK_FILE,
     RECORD_FILE,
     EventTail,
-    JobState,
     append_event,
     check_claim,
     last_state,
     write_claim,
 )
-from convserve.contracts.store import ModelStore
-from convserve.jobs.queue import JobQueue
-from convserve.jobs.records import JobRecord, age_s
 
 log = logging.getLogger("convserve.jobs")
 WATCH_POLL_S = 0.2  # a watcher of the files store looks at the events file this often
@@ -49,17 +49,17 @@ class FileTransaction:
         self._jobs = jobs
         self.record = record
         self._attempt_at_lock = record.attempt
-        path = jobs.models.job_dir(record.id)
+        path = jobs.models.work.job_dir(record.id)
         self.cancel_requested = (path / CANCEL_MARKER).exists()
         self.lease_expired = (record.state == JobState.RUNNING and age_s(
             record.heartbeat_at or record.created_at, datetime.now(UTC)) > jobs.lease_s)
 
     def event(self, kind: str, **fields: Any) -> None:
-        append_event(self._jobs.models.job_dir(self.record.id) / EVENTS_FILE, kind, **fields)
+        append_event(self._jobs.models.work.job_dir(self.record.id) / EVENTS_FILE, kind, **fields)
 
     def save(self, *, max_queued: int | None = None) -> None:
         jobs, record = self._jobs, self.record
-        job_dir = jobs.models.job_dir(record.id)
+        job_dir = jobs.models.work.job_dir(record.id)
         if record.state == JobState.RUNNING and record.attempt != self._attempt_at_lock:
             write_claim(job_dir, record.attempt, record.trainer)  # a new claim: its fence
             self._attempt_at_lock = record.attempt
@@ -89,15 +89,15 @@ class FileJobStore:
     def __init__(self, models: ModelStore, *, lease_s: float = 20.0) -> None:
         self.models = models
         self.lease_s = lease_s
-        self.queue = JobQueue(models.queue_dir)
-        self.name = f"files:{models.root}"
+        self.queue = JobQueue(models.work.queue_dir)
+        self.name = f"files:{models.work.root}"
 
     def ensure_ready(self) -> None:
         pass  # the model store made its folders
 
     def get(self, job_id: str) -> JobRecord:
         try:
-            path = self.models.job_dir(job_id) / RECORD_FILE
+            path = self.models.work.job_dir(job_id) / RECORD_FILE
         except InvalidJobId as error:
             raise InvalidInput(str(error)) from None
         try:
@@ -113,7 +113,7 @@ class FileJobStore:
 
     def list(self) -> builtins.list[JobRecord]:
         records = []
-        for job_id in self.models.job_ids():
+        for job_id in self.models.work.job_ids():
             try:
                 records.append(self.get(job_id))
             except NotFound:
@@ -127,7 +127,7 @@ class FileJobStore:
 
     def create(self, record: JobRecord, *, event: dict[str, Any], max_queued: int
                ) -> tuple[str, bool]:
-        job_dir = self.models.job_dir(record.id)
+        job_dir = self.models.work.job_dir(record.id)
         if job_dir.exists():
             return record.id, False  # the id is the key's: the job that has it
         with self.queue.bounded(max_queued):
@@ -146,13 +146,13 @@ class FileJobStore:
     @contextlib.contextmanager
     def locked(self, job_id: str) -> Iterator[FileTransaction]:
         self.get(job_id)  # NotFound before a lock file is made for a job that does not exist
-        with locked(self.models.job_dir(job_id) / LOCK_FILE):
+        with locked(self.models.work.job_dir(job_id) / LOCK_FILE):
             yield FileTransaction(self, self.get(job_id))
 
     @contextlib.contextmanager
     def next_queued(self) -> Iterator[FileTransaction | None]:
         for job_id in self.queue.job_ids():
-            with locked(self.models.job_dir(job_id) / LOCK_FILE):
+            with locked(self.models.work.job_dir(job_id) / LOCK_FILE):
                 try:
                     record = self.get(job_id)
                 except (NotFound, IntegrityError) as error:
@@ -189,23 +189,23 @@ class FileJobStore:
 
     def request_cancel(self, job_id: str) -> None:
         self.get(job_id)
-        touch(self.models.job_dir(job_id) / CANCEL_MARKER)
+        touch(self.models.work.job_dir(job_id) / CANCEL_MARKER)
 
     def follow(self, job_id: str) -> EventTail:
-        return EventTail(self.models.job_dir(job_id) / EVENTS_FILE)
+        return EventTail(self.models.work.job_dir(job_id) / EVENTS_FILE)
 
     def last_state(self, job_id: str) -> str | None:
-        return last_state(self.models.job_dir(job_id) / EVENTS_FILE)
+        return last_state(self.models.work.job_dir(job_id) / EVENTS_FILE)
 
     @contextlib.contextmanager
     def waiter(self, job_id: str) -> Iterator[PollingWaiter]:
         yield PollingWaiter()
 
     def fence(self, job_id: str, attempt: int) -> None:
-        check_claim(self.models.job_dir(job_id), attempt)
+        check_claim(self.models.work.job_dir(job_id), attempt)
 
     def write(self, record: JobRecord) -> None:
-        replace_file(self.models.job_dir(record.id) / RECORD_FILE,
+        replace_file(self.models.work.job_dir(record.id) / RECORD_FILE,
                      json.dumps(record.to_dict(), indent=2) + "\n")
 
     def close(self) -> None:

@@ -46,11 +46,12 @@ from convserve.contracts.errors import (
     NotFound,
     Unavailable,
 )
-from convserve.contracts.job_dir import JobState, event_line
-from convserve.contracts.store import check_job_id
+from convserve.contracts.job_state import JobState
 from convserve.jobs.backend import redact
 from convserve.jobs.records import JobRecord
 from convserve.jobs.schema import NOTIFY_CHANNEL, QUEUE_LOCK, upgrade
+from convserve.store.job_dir import event_line
+from convserve.store.work_dir import check_job_id
 
 log = logging.getLogger("convserve.jobs")
 POOL_MAX = 10

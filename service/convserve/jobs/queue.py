@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
-from convserve.contracts.durable_files import locked, touch
 from convserve.contracts.errors import LimitExceeded
+from convserve.store.durable_files import locked, touch
 
 LOCK_FILE = ".lock"
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from convserve.contracts.job_dir import JobState
+from convserve.contracts.job_state import JobState
 from convserve.contracts.model_card import GateDecision
 from convserve.jobs.params import TrainParams
 

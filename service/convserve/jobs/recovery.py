@@ -12,13 +12,13 @@ import time
 from collections.abc import Callable
 
 from convserve.contracts.errors import IntegrityError, NotFound
-from convserve.contracts.job_dir import JobState
-from convserve.contracts.store import ModelStore
+from convserve.contracts.job_state import JobState
 from convserve.jobs.backend import JobStore, JobTransaction
 from convserve.jobs.config import RunnerConfig
 from convserve.jobs.process_group import is_training_process, signal_group
 from convserve.jobs.records import JobRecord
 from convserve.jobs.transitions import adopt_outcome, adopt_publication, finish, requeue
+from convserve.store.base import ModelStore
 
 log = logging.getLogger("convserve.jobs")
 

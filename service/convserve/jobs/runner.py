@@ -16,8 +16,7 @@ from typing import Any
 
 from convserve.contracts.errors import AlreadyExists, Conflict, InvalidInput, NotFound, Unavailable
 from convserve.contracts.gate_policy import GatePolicy
-from convserve.contracts.job_dir import JobState, timestamp
-from convserve.contracts.store import ModelStore
+from convserve.contracts.job_state import JobState
 from convserve.jobs.backend import JobStore, open_job_store
 from convserve.jobs.child import ChildSupervisor
 from convserve.jobs.config import RunnerConfig
@@ -26,6 +25,8 @@ from convserve.jobs.records import JobRecord
 from convserve.jobs.recovery import Recovery
 from convserve.jobs.trainer import Trainer
 from convserve.jobs.transitions import finish
+from convserve.store.base import ModelStore
+from convserve.store.job_dir import timestamp
 
 WATCH_WAIT_S = 5.0  # a watcher re-reads at least this often, notified or not
 

@@ -8,12 +8,13 @@ import logging
 import threading
 
 from convserve.contracts.errors import Unavailable
-from convserve.contracts.job_dir import JobState, timestamp
+from convserve.contracts.job_state import JobState
 from convserve.jobs.backend import JobStore
 from convserve.jobs.child import ChildSupervisor, first_of
 from convserve.jobs.config import RunnerConfig
 from convserve.jobs.records import Attempt, JobRecord
 from convserve.jobs.transitions import finish
+from convserve.store.job_dir import timestamp
 
 log = logging.getLogger("convserve.jobs")
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from convserve.contracts.job_dir import CARD_FILE, JobState, timestamp
+from convserve.contracts.job_state import JobState
 from convserve.contracts.model_card import ModelCard
-from convserve.contracts.store import ModelStore
 from convserve.jobs.backend import JobStore, JobTransaction
 from convserve.jobs.records import JobRecord
+from convserve.store.base import ModelStore
+from convserve.store.job_dir import CARD_FILE, timestamp
 
 
 def finish(transaction: JobTransaction, state: JobState, *, error: str = "",
@@ -72,7 +73,7 @@ def adopt_outcome(transaction: JobTransaction, models: ModelStore, state: JobSta
 def job_card(models: ModelStore, job_id: str) -> ModelCard:
     """The card the job's run wrote (empty when it wrote none, or an unreadable one)."""
     try:
-        card = json.loads((models.job_dir(job_id) / CARD_FILE).read_text("utf-8"))
+        card = json.loads((models.work.job_dir(job_id) / CARD_FILE).read_text("utf-8"))
     except (OSError, ValueError):
         card = {}
     return ModelCard.from_dict(card if isinstance(card, dict) else {})

@@ -20,6 +20,7 @@ from typing import Any
 
 from convserve.contracts.errors import ConfigError, PortInUse
 from convserve.jobs.backend import FILES, POSTGRESQL_SCHEMES, redact
+from convserve.store.location import StoreLocation, location_of
 
 ENV_PREFIX = "CONVSERVE_"
 # The one stdout line a replica prints once it accepts calls; launchers read the address from it.
@@ -42,7 +43,12 @@ def _setting(default: Any, help: str) -> Any:
 class ServerConfig:
     role: str = _setting("all", "serve: answer every RPC and queue Train jobs in the job store; "
                          "train: run the job store's queued jobs; all: both")
-    store: Path = _setting(Path("store"), "the model store (shared by every replica)")
+    store: str = _setting("store", "the model store: a directory (one machine or a shared "
+                          "volume) or s3://bucket/prefix (credentials from the AWS settings)")
+    s3_endpoint_url: str = _setting("", "an S3-compatible server's URL for an s3:// store "
+                                    "(empty: AWS, or AWS_ENDPOINT_URL)")
+    work_dir: str = _setting("", "local folder for job directories and downloaded versions "
+                             "(empty: the store's directory; convserve-work for s3://)")
     jobs_url: str = _setting("files", "the job store: files (in the model store's directory; one "
                              "machine or a shared volume) or postgresql://user:password@host/db "
                              "(replicas on many machines; logged without its password)")
@@ -123,6 +129,8 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         _check(self.role in ROLES, "role", self.role, "serve, train or all")
+        object.__setattr__(self, "store", os.fspath(self.store))  # a Path given in code, too
+        self.store_location()  # a malformed store URL is a ConfigError before anything starts
         _check(0 <= self.port <= 65535, "port", self.port, "0..65535")
         _check(1 <= self.workers <= 64, "workers", self.workers, "1..64")
         _check(-1 <= self.metrics_port <= 65535, "metrics_port", self.metrics_port,
@@ -215,6 +223,10 @@ class ServerConfig:
                                   else values[f.name]
                                   for f in dataclasses.fields(cls) if f.name in values}
         return cls(**fields)
+
+    def store_location(self) -> StoreLocation:
+        return location_of(self.store, s3_endpoint_url=self.s3_endpoint_url,
+                           work_dir=self.work_dir)
 
     def token(self) -> str:
         """The bearer token: the value, or the first line of the file ("" = no access control)."""

@@ -71,4 +71,8 @@ def configure(level: str, log_format: str, stream: TextIO | None = None) -> str:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # boto3's INFO lines ("Found credentials in environment variables") say nothing an operator
+    # acts on; its warnings and errors still come through (convserve logs store outages itself).
+    for noisy in ("boto3", "botocore", "s3transfer"):
+        logging.getLogger(noisy).setLevel(max(root.level, logging.WARNING))
     return log_format

@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from convserve.contracts.job_dir import JobState
+from convserve.contracts.job_state import JobState
 from convserve.contracts.model_card import GateDecision, ModelCard
 from convserve.contracts.spec import REQUEST_SETTINGS
 from convserve.jobs import JobRecord, TrainParams

@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from convserve.arrays import IMAGE_SHAPE
 from convserve.contracts.commands import package_version
 from convserve.contracts.errors import InvalidInput, NoModel, NotFound
-from convserve.contracts.store import ModelStore
+from convserve.contracts.model_signature import SIGNATURE
 from convserve.serving import codec, tensors
 from convserve.serving.predictor import Predictor
+from convserve.store.base import ModelStore
 
 PLATFORM = "onnxruntime_onnx"
 # ModelStatistics answers, but "statistics" is not advertised: perf_analyzer then reads it every
@@ -143,10 +143,10 @@ class OpenInference:
     def model_metadata(self, name: str, version: str) -> dict[str, Any]:
         classes = self.classes(self.served_version(name, version))
         return {"name": self.model_name, "versions": self.versions(), "platform": PLATFORM,
-                "inputs": [{"name": tensors.INPUT, "datatype": "UINT8",
-                            "shape": [-1, *IMAGE_SHAPE]}],
-                "outputs": [{"name": tensors.OUTPUT, "datatype": "FP32",
-                             "shape": [-1, len(classes)]}]}
+                "inputs": [{"name": SIGNATURE.input_name, "datatype": SIGNATURE.input_datatype,
+                            "shape": list(SIGNATURE.input_shape)}],
+                "outputs": [{"name": SIGNATURE.output_name, "datatype": SIGNATURE.output_datatype,
+                             "shape": list(SIGNATURE.output_shape(len(classes)))}]}
 
     def model_config(self, name: str, version: str) -> dict[str, Any]:
         """Triton's model configuration: what perf_analyzer and tritonclient read. FP32 in
@@ -154,9 +154,9 @@ class OpenInference:
         classes = self.classes(self.served_version(name, version))
         return {"name": self.model_name, "platform": PLATFORM, "backend": "onnxruntime",
                 "max_batch_size": self.limits.max_images,
-                "input": [{"name": tensors.INPUT, "data_type": "TYPE_UINT8",
-                           "format": "FORMAT_NHWC", "dims": list(IMAGE_SHAPE)}],
-                "output": [{"name": tensors.OUTPUT, "data_type": "TYPE_FP32",
+                "input": [{"name": SIGNATURE.input_name, "data_type": SIGNATURE.triton_input_type,
+                           "format": SIGNATURE.triton_format, "dims": list(SIGNATURE.image_shape)}],
+                "output": [{"name": SIGNATURE.output_name, "data_type": SIGNATURE.triton_output_type,
                             "dims": [len(classes)]}],
                 "dynamic_batching": {
                     "max_queue_delay_microseconds": round(self.batch_timeout_s * 1e6)}}
@@ -232,7 +232,8 @@ class OpenInference:
                 raise InvalidInput(f"unknown output {wanted.name!r}: this model has "
                                    f"{tensors.OUTPUT!r}")
             if wanted.classification is None:
-                outputs.append(Output(tensors.OUTPUT, "FP32", list(probs.shape), floats=probs))
+                outputs.append(Output(tensors.OUTPUT, SIGNATURE.output_datatype, list(probs.shape),
+                                      floats=probs))
                 continue
             k = tensors.class_count(wanted.classification, len(classes))
             outputs.append(Output(tensors.OUTPUT, "BYTES", [len(probs), k],

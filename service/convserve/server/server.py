@@ -26,7 +26,6 @@ from prometheus_client import CollectorRegistry
 
 from convserve.contracts.errors import PortInUse, Unavailable
 from convserve.contracts.gate_policy import GateBounds, GatePolicy
-from convserve.contracts.store import ModelStore
 from convserve.jobs import JobRunner, RunnerConfig
 from convserve.jobs.backend import FILES
 from convserve.lifecycle import map_large_blocks_separately
@@ -52,6 +51,8 @@ from convserve.serving.loader import SessionSettings
 from convserve.serving.manager import ModelManager
 from convserve.serving.predictor import Predictor
 from convserve.serving.runners import buckets_up_to
+from convserve.store.base import ModelStore
+from convserve.store.location import open_reachable
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -163,7 +164,10 @@ async def start(config: ServerConfig, worker: int | None = None) -> Replica:
     if worker is None:  # workers share the port their parent checked and holds
         check_port_free(config.host, config.port, "gRPC")
     trains = config.role in ("train", "all") and not worker
-    store = ModelStore(config.store)
+    store = await asyncio.to_thread(open_reachable, config.store_location())
+    if store.location.is_s3 and config.jobs_url == FILES and config.role != "all":
+        log.warning("jobs are files in the local work directory %s: replicas see each other's "
+                    "jobs only if it is shared; use --jobs-url postgresql://…", store.work.root)
     runner = JobRunner(store, runner_config(config))
     try:  # the schema, once; a replica whose job store is down still starts (and serves)
         await asyncio.to_thread(runner.jobs.ensure_ready)

@@ -24,8 +24,7 @@ import grpc
 
 from convserve.contracts.errors import InvalidInput
 from convserve.contracts.headers import REQUEST_ID_HEADER, REQUEST_ID_PATTERN
-from convserve.contracts.job_dir import JobState
-from convserve.contracts.store import ModelStore
+from convserve.contracts.job_state import JobState
 from convserve.errors import status_of
 from convserve.jobs import JobRunner
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
@@ -37,6 +36,7 @@ from convserve.server.telemetry import RequestMetrics
 from convserve.serving import codec
 from convserve.serving.manager import ModelManager
 from convserve.serving.predictor import Predictor
+from convserve.store.base import ModelStore
 
 log = logging.getLogger("convserve.rpc")
 # A raw request larger than this (about 80 float32 images) is converted off the loop too.

@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.registry import Collector
 
 from convserve.jobs import JobRunner
 from convserve.metrics import ReadAtScrape, new_registry
@@ -75,13 +76,11 @@ class RequestMetrics:
 def replica_registry(requests: RequestMetrics, runner: JobRunner, serving: Serving | None
                      ) -> CollectorRegistry:
     registry = new_registry()
-    for metric in (requests.calls, requests.latency, requests.streams):
-        registry.register(metric)
+    collectors: list[Collector] = [requests.calls, requests.latency, requests.streams]
     gauges = ReadAtScrape()
     if serving is not None:
         batcher, manager = serving.batcher, serving.manager
-        for metric in (*batcher.metrics.all(), serving.predictor.images, *manager.metrics.all()):
-            registry.register(metric)
+        collectors += [*batcher.metrics.all(), serving.predictor.images, *manager.metrics.all()]
         gauges.add("convserve_queue_images", "Images waiting for a batch",
                    lambda: batcher.queued_images)
         gauges.add("convserve_model_version", "The version serving Predict (0: none)",
@@ -96,5 +95,6 @@ def replica_registry(requests: RequestMetrics, runner: JobRunner, serving: Servi
     gauges.add("convserve_training_images_per_second",
                "Training throughput of the job this replica runs (0: none)",
                lambda: runner.training_images_per_s)
-    registry.register(gauges)
+    for collector in (*collectors, gauges):
+        registry.register(collector)
     return registry

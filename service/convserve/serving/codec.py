@@ -17,15 +17,15 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from convserve.arrays import IMAGE_SHAPE, NCHW_SHAPE
 from convserve.contracts.errors import InvalidInput, LimitExceeded
+from convserve.contracts.model_signature import SIGNATURE, dims_text
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
 from convserve.serving.images import to_model_pixels
 
 MAX_TOP_K = 1000
 ENCODED_FORMATS = ("PNG", "JPEG")
 _LITTLE_ENDIAN: dict[int, np.dtype] = {pb.UINT8: np.dtype("u1"), pb.FLOAT32: np.dtype("<f4")}
-_ITEM_SHAPES = {pb.NHWC: IMAGE_SHAPE, pb.NCHW: NCHW_SHAPE}
+_ITEM_SHAPES = {pb.NHWC: SIGNATURE.shape_in("NHWC"), pb.NCHW: SIGNATURE.shape_in("NCHW")}
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,7 @@ def _checked_shape(shape: list[int], layout: int, limits: Limits,
     item = _ITEM_SHAPES[layout]
     name = pb.Layout.Name(layout)
     if len(shape) != 4 or tuple(shape[1:]) != item:
-        expected = ", ".join(["N", *map(str, item)])
-        raise InvalidInput(f"{what}: expected shape [{expected}] for {name}, got {shape}")
+        raise InvalidInput(f"{what}: expected shape {dims_text(item)} for {name}, got {shape}")
     _check_count(shape[0], limits, what=what)
     return tuple(shape)
 
@@ -141,7 +140,7 @@ def _decode_encoded(images: Sequence[bytes], limits: Limits) -> np.ndarray:
                     f"encoded images: at most {limits.max_request_pixels} decoded pixels per "
                     f"request (all images together), got more by image {index + 1} of "
                     f"{len(images)}; send fewer or smaller images per request")
-        out = np.empty((len(images), *IMAGE_SHAPE), dtype=np.uint8)
+        out = np.empty((len(images), *SIGNATURE.image_shape), dtype=np.uint8)
         for index, (where, image) in enumerate(opened):
             out[index] = _pixels(image, where)
         return out

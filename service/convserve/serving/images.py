@@ -11,17 +11,19 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-SIZE = 32
+from convserve.contracts.model_signature import SIGNATURE
+
+SIZE = (SIGNATURE.width, SIGNATURE.height)  # Pillow's order: (32, 32)
 
 
 def to_model_pixels(image: Image.Image) -> np.ndarray:
     """uint8 [32, 32, 3] RGB from an opened (not yet loaded) image of any mode and size."""
     # JPEG only (a no-op otherwise): libjpeg decodes at a reduced scale that stays >= 32x32,
     # far faster for photos; the bilinear resize below then finishes the job.
-    image.draft("RGB", (SIZE, SIZE))
+    image.draft("RGB", SIZE)
     rgb = _to_8bit(image).convert("RGB")
-    if rgb.size != (SIZE, SIZE):
-        rgb = rgb.resize((SIZE, SIZE), Image.Resampling.BILINEAR)
+    if rgb.size != SIZE:
+        rgb = rgb.resize(SIZE, Image.Resampling.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8)
 
 

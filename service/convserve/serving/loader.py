@@ -21,11 +21,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from convserve.arrays import IMAGE_SHAPE
 from convserve.contracts.errors import ModelLoadError
 from convserve.contracts.model_card import ModelCard
 from convserve.contracts.model_metadata import read_metadata
-from convserve.contracts.store import ModelStore
+from convserve.contracts.model_signature import SIGNATURE
 from convserve.serving.runners import (
     BoundRunner,
     GraphRunner,
@@ -34,6 +33,7 @@ from convserve.serving.runners import (
     buckets_up_to,
     check_buckets,
 )
+from convserve.store.base import ModelStore
 
 log = logging.getLogger("convserve.serving.loader")
 
@@ -101,7 +101,7 @@ class LoadedModel:
                                                        self.output_name)
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 [N, 32, 32, 3] -> float32 [N, C]. Thread-safe (every runner is)."""
+        """uint8 [N, 32, 32, 3] -> float32 [N, C] (SIGNATURE). Thread-safe (every runner is)."""
         return self._run(pixels)
 
 
@@ -112,8 +112,8 @@ def load_version(store: ModelStore, version: int, settings: SessionSettings) -> 
     file unservable is a ModelLoadError.
     """
     started = time.perf_counter()
-    path = store.verify(version)
-    card = store.model_card(version)
+    opened = store.open_version(version)  # the file and its card, checked together once
+    path, card = opened.path, opened.card
     requested = choose_providers(settings.providers, available_providers())
     input_name = card.input.name
     session = _open_session(path, version, settings,
@@ -122,12 +122,12 @@ def load_version(store: ModelStore, version: int, settings: SessionSettings) -> 
     _check_signature(session, len(classes), version)
     model = LoadedModel(version, classes, card, path, session.get_providers(), session)
     model.runner = choose_runner(model, settings)
-    opened = time.perf_counter()
+    ready = time.perf_counter()
     # A graph is captured per bucket on its first runs: warm every bucket, not just a few sizes.
     graphs = isinstance(model.runner, GraphRunner)
     _warm_up(model, settings.graph_buckets if graphs else settings.warmup_batch_sizes,
              repeats=3 if graphs else 1)
-    model.open_seconds, model.warmup_seconds = opened - started, time.perf_counter() - opened
+    model.open_seconds, model.warmup_seconds = ready - started, time.perf_counter() - ready
     _log_providers(model, settings, requested)
     return model
 
@@ -155,12 +155,13 @@ def provider_options(providers: Sequence[str], settings: SessionSettings, input_
             options = {"device_id": "0", "enable_cuda_graph": "1" if settings.cuda_graphs else "0"}
         elif name == TENSORRT:
             largest = settings.graph_buckets[-1]
+            image = "x".join(map(str, SIGNATURE.image_shape))  # 32x32x3
             options = {
                 "device_id": "0",
                 "trt_fp16_enable": "True" if settings.tensorrt_fp16 else "False",
-                "trt_profile_min_shapes": f"{input_name}:1x32x32x3",
-                "trt_profile_opt_shapes": f"{input_name}:{largest}x32x32x3",
-                "trt_profile_max_shapes": f"{input_name}:{largest}x32x32x3",
+                "trt_profile_min_shapes": f"{input_name}:1x{image}",
+                "trt_profile_opt_shapes": f"{input_name}:{largest}x{image}",
+                "trt_profile_max_shapes": f"{input_name}:{largest}x{image}",
             }
             if settings.tensorrt_cache_dir:
                 options |= {"trt_engine_cache_enable": "True",
@@ -259,17 +260,17 @@ def _classes(session: ort.InferenceSession, card: ModelCard, version: int) -> tu
 
 
 def _check_signature(session: ort.InferenceSession, num_classes: int, version: int) -> None:
-    """One uint8 [?, 32, 32, 3] input and one float [?, C] output, C = number of classes."""
+    """The signature's one input (uint8 [?, 32, 32, 3]) and one output (float [?, C], C = number
+    of classes). Their names are not checked: the session's own are used."""
     inputs, outputs = session.get_inputs(), session.get_outputs()
     got = (f"got inputs {[(i.name, i.type, i.shape) for i in inputs]}, "
            f"outputs {[(o.name, o.type, o.shape) for o in outputs]}")
-    input_ok = (len(inputs) == 1 and inputs[0].type == "tensor(uint8)"
-                and _dims_match(inputs[0].shape, IMAGE_SHAPE))
-    output_ok = (len(outputs) == 1 and outputs[0].type == "tensor(float)"
+    input_ok = (len(inputs) == 1 and inputs[0].type == SIGNATURE.onnx_input_type
+                and _dims_match(inputs[0].shape, SIGNATURE.image_shape))
+    output_ok = (len(outputs) == 1 and outputs[0].type == SIGNATURE.onnx_output_type
                  and _dims_match(outputs[0].shape, (num_classes,)))
     if not (input_ok and output_ok):
-        raise ModelLoadError(f"version {version}: expected one input uint8 [N, 32, 32, 3] and one "
-                             f"output float [N, {num_classes}]; {got}")
+        raise ModelLoadError(f"version {version}: expected {SIGNATURE.onnx_text(num_classes)}; {got}")
 
 
 def _dims_match(shape: Sequence[int | str | None], expected: tuple[int, ...]) -> bool:
@@ -284,7 +285,7 @@ def _warm_up(model: LoadedModel, batch_sizes: Sequence[int], repeats: int = 1) -
     for size in batch_sizes:
         try:
             for _ in range(repeats):
-                out = model.predict(np.zeros((size, *IMAGE_SHAPE), dtype=np.uint8))
+                out = model.predict(np.zeros((size, *SIGNATURE.image_shape), SIGNATURE.input_dtype))
         except Exception as error:
             raise ModelLoadError(f"version {model.version}: warm-up with batch {size} failed: "
                                  f"{type(error).__name__}: {error}") from None

@@ -19,12 +19,12 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from convserve.contracts.errors import NoModel, NotFound, VersionNotFound
-from convserve.contracts.store import ModelStore
 from convserve.lifecycle import release_freed_memory
 from convserve.serving.loader import LoadedModel, SessionSettings, load_version
+from convserve.store.base import ModelStore
 
 log = logging.getLogger("convserve.serving.manager")
 
@@ -48,14 +48,19 @@ class ManagerMetrics:
             "session, check it) and 'warmup'", ("phase",), buckets=LOAD_BUCKETS, registry=None)
         self.swaps = Counter("convserve_model_swaps", "Live-model swaps (a new promoted version "
                              "went live)", registry=None)
+        self.store_up = Gauge("convserve_store_up", "1 while the model store answers the "
+                              "pointer poll, 0 since a poll failed (the live model keeps "
+                              "serving)", registry=None)
+        self.poll_errors = Counter("convserve_store_poll_errors", "Pointer polls that failed "
+                                   "(store unreachable, refused or broken)", registry=None)
 
     def loaded(self, model: LoadedModel) -> LoadedModel:
         self.load_seconds.labels("open").observe(model.open_seconds)
         self.load_seconds.labels("warmup").observe(model.warmup_seconds)
         return model
 
-    def all(self) -> tuple[Histogram | Counter, ...]:
-        return self.load_seconds, self.swaps
+    def all(self) -> tuple[Histogram | Counter | Gauge, ...]:
+        return self.load_seconds, self.swaps, self.store_up, self.poll_errors
 
 
 class ModelManager:
@@ -124,9 +129,9 @@ class ModelManager:
     def _no_model_message(self) -> str:
         failure = self._failure
         if failure is not None:
-            return (f"no model is live in {self._store.root}: promoted version {failure.version} "
+            return (f"no model is live in {self._store.url}: promoted version {failure.version} "
                     f"could not be loaded ({failure.message})")
-        return (f"no model is promoted yet in {self._store.root}; train one with Train or "
+        return (f"no model is promoted yet in {self._store.url}; train one with Train or "
                 "promote a version")
 
     # ------------------------------------------------------------------------------- swapping
@@ -159,11 +164,17 @@ class ModelManager:
             version = self._store.promoted_version()
         except Exception as error:  # a broken pointer must not stop serving the live model
             message = f"{type(error).__name__}: {error}"
-            if message != self._last_poll_error:
+            self.metrics.store_up.set(0)
+            self.metrics.poll_errors.inc()
+            if not self._last_poll_error:  # once per outage, not once per poll
                 log.error("cannot read the promoted version; keeping version %s live: %s",
                           self.live_version, message)
             self._last_poll_error = message
             return None
+        self.metrics.store_up.set(1)
+        if self._last_poll_error:
+            log.warning("the model store answers again (the last error was %s)",
+                        self._last_poll_error)
         self._last_poll_error = ""
         return version
 

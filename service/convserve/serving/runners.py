@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from convserve.contracts.model_signature import SIGNATURE
+
 Runner = Callable[[np.ndarray], np.ndarray]  # uint8 [N, 32, 32, 3] -> float32 [N, C]
 
 
@@ -122,9 +124,11 @@ class GraphRunner:
         slot = self._slots.get(bucket)
         if slot is None:
             inputs = ort.OrtValue.ortvalue_from_shape_and_type(
-                [bucket, 32, 32, 3], np.uint8, self._device, self._device_id)
+                [bucket, *SIGNATURE.image_shape], np.dtype(SIGNATURE.input_dtype), self._device,
+                self._device_id)
             outputs = ort.OrtValue.ortvalue_from_shape_and_type(
-                [bucket, self._num_classes], np.float32, self._device, self._device_id)
+                [bucket, self._num_classes], np.dtype(SIGNATURE.output_dtype), self._device,
+                self._device_id)
             binding = self._session.io_binding()
             binding.bind_ortvalue_input(self._input, inputs)
             binding.bind_ortvalue_output(self._output, outputs)

@@ -11,13 +11,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from convserve.arrays import NCHW_SHAPE
 from convserve.contracts.errors import InvalidInput
+from convserve.contracts.model_signature import SIGNATURE
 from convserve.pb.convserve.v1 import convserve_pb2 as pb
 from convserve.serving import codec
 
-INPUT = "pixels"
-OUTPUT = "probabilities"
+INPUT = SIGNATURE.input_name
+OUTPUT = SIGNATURE.output_name
 DATATYPES = {"UINT8": pb.UINT8, "FP32": pb.FLOAT32}  # what `pixels` may be: as Predict takes
 _MAX_DIM = 2**62  # a shape entry beyond this is nonsense, and would not fit an int64 field
 
@@ -29,7 +29,7 @@ def pixels(datatype: str, shape: Sequence[int], data: bytes, limits: codec.Limit
     if datatype not in DATATYPES:
         raise InvalidInput(f"input {INPUT!r}: expected datatype UINT8 or FP32, got {datatype!r}")
     dims = checked_shape(shape)
-    layout = pb.NCHW if len(dims) == 4 and tuple(dims[1:]) == NCHW_SHAPE else pb.NHWC
+    layout = pb.NCHW if len(dims) == 4 and tuple(dims[1:]) == SIGNATURE.shape_in("NCHW") else pb.NHWC
     raw = pb.RawImages(data=data, dtype=DATATYPES[datatype], shape=dims, layout=layout)
     return codec.decode_raw(raw, limits, what=f"input {INPUT!r}")
 

@@ -31,12 +31,14 @@ from convserve.contracts.errors import (
     Unavailable,
 )
 from convserve.contracts.gate_policy import GatePolicy, add_gate_arguments, gate_policy_of
-from convserve.contracts.job_dir import EVENTS_FILE, JobState, Phase
-from convserve.contracts.job_spec import read_job_spec
+from convserve.contracts.job_state import JobState, Phase
 from convserve.contracts.spec import TrainConfig
-from convserve.contracts.store import ModelStore
 from convserve.lifecycle import die_with_parent
 from convserve.progress_bar import ProgressDisplay
+from convserve.store.base import ModelStore
+from convserve.store.job_dir import EVENTS_FILE
+from convserve.store.job_spec import read_job_spec
+from convserve.store.location import StoreLocation, location_of, open_store
 from convserve.training.progress import ProgressReporter
 
 if TYPE_CHECKING:
@@ -64,8 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run the service job in DIR: every setting comes from DIR/spec.json, "
                           "which the job runner wrote")
     store = parser.add_argument_group("model store and gate (see README: 'Model store and gate')")
-    store.add_argument("--store", type=Path, default=None,
+    store.add_argument("--store", default=None, metavar="DIR|s3://BUCKET/PREFIX",
                        help="gate the candidate and publish it to this model store if promoted")
+    store.add_argument("--s3-endpoint-url", default="", metavar="URL",
+                       help="an S3-compatible server's URL for an s3:// store (default: AWS)")
     add_gate_arguments(store, GatePolicy())
     return parser
 
@@ -77,7 +81,7 @@ class Invocation:
     config: TrainConfig
     policy: GatePolicy
     run_dir: Path
-    store: Path | None
+    store: StoreLocation | None
     job_id: str | None
     progress_interval_s: float
     attempt: int = 0           # a job's claim: checked before publishing (0: none)
@@ -87,7 +91,7 @@ def invocation_of(args: argparse.Namespace) -> Invocation:
     """Raises ConfigError with the spec's message for a value out of range."""
     if args.job is not None:
         job = read_job_spec(args.job)
-        return Invocation(job.config, job.gate, args.job, Path(job.store), job.job_id,
+        return Invocation(job.config, job.gate, args.job, job.store, job.job_id,
                           job.progress_interval_s, job.attempt)
     if args.resume and args.out is None:
         raise ConfigError("--resume needs --out, the run directory to continue")
@@ -95,7 +99,8 @@ def invocation_of(args: argparse.Namespace) -> Invocation:
         raise ConfigError(f"--progress-interval-s: expected 0..60, got {args.progress_interval_s}")
     run_dir = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     return Invocation(TrainConfig(**spec.values_from(args, spec.SETTINGS)), gate_policy_of(args),
-                      run_dir, args.store, None, args.progress_interval_s)
+                      run_dir, location_of(args.store, s3_endpoint_url=args.s3_endpoint_url)
+                      if args.store else None, None, args.progress_interval_s)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -136,7 +141,7 @@ def _run(job: Invocation, resume: bool, world: World, reporter: ProgressReporter
     publication = None
     if job.store is not None:
         actor = f"job:{job.job_id}" if job.job_id else f"cli:{_user()}"
-        store = ModelStore(job.store)
+        store = open_store(job.store)
         publication = Publication(store, job.policy, actor=actor, job_id=job.job_id,
                                   fence=_fence(job, store) if job.attempt else None)
     try:

@@ -19,15 +19,15 @@ import numpy as np
 import onnx
 import torch
 
-from convserve.contracts.durable_files import replace_with
 from convserve.contracts.errors import ExportError
 from convserve.contracts.model_metadata import METADATA_PREFIX
-from convserve.training.model import IMAGE_SIZE, ConvNet, Preprocess, ServingModel
+from convserve.contracts.model_signature import SIGNATURE
+from convserve.store.durable_files import replace_with
+from convserve.training.model import ConvNet, Preprocess, ServingModel
 from convserve.training.onnx_eval import OnnxClassifier
 
-INPUT_NAME = "pixels"
-OUTPUT_NAME = "probabilities"
-INPUT_LAYOUT = "NHWC"
+INPUT_NAME = SIGNATURE.input_name     # the graph's names (contracts/model_signature.py)
+OUTPUT_NAME = SIGNATURE.output_name
 OPSET = 18
 PARITY_TOLERANCE = 1e-5
 PACKAGES = ("torch", "torchvision", "onnx", "onnxscript", "onnxruntime-gpu", "numpy")
@@ -57,13 +57,13 @@ def serving_model(net: ConvNet, preprocess: Preprocess) -> ServingModel:
 def export_onnx(model: ServingModel, path: Path, metadata: dict[str, Any]) -> Path:
     """Write `model` to `path` as one ONNX file carrying `metadata` in its metadata_props."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = torch.zeros(2, IMAGE_SIZE, IMAGE_SIZE, 3, dtype=torch.uint8)
+    example = torch.zeros(2, *SIGNATURE.image_shape, dtype=getattr(torch, SIGNATURE.input_dtype))
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     try:
         program = torch.onnx.export(
             model, (example,), dynamo=True, verbose=False, input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME], opset_version=OPSET,
-            dynamic_shapes={"pixels": {0: batch}}, optimize=True)
+            dynamic_shapes=({0: batch},), optimize=True)  # forward's one argument: batch is free
     except Exception as error:  # the exporter raises many types; all mean "no file"
         raise ExportError(f"ONNX export failed: {type(error).__name__}: {error}") from error
     if program is None:  # only the legacy (TorchScript) exporter returns nothing

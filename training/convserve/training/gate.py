@@ -26,7 +26,7 @@ import numpy as np
 from convserve.contracts.errors import StoreError
 from convserve.contracts.gate_policy import GatePolicy
 from convserve.contracts.model_card import GateDecision
-from convserve.contracts.store import ModelStore
+from convserve.store.base import ModelStore
 from convserve.training.metrics import ValidationMetrics
 from convserve.training.onnx_eval import OnnxClassifier
 
@@ -97,7 +97,7 @@ def score_champion(store: ModelStore, version: int, classes: tuple[str, ...],
     `store.verify` first: a champion whose file no longer matches its card is not scored (it
     raises, and the caller rejects the candidate rather than compare against a corrupt file).
     """
-    champion = OnnxClassifier(store.verify(version))
+    champion = OnnxClassifier(store.open_version(version).path)
     metrics = champion.score(images, labels) if champion.classes == classes else None
     return Champion(version=version, classes=champion.classes, metrics=metrics)
 

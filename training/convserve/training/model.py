@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IMAGE_SIZE = 32
-CHANNELS = 3
+from convserve.contracts.model_signature import SIGNATURE
+
+CHANNELS = SIGNATURE.channels  # RGB
 
 
 class ConvNet(nn.Module):

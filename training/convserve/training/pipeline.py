@@ -16,6 +16,7 @@ is published as the store's next immutable version; a rejected one stays here fo
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,19 +24,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from convserve.contracts.durable_files import replace_file
-from convserve.contracts.errors import ExportError
+from convserve.contracts.errors import ExportError, StoreError, Unavailable
 from convserve.contracts.gate_policy import GatePolicy
-from convserve.contracts.job_dir import CARD_FILE, MODEL_FILE, Phase
+from convserve.contracts.job_state import Phase
 from convserve.contracts.model_card import GateDecision
+from convserve.contracts.model_signature import SIGNATURE
 from convserve.contracts.spec import TrainConfig
-from convserve.contracts.store import ModelStore, PublishResult
+from convserve.store.base import ModelStore, PublishResult
+from convserve.store.durable_files import replace_file
+from convserve.store.job_dir import CARD_FILE, MODEL_FILE, job_artifacts
 from convserve.training import distributed, gate
 from convserve.training.data import Dataset, load_dataset
 from convserve.training.export import (
-    INPUT_LAYOUT,
-    INPUT_NAME,
-    OUTPUT_NAME,
     ParityReport,
     check_parity,
     export_onnx,
@@ -48,6 +48,7 @@ from convserve.training.onnx_eval import OnnxClassifier
 from convserve.training.progress import ProgressReporter
 from convserve.training.train import TrainResult, train
 
+log = logging.getLogger("convserve.training")
 
 @dataclass(frozen=True)
 class Publication:
@@ -89,7 +90,8 @@ def run(config: TrainConfig, run_dir: Path, reporter: ProgressReporter, *,
                         seed=config.seed, val_fraction=config.val_fraction)
     reporter.event("state", state=Phase.TRAINING, device=config.device, epochs=config.epochs,
                    train_images=len(data.train_labels), val_images=len(data.val_labels))
-    result = train(config, data, run_dir, reporter, resume=resume, world=world)
+    result = train(config, data, run_dir, reporter, resume=resume, world=world,
+                   on_checkpoint=_job_files_saver(publication, run_dir))
     if not world.is_main:
         return None
     write_json(run_dir / "log.json", result.log.to_dict())
@@ -116,6 +118,24 @@ def run(config: TrainConfig, run_dir: Path, reporter: ProgressReporter, *,
             f"p_torch| = {parity.max_abs_diff:.3g} (limit {parity.tolerance:g}), argmax equal: "
             f"{parity.argmax_equal}; the candidate is kept in {run_dir} for inspection")
     return RunOutcome(run_dir, model_path, card, parity, onnx_validation, published)
+
+
+def _job_files_saver(publication: Publication | None, run_dir: Path) -> Callable[[], None] | None:
+    """After each epoch, a job's checkpoint and TensorBoard files go where another trainer
+    resumes from them (the S3 store's jobs/<id>/; nothing to do for a directory store). A store
+    that is down does not stop training: the next epoch saves them again."""
+    if publication is None or publication.job_id is None:
+        return None
+    store, job_id = publication.store, publication.job_id
+
+    def save() -> None:
+        try:
+            store.save_job_files(job_id, run_dir, job_artifacts(run_dir))
+        except (StoreError, Unavailable) as error:
+            log.warning("could not save the checkpoint to the model store (the next epoch "
+                        "tries again): %s", error)
+
+    return save
 
 
 def gate_and_publish(publication: Publication, model_path: Path, card: dict[str, Any],
@@ -150,10 +170,8 @@ def model_metadata(config: TrainConfig, data: Dataset, result: TrainResult) -> d
     """What travels inside the ONNX file (metadata_props) and heads the card."""
     return {
         "classes": list(data.classes),
-        "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": INPUT_LAYOUT,
-                  "shape": [-1, 32, 32, 3], "channel_order": "RGB"},
-        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [-1, len(data.classes)],
-                   "meaning": "softmax probabilities"},
+        "input": SIGNATURE.card_input(),
+        "output": {**SIGNATURE.card_output(len(data.classes)), "meaning": "softmax probabilities"},
         "normalization": {"mean": result.mean, "std": result.std,
                           "formula": "(pixel/255 - mean) / std, per RGB channel"},
         "dataset": data.describe(),

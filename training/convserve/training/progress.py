@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from convserve.contracts.job_dir import event_line
 from convserve.progress_bar import ProgressDisplay
+from convserve.store.job_dir import event_line
 
 T = TypeVar("T")
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from convserve.contracts.durable_files import replace_with
 from convserve.contracts.errors import ConfigError, ResumeError
-from convserve.contracts.job_dir import TENSORBOARD_DIR, checkpoint_path
 from convserve.contracts.spec import TrainConfig
+from convserve.store.durable_files import replace_with
+from convserve.store.job_dir import TENSORBOARD_DIR, checkpoint_path
 from convserve.training import distributed, recipe
 from convserve.training.batches import (
     DeviceBatches,
@@ -99,10 +99,12 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
 
 
 def train(config: TrainConfig, data: Dataset, run_dir: Path, reporter: ProgressReporter, *,
-          resume: bool = False, world: distributed.World | None = None) -> TrainResult:
+          resume: bool = False, world: distributed.World | None = None,
+          on_checkpoint: Callable[[], None] | None = None) -> TrainResult:
     """Train on `data`. Under torchrun (`world` with several ranks) each rank trains on its shard
-    with DistributedDataParallel and only rank 0 writes checkpoints and TensorBoard; the caller
-    joins and leaves the process group (`distributed.start` / `stop`)."""
+    with DistributedDataParallel and only rank 0 writes checkpoints and TensorBoard, then calls
+    `on_checkpoint()` (a job saves them where another trainer resumes); the caller joins and
+    leaves the process group (`distributed.start` / `stop`)."""
     world = world or distributed.World()
     device = resolve_device(config.device)
     if world.distributed and device.type == "cuda":
@@ -125,7 +127,7 @@ def train(config: TrainConfig, data: Dataset, run_dir: Path, reporter: ProgressR
     batches = training_batches(config, data.train_images, data.train_labels, rank_batch, world,
                                device)
     validation, compile_seconds = _epochs(config, data, run_dir, reporter, world, state, step,
-                                          batches, compiled)
+                                          batches, compiled, on_checkpoint)
     return TrainResult(net=state.net, preprocess=state.preprocess, mean=state.mean,
                        std=state.std, log=state.log, validation=validation,
                        epochs_completed=config.epochs, train_seconds=sum(state.log.epoch_seconds),
@@ -180,8 +182,8 @@ def _start_or_resume(config: TrainConfig, data: Dataset, run_dir: Path,
 
 def _epochs(config: TrainConfig, data: Dataset, run_dir: Path, reporter: ProgressReporter,
             world: distributed.World, state: _State, step: Step,
-            batches: DeviceBatches | LoaderBatches,
-            compiled: bool) -> tuple[ValidationMetrics, float]:
+            batches: DeviceBatches | LoaderBatches, compiled: bool,
+            on_checkpoint: Callable[[], None] | None) -> tuple[ValidationMetrics, float]:
     """The epochs still to run: train, validate, log, checkpoint. Returns the last validation and
     the compile time (the first step's)."""
     net, preprocess, log = state.net, state.preprocess, state.log
@@ -213,6 +215,8 @@ def _epochs(config: TrainConfig, data: Dataset, run_dir: Path, reporter: Progres
                     board.write_hparams(epoch + 1)
                 save_checkpoint(run_dir, net, state.optimizer, state.schedule, config, epoch + 1,
                                 log, state.mean, state.std, data.classes)
+                if on_checkpoint is not None:
+                    on_checkpoint()
             _report_epoch(reporter, epoch + 1, config.epochs, batch_losses, val_losses,
                           train_accuracy, validation, log.epoch_seconds[-1])
     if validation is None:  # resumed a run that had already finished: score it once more

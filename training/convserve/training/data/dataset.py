@@ -9,9 +9,10 @@ from typing import Any
 import numpy as np
 
 from convserve.contracts.errors import DatasetError
+from convserve.contracts.model_signature import SIGNATURE, dims_text
 from convserve.contracts.spec import DATASET_FORMS
 
-IMAGE_SIZE = 32
+IMAGE_SIZE = SIGNATURE.height  # the model's input: square images (height == width), NHWC
 DATASET_NAMES_HELP = DATASET_FORMS  # the training spec owns the forms a name may take
 
 
@@ -41,7 +42,7 @@ class Dataset:
             "num_classes": len(self.classes),
             "train_size": len(self.train_labels),
             "val_size": len(self.val_labels),
-            "image_shape": [IMAGE_SIZE, IMAGE_SIZE, 3],
+            "image_shape": list(SIGNATURE.image_shape),
         }
 
 
@@ -69,13 +70,13 @@ def check_val_fraction(val_fraction: float) -> None:
 
 
 def check_images(images: np.ndarray, split: str) -> None:
-    expected = (IMAGE_SIZE, IMAGE_SIZE, 3)
-    if (not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4
-            or images.shape[1:] != expected or not images.flags.c_contiguous):
+    expected = SIGNATURE.image_shape
+    if (not isinstance(images, np.ndarray) or images.dtype != SIGNATURE.input_dtype
+            or images.ndim != 4 or images.shape[1:] != expected or not images.flags.c_contiguous):
         found = (f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray)
                  else type(images).__name__)
-        raise DatasetError(f"{split} images must be C-contiguous uint8 [N, 32, 32, 3], "
-                           f"found {found}")
+        raise DatasetError(f"{split} images must be C-contiguous {SIGNATURE.input_dtype} "
+                           f"{dims_text(expected)}, found {found}")
 
 
 def check_labels(labels: np.ndarray, count: int, num_classes: int, split: str) -> None:

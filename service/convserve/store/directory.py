@@ -44,13 +44,11 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
-from convserve.contracts.durable_files import (
+from convserve.store.durable_files import (
     CHUNK_SIZE,
     append_line,
     fsync_dir,
@@ -59,89 +57,52 @@ from convserve.contracts.durable_files import (
     sha256_file,
     write_read_only,
 )
-from convserve.contracts.errors import IntegrityError, InvalidJobId, StoreError, VersionNotFound
-from convserve.contracts.model_card import GateDecision, ModelCard
+from convserve.contracts.errors import IntegrityError, StoreError, VersionNotFound
+from convserve.contracts.model_card import ModelCard
+from convserve.store import base
+from convserve.store.base import (
+    CARD_FILE,
+    HISTORY_KEYS,
+    MODEL_FILE,
+    RECOVERY_ACTOR,
+    Decide,
+    HistoryEntry,
+    OpenedVersion,
+    PublishResult,
+    check_decision,
+    check_import,
+    check_publish_args,
+    check_version,
+    full_card,
+    parse_card,
+    parse_history_entry,
+    require_text,
+    utc_now,
+)
+from convserve.store.location import StoreLocation
+from convserve.store.work_dir import WorkDir, check_job_id
 
-MODEL_FILE = "model.onnx"
-CARD_FILE = "card.json"
 POINTER_FILE = "PROMOTED"
 HISTORY_FILE = "history.jsonl"
 LOCK_FILE = ".lock"
 TMP_PREFIX = ".tmp-"
-RECOVERY_ACTOR = "store:recovery"
-
-_JOB_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _VERSION_RE = re.compile(r"[1-9][0-9]*")
-_HISTORY_KEYS = ("version", "previous", "reason", "time", "actor")
 
 
-@dataclass(frozen=True)
-class HistoryEntry:
-    version: int
-    previous: int | None
-    reason: str
-    time: str
-    actor: str
-
-
-@dataclass(frozen=True)
-class PublishResult:
-    promoted: bool
-    version: int | None  # set only when promoted
-    previous: int | None  # champion at decision time
-    decision: GateDecision
-
-
-def _crash_point(name: str) -> None:
-    """A named point inside ``publish`` ("copy", "before_rename", "before_pointer",
-    "before_history"). Nothing happens here; the crash-safety tests' worker process
-    (tests/store_worker.py --crash-at) replaces it to die there by SIGKILL."""
-
-
-def _utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-def _require_text(value: object, what: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise StoreError(f"{what} must be a non-empty string, got {value!r}")
-    return value
-
-
-def check_job_id(job_id: object) -> str:
-    if not isinstance(job_id, str) or not _JOB_ID_RE.fullmatch(job_id):
-        raise InvalidJobId(f"job id must match [A-Za-z0-9_-]{{1,64}}, got {job_id!r}")
-    return job_id
-
-
-def _check_decision(decision: object) -> GateDecision:
-    if not isinstance(decision, GateDecision):
-        raise StoreError(f"decide() must return a GateDecision, got {type(decision).__name__}")
-    return decision
-
-
-def _parse_history_line(line: str, lineno: int) -> HistoryEntry:
-    try:
-        raw = json.loads(line)
-        fields = {key: raw[key] for key in _HISTORY_KEYS}
-    except (ValueError, KeyError, TypeError) as exc:
-        raise IntegrityError(
-            f"history line {lineno}: expected a JSON object with keys {_HISTORY_KEYS}, "
-            f"got {line[:80]!r} ({exc})"
-        ) from None
-    return HistoryEntry(**fields)
-
-
-class ModelStore:
+class DirectoryStore:
     """A directory of immutable model versions with an atomically replaced promotion pointer."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, *, work_dir: Path | str | None = None) -> None:
         self.root = Path(root)
+        self.url = str(self.root)
+        self.location = StoreLocation(self.url, work_dir=str(work_dir or ""))
         self.models_dir = self.root / "models"
-        self.jobs_dir = self.root / "jobs"
-        self.queue_dir = self.root / "queue"
-        for folder in (self.models_dir, self.jobs_dir, self.queue_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        # By default one shared directory: job directories and the queue live beside models/.
+        self.work = WorkDir(work_dir or self.root)
+
+    def check(self) -> None:
+        """Nothing to reach: the directory exists (it was created above)."""
 
     # ----------------------------------------------------------------------------- reading
 
@@ -165,26 +126,22 @@ class ModelStore:
     def card(self, version: int) -> dict:
         path = self._existing_version_dir(version) / CARD_FILE
         try:
-            card = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise IntegrityError(
-                f"version {version}: expected a readable JSON card at {path}: {exc}"
-            ) from None
-        if not isinstance(card, dict):
-            raise IntegrityError(
-                f"version {version}: expected a JSON object in {path}, got {card!r}"
-            )
-        return card
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise IntegrityError(f"version {version}: expected a readable card at {path}: {exc}"
+                                 ) from None
+        return parse_card(text, version, str(path))
 
     def model_card(self, version: int) -> ModelCard:
         """The card as typed fields (the whole JSON object in `.raw`)."""
         return ModelCard.from_dict(self.card(version))
 
     def model_path(self, version: int) -> Path:
+        """Where version's model.onnx lies (unchecked: open_version checks it)."""
         return self._existing_version_dir(version) / MODEL_FILE
 
-    def verify(self, version: int) -> Path:
-        """Check model.onnx against the card's sha256; returns the model path."""
+    def open_version(self, version: int) -> OpenedVersion:
+        """model.onnx checked against the card's sha256, with that card (read once)."""
         card = self.card(version)
         path = self.model_path(version)
         try:
@@ -196,7 +153,7 @@ class ModelStore:
                 f"version {version}: card sha256 {card.get('sha256')!r} but model.onnx hashes to "
                 f"{actual!r}"
             )
-        return path
+        return OpenedVersion(version, path, ModelCard.from_dict(card))
 
     def history(self) -> list[HistoryEntry]:
         try:
@@ -206,78 +163,73 @@ class ModelStore:
         lines = text.split("\n")
         # The last piece has no newline: either "" or a line torn by a crash mid-append, which
         # was never committed (the next append truncates it).
-        return [_parse_history_line(line, n) for n, line in enumerate(lines[:-1], 1) if line]
+        return [parse_history_entry(line, f"history line {n}")
+                for n, line in enumerate(lines[:-1], 1) if line]
 
     # ----------------------------------------------------------------------------- writing
 
-    def publish(
-        self,
-        model_file: Path,
-        card: dict,
-        decide: Callable[[int | None], GateDecision],
-        *,
-        actor: str,
-        job_id: str | None = None,
-    ) -> PublishResult:
+    def publish(self, model_file: Path, card: dict, decide: Decide, *, actor: str,
+                job_id: str | None = None) -> PublishResult:
         """Ask ``decide(champion)`` under the lock; if it promotes, store and promote the model."""
         model_file = Path(model_file)
-        if not model_file.is_file():
-            raise StoreError(f"expected a model file to publish, found nothing at {model_file}")
-        if not isinstance(card, dict):
-            raise StoreError(f"card must be a dict, got {type(card).__name__}")
-        _require_text(actor, "actor")
+        check_publish_args(model_file, card, actor)
         if job_id is not None:
             check_job_id(job_id)
         with self._locked():
             self._remove_stale_tmp()
             self._reconcile_history()
             champion = self.promoted_version()
-            decision = _check_decision(decide(champion))
+            decision = check_decision(decide(champion))
             if not decision.promoted:
                 return PublishResult(False, None, champion, decision)
             version = self._next_version()
-            full_card = {
-                **card,
-                "version": version,
-                "created_at": _utc_now(),
-                "job_id": job_id,
-                "gate": decision.to_dict(),
-            }
-            self._write_version(version, model_file, full_card)
-            _crash_point("before_pointer")
+            self._write_version(version, model_file,
+                                lambda sha256: full_card(card, version, decision, job_id, sha256))
+            base.crash_point("before_pointer")
             self._write_pointer(version)
-            _crash_point("before_history")
+            base.crash_point("before_history")
             self._append_history(
-                HistoryEntry(version, champion, decision.reason, _utc_now(), actor)
+                HistoryEntry(version, champion, decision.reason, utc_now(), actor)
             )
         return PublishResult(True, version, champion, decision)
 
     def promote(self, version: int, *, reason: str, actor: str) -> HistoryEntry:
         """Point PROMOTED at an existing, intact version (operator rollback or pin)."""
-        _require_text(reason, "reason")
-        _require_text(actor, "actor")
+        require_text(reason, "reason")
+        require_text(actor, "actor")
         with self._locked():
             self._reconcile_history()
-            self.verify(version)
+            self.open_version(version)
             # Raw pointer, not promoted_version(): an operator must be able to repair a pointer
             # that names a missing version.
-            entry = HistoryEntry(version, self._read_pointer(), reason, _utc_now(), actor)
+            entry = HistoryEntry(version, self._read_pointer(), reason, utc_now(), actor)
             self._write_pointer(version)
             self._append_history(entry)
         return entry
 
+    def import_version(self, version: int, model_file: Path, card: dict) -> None:
+        text = check_import(version, model_file, card, sha256_file(model_file))
+        with self._locked():
+            if os.path.lexists(self._version_dir(version)):
+                raise StoreError(f"version {version} exists already in {self.url}")
+            self._write_version(version, model_file, lambda _: text)
+
+    def import_history(self, entries: Sequence[HistoryEntry]) -> None:
+        with self._locked():
+            if self.history() or self._read_pointer() is not None:
+                raise StoreError(f"{self.url} has a promotion history already")
+            for entry in entries:
+                self._append_history(entry)
+            if entries:
+                self._write_pointer(entries[-1].version)
+
     # ----------------------------------------------------------------------------- jobs
 
-    def job_dir(self, job_id: str, *, create: bool = False) -> Path:
-        path = self.jobs_dir / check_job_id(job_id)
-        if create:
-            path.mkdir(parents=True, exist_ok=True)
-        return path
+    def save_job_files(self, job_id: str, run_dir: Path, paths: Sequence[Path]) -> None:
+        """Nothing to copy: a job's run directory is in this store's directory already."""
 
-    def job_ids(self) -> list[str]:
-        return sorted(
-            e.name for e in os.scandir(self.jobs_dir) if _JOB_ID_RE.fullmatch(e.name) and e.is_dir()
-        )
+    def restore_job_files(self, job_id: str, run_dir: Path) -> None:
+        """Nothing to fetch: every trainer reads the same directory."""
 
     # ----------------------------------------------------------------------------- internals
 
@@ -285,9 +237,7 @@ class ModelStore:
         return self.models_dir / str(version)
 
     def _existing_version_dir(self, version: int) -> Path:
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise VersionNotFound(f"expected a positive integer version, got {version!r}")
-        path = self._version_dir(version)
+        path = self._version_dir(check_version(version))
         if not path.is_dir():
             raise VersionNotFound(f"version {version} not found (have {self.versions()})")
         return path
@@ -321,19 +271,16 @@ class ModelStore:
         recorded = [e.version for e in self.history()]
         return max(numbered + recorded, default=0) + 1
 
-    def _write_version(self, version: int, model_file: Path, card: dict) -> None:
+    def _write_version(self, version: int, model_file: Path,
+                       card_text: Callable[[str], str]) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=self.models_dir))
         try:
             # mkdtemp makes the dir 0o700; other replicas (maybe other users) must read it.
             tmp.chmod(0o755)
-            card["sha256"] = self._copy_model(model_file, tmp / MODEL_FILE)
-            try:
-                text = json.dumps(card, indent=2, sort_keys=True) + "\n"
-            except (TypeError, ValueError) as exc:
-                raise StoreError(f"expected a JSON-serialisable card: {exc}") from None
+            text = card_text(self._copy_model(model_file, tmp / MODEL_FILE))
             write_read_only(tmp / CARD_FILE, text)
             fsync_dir(tmp)
-            _crash_point("before_rename")
+            base.crash_point("before_rename")
             # Atomic publication: readers see either no models/<N> or a complete one.
             os.rename(tmp, self._version_dir(version))
         except BaseException:
@@ -352,7 +299,7 @@ class ModelStore:
                 digest.update(chunk)
                 if first:
                     fout.flush()
-                    _crash_point("copy")
+                    base.crash_point("copy")
                     first = False
             os.fchmod(fout.fileno(), 0o444)
             fout.flush()
@@ -364,7 +311,7 @@ class ModelStore:
         replace_file(self.models_dir / POINTER_FILE, f"{version}\n")
 
     def _append_history(self, entry: HistoryEntry) -> None:
-        line = json.dumps({key: getattr(entry, key) for key in _HISTORY_KEYS}) + "\n"
+        line = json.dumps(entry.to_dict()) + "\n"
         append_line(self.models_dir / HISTORY_FILE, line)
 
     def _reconcile_history(self) -> None:
@@ -375,4 +322,4 @@ class ModelStore:
         last = entries[-1].version if entries else None
         if pointer is not None and pointer != last:
             reason = f"recovered: PROMOTED names {pointer} but history ended at {last}"
-            self._append_history(HistoryEntry(pointer, last, reason, _utc_now(), RECOVERY_ACTOR))
+            self._append_history(HistoryEntry(pointer, last, reason, utc_now(), RECOVERY_ACTOR))

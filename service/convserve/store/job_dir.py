@@ -1,9 +1,9 @@
 """A job's directory, its states and its events: the one owner of that format.
 
-    jobs/<id>/                 in the model store (convserve.contracts.store.ModelStore.job_dir)
+    jobs/<id>/                 in the model store (convserve.store.directory.ModelStore.job_dir)
         job.json               the record (convserve.jobs); replaced atomically
         spec.json              what the training process runs: training spec, gate policy, store
-                               (convserve.contracts.job_spec); written before each start
+                               (convserve.store.job_spec); written before each start
         events.jsonl           what happened, one JSON object per line: the runner's state changes
                                and the training process's own events (progress, epochs, gate);
                                every writer appends whole lines in O_APPEND mode
@@ -23,18 +23,16 @@ Standard library only: the server, the SDK and the training process all import i
 from __future__ import annotations
 
 import contextlib
-import enum
 import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from convserve.contracts.durable_files import replace_file
+from convserve.store.durable_files import replace_file
 from convserve.contracts.errors import ClaimLost
 
 RECORD_FILE = "job.json"
-SPEC_FILE = "spec.json"
 EVENTS_FILE = "events.jsonl"
 CANCEL_MARKER = "cancel.requested"
 CLAIM_FILE = "claim"
@@ -47,43 +45,16 @@ TENSORBOARD_DIR = "tensorboard"
 CHECKPOINT_FILE = Path("checkpoints") / "last.pt"
 
 
-class JobState(enum.StrEnum):  # a str: values are the names, as in the proto's JobState
-    QUEUED = "QUEUED"
-    RUNNING = "RUNNING"
-    PROMOTED = "PROMOTED"
-    REJECTED = "REJECTED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-    INTERRUPTED = "INTERRUPTED"  # stopped with its replica; `resume` continues it
-
-    @property
-    def final(self) -> bool:
-        """No more events follow (an INTERRUPTED job only continues if someone resumes it)."""
-        return self in FINAL
-
-
-FINAL = frozenset({JobState.PROMOTED, JobState.REJECTED, JobState.FAILED, JobState.CANCELLED,
-                   JobState.INTERRUPTED})
-
-
-class Phase(enum.StrEnum):
-    """The training process's own steps in its "state" events (a job is RUNNING meanwhile); it
-    ends with a JobState (PROMOTED, REJECTED, FAILED; run by hand, INTERRUPTED), SUCCEEDED (run
-    by hand without a store) or STOPPED (a job's process on SIGTERM)."""
-
-    LOADING_DATA = "LOADING_DATA"
-    TRAINING = "TRAINING"
-    EXPORTING = "EXPORTING"
-    GATING = "GATING"
-    SUCCEEDED = "SUCCEEDED"  # the end of a run without a model store: exported, nothing gated
-    # A job's training process stopped on SIGTERM (its trainer stopping or dying), its last
-    # epoch's checkpoint kept: not the job's end, which its trainer or recovery puts back in the
-    # queue for the next attempt to resume.
-    STOPPED = "STOPPED"
-
-
 def checkpoint_path(run_dir: Path) -> Path:
     return run_dir / CHECKPOINT_FILE
+
+
+def job_artifacts(run_dir: Path) -> list[Path]:
+    """What a job's next attempt resumes from, on whichever trainer: the last checkpoint and the
+    TensorBoard event files (convserve.store.base.ModelStore.save_job_files)."""
+    board = run_dir / TENSORBOARD_DIR
+    found = [checkpoint_path(run_dir)] if checkpoint_path(run_dir).is_file() else []
+    return found + sorted(p for p in board.rglob("*") if p.is_file()) if board.is_dir() else found
 
 
 def write_claim(job_dir: Path, attempt: int, trainer: str) -> None:

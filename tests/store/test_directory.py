@@ -1,4 +1,4 @@
-"""Tests for convserve.contracts.store: real files, real processes (tests/store_worker.py), no mocks."""
+"""Tests for convserve.store.directory: real files, real processes (tests/store_worker.py), no mocks."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import pytest
 
 from convserve.contracts.errors import IntegrityError, InvalidJobId, StoreError, VersionNotFound
 from convserve.contracts.model_card import GateDecision
-from convserve.contracts.store import HistoryEntry, ModelStore, PublishResult
+from convserve.store.base import HistoryEntry, ModelStore, PublishResult
+from convserve.store.directory import DirectoryStore
 from tests.barrier import release_when_ready
 from tests.conftest import REPO_ROOT
 
@@ -76,7 +77,7 @@ def tmp_dirs(store: ModelStore) -> list[Path]:
 
 
 def run_worker(
-    root: Path, model: Path, accuracy: float, *args: str, env: dict | None = None
+    root: Path | str, model: Path, accuracy: float, *args: str, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(WORKER), str(root), str(model), str(accuracy), *args],
@@ -88,18 +89,23 @@ def run_worker(
     )
 
 
-def start_workers(root: Path, jobs: list[tuple[Path, float]], hold: float) -> list[dict]:
-    """Start workers together (one barrier) and return their parsed results."""
-    barrier = Path(tempfile.mkdtemp(prefix="barrier-", dir=root.parent))
+def start_workers(root: Path | str, jobs: list[tuple[Path, float]], hold: float, *,
+                  scratch: Path | None = None) -> list[dict]:
+    """Start workers together (one barrier) and return their parsed results. `root` is a store
+    directory or an s3:// URL (then `scratch` holds the barrier and each worker's cache)."""
+    scratch = scratch or Path(root).parent
+    barrier = Path(tempfile.mkdtemp(prefix="barrier-", dir=scratch))
     procs = [
         subprocess.Popen(
             [sys.executable, str(WORKER), str(root), str(model), str(acc),
-             "--hold-seconds", str(hold), "--barrier", str(barrier)],
+             "--hold-seconds", str(hold), "--barrier", str(barrier),
+             *(["--work-dir", str(scratch / f"worker-{n}")] if str(root).startswith("s3://")
+               else [])],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for model, acc in jobs
+        for n, (model, acc) in enumerate(jobs)
     ]  # fmt: skip
     release_when_ready(barrier, len(procs))
     results = []
@@ -128,7 +134,7 @@ def test_first_publish_creates_version_1(store: ModelStore, make_model) -> None:
     assert store.versions() == [1]
     assert store.promoted_version() == 1
     assert (store.models_dir / "PROMOTED").read_text().strip() == "1"
-    assert store.verify(1) == store.models_dir / "1" / "model.onnx"
+    assert store.open_version(1).path == store.models_dir / "1" / "model.onnx"
     assert store.model_path(1).read_bytes() == model.read_bytes()
     for name in ("model.onnx", "card.json"):
         assert stat.S_IMODE((store.models_dir / "1" / name).stat().st_mode) == 0o444
@@ -267,11 +273,11 @@ def test_sigkill_during_publish_leaves_store_consistent(
     proc = run_worker(store.root, candidate, 0.9, "--crash-at", point)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
 
-    reopened = ModelStore(store.root)
+    reopened = DirectoryStore(store.root)
     assert reopened.versions() == versions_after
     assert reopened.promoted_version() == pointer_after
     for version in reopened.versions():
-        reopened.verify(version)
+        reopened.open_version(version).path
     assert len(reopened.history()) == 1  # the killed publish never recorded history
     if point == "copy":
         [tmp] = tmp_dirs(reopened)
@@ -286,7 +292,7 @@ def test_sigkill_during_publish_leaves_store_consistent(
     assert (result.promoted, result.version, result.previous) == (True, expected, pointer_after)
     assert reopened.versions() == versions_after + [expected]
     assert reopened.promoted_version() == expected
-    reopened.verify(expected)
+    reopened.open_version(expected).path
     assert not tmp_dirs(reopened)
     history = reopened.history()
     assert history[-1].version == expected and history[-1].previous == pointer_after
@@ -351,13 +357,13 @@ def test_corrupted_model_fails_verify_and_cannot_be_promoted(store: ModelStore, 
     before = snapshot(store.models_dir)
 
     with pytest.raises(IntegrityError, match="sha256"):
-        store.verify(1)
+        store.open_version(1).path
     with pytest.raises(IntegrityError):
         store.promote(1, reason="rollback", actor="operator:ann")
 
     assert store.promoted_version() == 2
     assert snapshot(store.models_dir) == before
-    store.verify(2)
+    store.open_version(2).path
 
 
 def test_missing_or_unreadable_card_is_an_integrity_error(store: ModelStore, make_model) -> None:
@@ -366,7 +372,7 @@ def test_missing_or_unreadable_card_is_an_integrity_error(store: ModelStore, mak
     card.chmod(0o644)
     card.write_text("{not json")
     with pytest.raises(IntegrityError, match="card"):
-        store.verify(1)
+        store.open_version(1).path
     card.unlink()
     with pytest.raises(IntegrityError, match="card"):
         store.card(1)
@@ -376,7 +382,7 @@ def test_missing_model_file_is_an_integrity_error(store: ModelStore, make_model)
     publish(store, make_model(), 0.5)
     store.model_path(1).unlink()
     with pytest.raises(IntegrityError, match="model.onnx"):
-        store.verify(1)
+        store.open_version(1).path
 
 
 def test_dangling_pointer_is_reported_and_repairable(store: ModelStore, make_model) -> None:
@@ -420,7 +426,7 @@ def test_promote_requires_a_reason(store: ModelStore, make_model, reason) -> Non
 
 def test_unknown_version_raises_version_not_found(store: ModelStore, make_model) -> None:
     publish(store, make_model(), 0.5)
-    for call in (store.card, store.model_path, store.verify):
+    for call in (store.card, store.model_path, store.open_version):
         with pytest.raises(VersionNotFound):
             call(5)
     with pytest.raises(VersionNotFound):
@@ -436,18 +442,18 @@ def test_unknown_version_raises_version_not_found(store: ModelStore, make_model)
 @pytest.mark.parametrize("job_id", ["../x", "a/b", "", "x" * 65, ".", "..", "a b", "a\n", None])
 def test_job_dir_refuses_bad_ids(store: ModelStore, job_id) -> None:
     with pytest.raises(InvalidJobId):
-        store.job_dir(job_id, create=True)
-    assert store.job_ids() == []
+        store.work.job_dir(job_id, create=True)
+    assert store.work.job_ids() == []
 
 
 def test_job_dirs(store: ModelStore) -> None:
-    path = store.job_dir("job-2_b", create=False)
-    assert path == store.jobs_dir / "job-2_b" and not path.exists()
-    assert store.job_dir("job-2_b", create=True).is_dir()
-    store.job_dir("A1", create=True)
-    store.job_dir("x" * 64, create=True)
-    (store.jobs_dir / ".hidden").mkdir()  # not a valid id: not listed
-    assert store.job_ids() == sorted(["A1", "job-2_b", "x" * 64])
+    path = store.work.job_dir("job-2_b", create=False)
+    assert path == store.work.jobs_dir / "job-2_b" and not path.exists()
+    assert store.work.job_dir("job-2_b", create=True).is_dir()
+    store.work.job_dir("A1", create=True)
+    store.work.job_dir("x" * 64, create=True)
+    (store.work.jobs_dir / ".hidden").mkdir()  # not a valid id: not listed
+    assert store.work.job_ids() == sorted(["A1", "job-2_b", "x" * 64])
 
 
 def test_publish_refuses_bad_job_id(store: ModelStore, make_model) -> None:
@@ -460,7 +466,7 @@ def test_publish_refuses_bad_job_id(store: ModelStore, make_model) -> None:
 
 
 def test_format_versions_table(store: ModelStore, make_model) -> None:
-    from convserve.cli.main import format_versions_table
+    from convserve.cli.models import format_versions_table
 
     publish(store, make_model(), 0.5, job_id="j1")
     store.publish(make_model(), {}, lambda c: GateDecision(True, ("forced",)), actor="x")
@@ -471,13 +477,13 @@ def test_format_versions_table(store: ModelStore, make_model) -> None:
     row1, row2 = lines[1].split(), lines[2].split()
     assert row1[0] == "1" and row1[2:] == ["cifar10", "0.5000", "j1"]
     assert row2[:2] == ["2", "*"] and row2[3:] == ["-", "-", "-"]
-    empty = format_versions_table(ModelStore(store.root / "empty")).splitlines()
+    empty = format_versions_table(DirectoryStore(store.root / "empty")).splitlines()
     assert [line.split() for line in empty] == [lines[0].split()]
 
 
 def test_import_pulls_in_no_heavy_dependencies() -> None:
     code = (
-        "import json, sys, convserve.contracts.store\n"
+        "import json, sys, convserve.store.directory\n"
         "heavy = {'torch', 'numpy', 'onnxruntime', 'onnx'}\n"
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & heavy)))\n"
     )

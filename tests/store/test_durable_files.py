@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from convserve.contracts import durable_files
-from convserve.contracts.durable_files import replace_file, replace_with
+from convserve.store import durable_files
+from convserve.store.durable_files import replace_file, replace_with
 
 
 def leftovers(folder: Path) -> list[str]:

@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from convserve.contracts.durable_files import replace_file
+from convserve.store.durable_files import replace_file
+from convserve.store.location import StoreLocation
 from convserve.contracts.errors import ConfigError
 from convserve.contracts.gate_policy import GatePolicy
-from convserve.contracts.job_dir import SPEC_FILE
 from convserve.contracts.spec import TrainConfig
 
+SPEC_FILE = "spec.json"  # in the job's directory (convserve.store.job_dir)
 FORMAT = 1
 
 
@@ -23,14 +24,15 @@ class JobSpec:
     job_id: str
     config: TrainConfig
     gate: GatePolicy
-    store: str                        # the model store the gate publishes to
+    store: StoreLocation              # the model store the gate publishes to
     progress_interval_s: float = 1.0  # at most one progress event per interval
     attempt: int = 0                  # the claim it runs under (0: unfenced), job_dir.check_claim
 
     def write(self, job_dir: Path) -> None:
         """Atomically: a child started after a crash never reads half a file."""
         body = {"format": FORMAT, "job_id": self.job_id, "config": self.config.to_dict(),
-                "gate": self.gate.to_dict(), "store": self.store,
+                "gate": self.gate.to_dict(), "store": self.store.url,
+                "s3_endpoint_url": self.store.s3_endpoint_url, "work_dir": self.store.work_dir,
                 "progress_interval_s": self.progress_interval_s, "attempt": self.attempt}
         replace_file(job_dir / SPEC_FILE, json.dumps(body, indent=2, sort_keys=True) + "\n")
 
@@ -42,7 +44,9 @@ def read_job_spec(job_dir: Path) -> JobSpec:
         if body.get("format") != FORMAT:
             raise ConfigError(f"{path}: format {body.get('format')!r}, expected {FORMAT}")
         return JobSpec(job_id=str(body["job_id"]), config=TrainConfig.from_dict(body["config"]),
-                       gate=GatePolicy(**body["gate"]), store=str(body["store"]),
+                       gate=GatePolicy(**body["gate"]),
+                       store=StoreLocation(str(body["store"]), str(body.get("s3_endpoint_url", "")),
+                                           str(body.get("work_dir", ""))),
                        progress_interval_s=float(body["progress_interval_s"]),
                        attempt=int(body.get("attempt", 0)))
     except (OSError, ValueError, KeyError, TypeError) as error:
