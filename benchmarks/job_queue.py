@@ -46,8 +46,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from convserve.contracts.store import ModelStore
 from convserve.jobs import JobRunner, RunnerConfig, TrainParams
+from convserve.store.directory import DirectoryStore
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("files", "postgresql")
@@ -57,9 +57,9 @@ SUBMITTER = "job-queue-benchmark"  # the replica id of this process's runners: i
 # counts claims, not interpreter starts or connection set-up.
 TRAINER = """
 import json, sys, time
-from convserve.contracts.store import ModelStore
+from convserve.store.directory import DirectoryStore
 from convserve.jobs import JobRunner, RunnerConfig
-runner = JobRunner(ModelStore(sys.argv[1]), RunnerConfig(
+runner = JobRunner(DirectoryStore(sys.argv[1]), RunnerConfig(
     datasets_root=sys.argv[1], replica_id=sys.argv[2], jobs_url=sys.argv[3]))
 runner.jobs.ensure_ready()
 runner.queued()
@@ -78,13 +78,13 @@ print(json.dumps({"claimed": claimed, "seconds": seconds}))
 # the watch ends. Prints each event's commit time.
 WRITER = """
 import json, sys, time
-from convserve.contracts.job_dir import JobState
-from convserve.contracts.store import ModelStore
+from convserve.contracts.job_state import JobState
+from convserve.store.directory import DirectoryStore
 from convserve.jobs import JobRunner, RunnerConfig
 from convserve.jobs.transitions import finish
 root, url, job_id, count, interval = sys.argv[1:3] + [sys.argv[3], int(sys.argv[4]),
                                                        float(sys.argv[5])]
-runner = JobRunner(ModelStore(root), RunnerConfig(datasets_root=root, replica_id="writer",
+runner = JobRunner(DirectoryStore(root), RunnerConfig(datasets_root=root, replica_id="writer",
                                                   jobs_url=url))
 assert runner.claim_next().id == job_id
 print("ready", flush=True)
@@ -104,7 +104,7 @@ print(json.dumps(committed))
 
 
 def _runner(root: Path, jobs_url: str, max_queue: int = 8) -> JobRunner:
-    return JobRunner(ModelStore(root), RunnerConfig(datasets_root=root, max_queue=max_queue,
+    return JobRunner(DirectoryStore(root), RunnerConfig(datasets_root=root, max_queue=max_queue,
                                                     replica_id=SUBMITTER, jobs_url=jobs_url))
 
 

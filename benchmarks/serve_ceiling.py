@@ -37,16 +37,16 @@ def ort_cpu_ms_per_call(store: Path, server_args: list[str], batch: int, calls: 
                         ) -> float:
     """CPU ms one ORT call at `batch` images costs with the *server's* session settings (its
     spinning and threads): what the server's own ORT calls cost, to split its CPU per request."""
-    from convserve.contracts.store import ModelStore
     from convserve.server import config
     from convserve.server.server import session_settings
     from convserve.server.workers import worker_config
     from convserve.serving.loader import load_version
+    from convserve.store.directory import DirectoryStore
 
     settings = config.parse(server_args)
     if settings.workers > 1:  # what each worker really runs with (its share of the cores)
         settings = worker_config(settings, settings.port, 0)
-    model = load_version(ModelStore(store), 1, session_settings(settings))
+    model = load_version(DirectoryStore(store), 1, session_settings(settings))
     pixels = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
     for _ in range(20):
         model.predict(pixels)

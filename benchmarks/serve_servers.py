@@ -39,14 +39,14 @@ class Variant:
 
 def make_store(root: Path) -> Path:
     """A store under `root` with the (untrained) ConvNet published and promoted as version 1."""
-    from convserve.contracts.store import ModelStore
+    from convserve.store.directory import DirectoryStore
     from convserve.training.export import export_onnx, serving_model
     from convserve.training.model import ConvNet, Preprocess
 
     model = export_onnx(serving_model(ConvNet(10), Preprocess([0.5] * 3, [0.25] * 3)),
                         root / "candidate" / "model.onnx",
                         {"classes": [str(i) for i in range(10)]})
-    store = ModelStore(root / "store")
+    store = DirectoryStore(root / "store")
     store.publish(model, {"classes": [str(i) for i in range(10)]},
                   lambda _: GateDecision(True, ("benchmark",)), actor="benchmark")
     return store.root

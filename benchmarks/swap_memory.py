@@ -27,10 +27,10 @@ from convserve.contracts.model_card import GateDecision
 
 def two_versions(root: Path) -> Path:
     """A store with the untrained ConvNet as versions 1 and 2 (2 promoted)."""
-    from convserve.contracts.store import ModelStore
+    from convserve.store.directory import DirectoryStore
 
     store_root = bench.make_store(root)
-    store = ModelStore(store_root)
+    store = DirectoryStore(store_root)
     model = store.root / "models" / "1" / "model.onnx"
     store.publish(model, store.card(1), lambda _: GateDecision(True, ("second",)),
                   actor="benchmark")
@@ -60,13 +60,13 @@ def measure(swaps: int, server_args: list[str], cwd: Path) -> dict:
     import grpc
     import numpy as np
 
-    from convserve.contracts.store import ModelStore
     from convserve.pb.convserve.v1 import convserve_pb2 as pb
     from convserve.pb.convserve.v1 import convserve_pb2_grpc as pb_grpc
+    from convserve.store.directory import DirectoryStore
 
     with tempfile.TemporaryDirectory() as tmp:
         store_root = two_versions(Path(tmp))
-        store = ModelStore(store_root)
+        store = DirectoryStore(store_root)
         server = bench.start_convserve(store_root, ["--poll-interval-s", "0.1", *server_args],
                                        cwd)
         stop = threading.Event()
