@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import functools
 import importlib.util
 import os
@@ -31,12 +30,13 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from tests.child_servers import ChildServer, die_with_parent, log_tail, started
 from tests.waits import process_alive
 
 if TYPE_CHECKING:
@@ -54,7 +54,6 @@ SETTINGS = {
     "fsync": "off",
     "full_page_writes": "off",
 }
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _LIVE: set[PostgresServer] = set()  # started servers, killed at exit should a finalizer not run
 _ROOTS: set[Path] = set()  # temporary directories, removed at exit
 
@@ -117,15 +116,23 @@ def initdb(bin_dir: Path) -> Path:
                               cwd=data.parent, env=_environment(), timeout=120, check=False,
                               **_unprivileged())
     if done.returncode != 0:
-        raise PostgresError(f"initdb exited with {done.returncode}:\n{_tail(log)}")
+        raise PostgresError(f"initdb exited with {done.returncode}:\n{log_tail(log)}")
     return data
 
 
-class PostgresServer:
+class PostgresServer(ChildServer):
     """A postmaster over a copy of `template` (a data directory initdb made), on 127.0.0.1:`port`.
 
     The port and the data directory stay the same across restart(), so clients reconnect to the same
     URL. The server's log is `log_path`."""
+
+    error = PostgresError
+    program = "postgres"
+    readiness = "accept connections"
+    port_taken_markers = ("Address already in use",)
+    start_timeout = 60.0
+    stop_timeout = 30.0
+    stop_signal = signal.SIGINT  # fast shutdown: open transactions roll back, clients are disconnected
 
     def __init__(self, bin_dir: Path, template: Path) -> None:
         self.bin_dir = bin_dir
@@ -138,81 +145,13 @@ class PostgresServer:
         self.socket_dir.mkdir()
         _give_to_unprivileged(self.root)
         self.port = _free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-        self._started = False  # once started, the port is fixed: restart() keeps it
 
     def url(self, dbname: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
 
     @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def start(self, timeout: float = 60.0) -> None:
-        """Start the postmaster and return once it accepts connections (after crash recovery, if
-        the last run was killed). Raises PostgresError, with the log's tail, when it exits or
-        `timeout` seconds pass first."""
-        if self.running:
-            raise PostgresError(f"already running on port {self.port}")
-        for _ in range(3):
-            offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-            self._spawn()
-            try:
-                self._wait_ready(timeout)
-            except PostgresError:
-                # The free port was taken between picking and binding it: pick another, unless
-                # clients already hold this server's URL.
-                taken = "Address already in use" in _tail(self.log_path, offset=offset)
-                if not taken or self._started:
-                    raise
-                self.port = _free_port()
-                continue
-            self._started = True
-            return
-        raise PostgresError(f"no free port found:\n{self.log_tail()}")
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Fast shutdown (SIGINT: open transactions roll back, clients are disconnected), waited
-        for; a postmaster that does not exit within `timeout` seconds is killed."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-                return
-        self._forget()
-
-    def kill(self) -> None:
-        """SIGKILL the postmaster and every process it started, as a crash or the OOM killer
-        would: no shutdown checkpoint, so the next start() recovers from the WAL."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            # Each backend leads its own session, so a process-group kill would miss them. Frozen,
-            # the postmaster forks no child between listing its children and killing them.
-            self.process.send_signal(signal.SIGSTOP)
-            children = _descendants(self.process.pid)
-            for pid in children:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            self.process.kill()
-            self.process.wait()
-            # A live backend keeps the old shared memory attached, and a new postmaster refuses
-            # to start beside it.
-            deadline = time.monotonic() + 30
-            while any(process_alive(pid) for pid in children):
-                if time.monotonic() > deadline:
-                    raise PostgresError(f"postgres processes outlived SIGKILL: {children}")
-                time.sleep(0.01)
-        self._forget()
-
-    def restart(self, timeout: float = 60.0) -> None:
-        """Stop the server if it runs, then start it again on the same port and data directory."""
-        self.stop()
-        self.start(timeout)
+    def where(self) -> str:
+        return f"on port {self.port}"
 
     def close(self) -> None:
         """Stop the server (killing it if need be) and remove its directory."""
@@ -256,16 +195,6 @@ class PostgresServer:
                 " WHERE datname = %s AND pid <> pg_backend_pid()", (dbname,)).fetchall()
         return len(terminated)
 
-    def log_tail(self, chars: int = 4000) -> str:
-        return _tail(self.log_path, chars)
-
-    def __enter__(self) -> PostgresServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
     def _spawn(self) -> None:
         command = [str(self.bin_dir / "postgres"), "-D", str(self.data_dir), "-p", str(self.port),
                    "-k", str(self.socket_dir)]
@@ -275,30 +204,46 @@ class PostgresServer:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, cwd=self.root,
                                             env=_environment(), start_new_session=True,
-                                            preexec_fn=_die_with_parent, **_unprivileged())
+                                            # its children notice its death and exit on their own
+                                            preexec_fn=die_with_parent, **_unprivileged())
         _LIVE.add(self)
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _readiness_probe(self) -> Callable[[], object]:
+        """Ready: the postmaster accepts connections (after crash recovery, if the last run was
+        killed)."""
         import psycopg
 
-        assert self.process is not None
-        deadline = time.monotonic() + timeout
-        while True:
-            code = self.process.poll()
-            if code is not None:
-                self._forget()
-                raise PostgresError(f"postgres exited with {code} while starting (port {self.port}):\n"
-                                    f"{self.log_tail()}")
+        def not_ready() -> object:
             try:
                 psycopg.connect(self.url(), connect_timeout=2).close()
-                return
             except psycopg.OperationalError as error:  # not listening yet, or still recovering
-                last = error
+                return error
+            return None
+
+        return not_ready
+
+    def _pick_new_ports(self) -> None:
+        self.port = _free_port()
+
+    def _kill(self, process: subprocess.Popen[bytes]) -> None:
+        """SIGKILL the postmaster and every process it started, as a crash or the OOM killer
+        would: no shutdown checkpoint, so the next start() recovers from the WAL."""
+        # Each backend leads its own session, so a process-group kill would miss them. Frozen,
+        # the postmaster forks no child between listing its children and killing them.
+        process.send_signal(signal.SIGSTOP)
+        children = _descendants(process.pid)
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        process.kill()
+        process.wait()
+        # A live backend keeps the old shared memory attached, and a new postmaster refuses
+        # to start beside it.
+        deadline = time.monotonic() + 30
+        while any(process_alive(pid) for pid in children):
             if time.monotonic() > deadline:
-                self.kill()
-                raise PostgresError(f"postgres did not accept connections on port {self.port} within "
-                                    f"{timeout:.0f} s ({last}):\n{self.log_tail()}")
-            time.sleep(0.05)
+                raise PostgresError(f"postgres processes outlived SIGKILL: {children}")
+            time.sleep(0.01)
 
     def _forget(self) -> None:
         self.process = None
@@ -344,12 +289,7 @@ def own_postgres(postgres_template: tuple[Path, Path]) -> Iterator[PostgresServe
 
 
 def _started(template: tuple[Path, Path]) -> Iterator[PostgresServer]:
-    server = PostgresServer(*template)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
+    return started(PostgresServer(*template))
 
 
 # Helpers -------------------------------------------------------------------------------------------
@@ -416,22 +356,6 @@ def _descendants(pid: int) -> list[int]:
         found += children
         frontier = children
     return found
-
-
-def _die_with_parent() -> None:
-    """In the postmaster before exec: SIGKILL it when this process dies, even by SIGKILL (when
-    neither fixture finalizers nor atexit run). Its children notice and exit on their own. Linux
-    ties this to the starting thread: start servers from a thread that outlives them."""
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _tail(path: Path, chars: int = 4000, offset: int = 0) -> str:
-    try:
-        with path.open("rb") as log:
-            log.seek(max(offset, path.stat().st_size - chars))
-            return log.read().decode(errors="replace")
-    except OSError as error:
-        return f"(no log: {error})"
 
 
 @atexit.register

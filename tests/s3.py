@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import dataclasses
 import json
 import os
@@ -38,14 +37,15 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+
+from tests.child_servers import ChildServer, die_with_parent, started
 
 if TYPE_CHECKING:
     from botocore.client import BaseClient as S3Client
@@ -78,7 +78,6 @@ SETTINGS = (
 # Variables of the developer's shell that would steer `weed` (viper reads WEED_*; AWS_ACCESS_KEY_ID
 # adds an identity; S3_BUCKET creates buckets) or boto3 (AWS_PROFILE, AWS_ENDPOINT_URL_S3...).
 _FOREIGN_PREFIXES = ("AWS_", "WEED_", "S3_")
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _LIVE: set[SeaweedServer] = set()  # started servers, killed at exit should a finalizer not run
 _ROOTS: set[Path] = set()  # temporary directories, removed at exit
 
@@ -97,10 +96,22 @@ def find_weed() -> Path | None:
     return Path(found) if found else None
 
 
-class SeaweedServer:
+class SeaweedServer(ChildServer):
     """`weed mini` over a data directory of its own, on 127.0.0.1. The ports and the data directory
     stay the same across stop() and start(), so clients reconnect to the same endpoint and find
-    what they wrote. The server's log (every run, appended) is `log_path`."""
+    what they wrote. The server's log (every run, appended) is `log_path`. kill() SIGKILLs one
+    process: its components are goroutines."""
+
+    error = S3ServerError
+    program = "weed"
+    readiness = "answer a signed ListBuckets"
+    # weed checks every port before it binds any, and says so.
+    port_taken_markers = ("Port allocation failed", "address already in use")
+    start_timeout = 30.0
+    stop_signal = signal.SIGTERM
+    # Then SIGKILL: SeaweedFS can take over 15 s to stop on SIGTERM, and a write it acknowledged is
+    # on disk either way.
+    stop_timeout = 3.0
 
     def __init__(self, weed: Path) -> None:
         self.weed = weed
@@ -114,16 +125,14 @@ class SeaweedServer:
                     "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}]}
         self.config_path.write_text(json.dumps({"identities": [identity]}))
         self.ports = _free_ports()  # component -> HTTP port; its gRPC port is GRPC_OFFSET above
-        self.process: subprocess.Popen[bytes] | None = None
-        self._started = False  # once started, the ports are fixed: start() again keeps them
 
     @property
     def endpoint_url(self) -> str:
         return f"http://127.0.0.1:{self.ports['s3']}"
 
     @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+    def where(self) -> str:
+        return f"at {self.endpoint_url}"
 
     def env(self) -> dict[str, str]:
         """boto3's standard variables for this server: what a process needs to reach it with a
@@ -173,59 +182,6 @@ class SeaweedServer:
             client.meta.events.register("before-send.s3", _without_expect_continue)
         return client
 
-    def start(self, timeout: float = 30.0) -> None:
-        """Start `weed mini` and return once a signed ListBuckets succeeds and the master knows
-        every volume (so that objects written before a stop() or kill() read back). Raises
-        S3ServerError, with the log's tail, when it exits or `timeout` seconds pass first."""
-        if self.running:
-            raise S3ServerError(f"already running at {self.endpoint_url}")
-        for _ in range(3):
-            offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-            self._spawn()
-            try:
-                self._wait_ready(timeout)
-            except S3ServerError:
-                # A free port was taken between picking and binding it (weed checks every port
-                # first, and says so): pick others, unless clients already hold this endpoint.
-                log = _tail(self.log_path, offset=offset)
-                taken = "Port allocation failed" in log or "address already in use" in log
-                if not taken or self._started:
-                    raise
-                self.ports = _free_ports()
-                continue
-            self._started = True
-            return
-        raise S3ServerError(f"no free ports found:\n{self.log_tail()}")
-
-    def stop(self, timeout: float = 3.0) -> None:
-        """SIGTERM, waited for `timeout` seconds, then SIGKILL: SeaweedFS can take over 15 s to
-        stop on SIGTERM, and a write it acknowledged is on disk either way."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-                return
-        self._forget()
-
-    def kill(self) -> None:
-        """SIGKILL the server, as a crash or the OOM killer would (one process: its components are
-        goroutines)."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self._forget()
-
-    def restart(self, timeout: float = 30.0) -> None:
-        """Stop the server if it runs, then start it again on the same ports and data directory."""
-        self.stop()
-        self.start(timeout)
-
     def close(self) -> None:
         """Kill the server and remove its files: nothing of it is kept, so there is no point in
         waiting seconds for a graceful stop."""
@@ -250,16 +206,6 @@ class SeaweedServer:
             if error.response.get("Error", {}).get("Code") not in ("NoSuchBucket", "404"):
                 raise
 
-    def log_tail(self, chars: int = 4000) -> str:
-        return _tail(self.log_path, chars)
-
-    def __enter__(self) -> SeaweedServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
     def _command(self) -> list[str]:
         command = [str(self.weed), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1",
                    "-ip.bind=127.0.0.1", f"-s3.config={self.config_path}",
@@ -277,34 +223,30 @@ class SeaweedServer:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(self._command(), stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, cwd=self.root, env=env,
-                                            start_new_session=True, preexec_fn=_die_with_parent)
+                                            start_new_session=True, preexec_fn=die_with_parent)
         _LIVE.add(self)
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _readiness_probe(self) -> Callable[[], object]:
+        """Ready: a signed ListBuckets succeeds and the master knows every volume (so that objects
+        written before a stop() or kill() read back)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        assert self.process is not None
         probe = self.client(retries={"mode": "standard", "max_attempts": 1}, connect_timeout=1,
                             read_timeout=5)
-        deadline = time.monotonic() + timeout
-        while True:
-            code = self.process.poll()
-            if code is not None:
-                self._forget()
-                raise S3ServerError(f"weed exited with {code} while starting ({self.endpoint_url}):\n"
-                                    f"{self.log_tail()}")
+
+        def not_ready() -> object:
             try:
                 probe.list_buckets()
-                if self._volumes_registered():
-                    return
-                last = "the volume server has not yet told the master of every volume on disk"
             except (BotoCoreError, ClientError) as error:  # not listening yet, or the filer not up
-                last = error
-            if time.monotonic() > deadline:
-                self.kill()
-                raise S3ServerError(f"weed did not answer a signed ListBuckets at {self.endpoint_url} "
-                                    f"within {timeout:.0f} s ({last}):\n{self.log_tail()}")
-            time.sleep(0.05)
+                return error
+            if self._volumes_registered():
+                return None
+            return "the volume server has not yet told the master of every volume on disk"
+
+        return not_ready
+
+    def _pick_new_ports(self) -> None:
+        self.ports = _free_ports()
 
     def _volumes_registered(self) -> bool:
         """Whether the master knows the volume server and every volume in the data directory. The
@@ -409,12 +351,7 @@ def own_s3_server(s3_weed: Path) -> Iterator[SeaweedServer]:
 
 
 def _started(weed: Path) -> Iterator[SeaweedServer]:
-    server = SeaweedServer(weed)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
+    return started(SeaweedServer(weed))
 
 
 # Helpers -------------------------------------------------------------------------------------------
@@ -461,22 +398,6 @@ def _temporary_root(prefix: str) -> Path:
     root = Path(tempfile.mkdtemp(prefix=prefix))
     _ROOTS.add(root)
     return root
-
-
-def _die_with_parent() -> None:
-    """In `weed` before exec: SIGKILL it when this process dies, even by SIGKILL (when neither
-    fixture finalizers nor atexit run). Linux ties this to the starting thread: start servers from
-    a thread that outlives them."""
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _tail(path: Path, chars: int = 4000, offset: int = 0) -> str:
-    try:
-        with path.open("rb") as log:
-            log.seek(max(offset, path.stat().st_size - chars))
-            return log.read().decode(errors="replace")
-    except OSError as error:
-        return f"(no log: {error})"
 
 
 @atexit.register

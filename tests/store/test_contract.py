@@ -21,7 +21,8 @@ from convserve.contracts.errors import IntegrityError, StoreError, VersionNotFou
 from convserve.contracts.model_card import GateDecision
 from convserve.store.base import ModelStore
 from convserve.store.location import location_of, open_store
-from tests.store.test_directory import MODEL_BYTES, publish, run_worker, start_workers
+from tests.store.conftest import MODEL_BYTES
+from tests.store.test_directory import publish, run_worker, start_workers
 
 
 @dataclass(frozen=True)
@@ -47,18 +48,6 @@ def place(request: pytest.FixtureRequest, tmp_path: Path) -> Place:
 @pytest.fixture
 def store(place: Place) -> ModelStore:
     return place.open()
-
-
-@pytest.fixture
-def make_model(tmp_path: Path):
-    counter = iter(range(1_000_000))
-
-    def make() -> Path:
-        path = tmp_path / f"candidate-{next(counter)}.onnx"
-        path.write_bytes(os.urandom(MODEL_BYTES))
-        return path
-
-    return make
 
 
 def corrupt_model(place: Place, store: ModelStore, version: int) -> None:
@@ -188,7 +177,7 @@ def test_racing_promotions_all_land_in_history(store: ModelStore, make_model) ->
         barrier.wait()
         try:
             store.promote(version, reason=f"pin {version}", actor="operator:race")
-        except Exception as error:  # noqa: BLE001 - reported below
+        except Exception as error:
             errors.append(error)
 
     threads = [threading.Thread(target=promote, args=(v,)) for v in (1, 2, 3, 1, 2, 3)]

@@ -21,24 +21,12 @@ from convserve.store.base import HistoryEntry, ModelStore, PublishResult
 from convserve.store.directory import DirectoryStore
 from tests.barrier import release_when_ready
 from tests.conftest import REPO_ROOT
+from tests.store.conftest import MODEL_BYTES
 
 WORKER = REPO_ROOT / "tests" / "store_worker.py"
-MODEL_BYTES = 300 * 1024  # several 64 KiB chunks, so "copy" really is mid-copy
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture
-def make_model(tmp_path: Path):
-    counter = iter(range(1_000_000))
-
-    def make() -> Path:
-        path = tmp_path / f"candidate-{next(counter)}.onnx"
-        path.write_bytes(os.urandom(MODEL_BYTES))
-        return path
-
-    return make
 
 
 def sha256(path: Path) -> str:
@@ -277,7 +265,7 @@ def test_sigkill_during_publish_leaves_store_consistent(
     assert reopened.versions() == versions_after
     assert reopened.promoted_version() == pointer_after
     for version in reopened.versions():
-        reopened.open_version(version).path
+        reopened.open_version(version)
     assert len(reopened.history()) == 1  # the killed publish never recorded history
     if point == "copy":
         [tmp] = tmp_dirs(reopened)
@@ -292,7 +280,7 @@ def test_sigkill_during_publish_leaves_store_consistent(
     assert (result.promoted, result.version, result.previous) == (True, expected, pointer_after)
     assert reopened.versions() == versions_after + [expected]
     assert reopened.promoted_version() == expected
-    reopened.open_version(expected).path
+    reopened.open_version(expected)
     assert not tmp_dirs(reopened)
     history = reopened.history()
     assert history[-1].version == expected and history[-1].previous == pointer_after
@@ -357,13 +345,13 @@ def test_corrupted_model_fails_verify_and_cannot_be_promoted(store: ModelStore, 
     before = snapshot(store.models_dir)
 
     with pytest.raises(IntegrityError, match="sha256"):
-        store.open_version(1).path
+        store.open_version(1)
     with pytest.raises(IntegrityError):
         store.promote(1, reason="rollback", actor="operator:ann")
 
     assert store.promoted_version() == 2
     assert snapshot(store.models_dir) == before
-    store.open_version(2).path
+    store.open_version(2)
 
 
 def test_missing_or_unreadable_card_is_an_integrity_error(store: ModelStore, make_model) -> None:
@@ -372,7 +360,7 @@ def test_missing_or_unreadable_card_is_an_integrity_error(store: ModelStore, mak
     card.chmod(0o644)
     card.write_text("{not json")
     with pytest.raises(IntegrityError, match="card"):
-        store.open_version(1).path
+        store.open_version(1)
     card.unlink()
     with pytest.raises(IntegrityError, match="card"):
         store.card(1)
@@ -382,7 +370,7 @@ def test_missing_model_file_is_an_integrity_error(store: ModelStore, make_model)
     publish(store, make_model(), 0.5)
     store.model_path(1).unlink()
     with pytest.raises(IntegrityError, match="model.onnx"):
-        store.open_version(1).path
+        store.open_version(1)
 
 
 def test_dangling_pointer_is_reported_and_repairable(store: ModelStore, make_model) -> None:

@@ -48,21 +48,11 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-from convserve.store.durable_files import (
-    CHUNK_SIZE,
-    append_line,
-    fsync_dir,
-    locked,
-    replace_file,
-    sha256_file,
-    write_read_only,
-)
 from convserve.contracts.errors import IntegrityError, StoreError, VersionNotFound
 from convserve.contracts.model_card import ModelCard
 from convserve.store import base
 from convserve.store.base import (
     CARD_FILE,
-    HISTORY_KEYS,
     MODEL_FILE,
     RECOVERY_ACTOR,
     Decide,
@@ -78,6 +68,15 @@ from convserve.store.base import (
     parse_history_entry,
     require_text,
     utc_now,
+)
+from convserve.store.durable_files import (
+    CHUNK_SIZE,
+    append_line,
+    fsync_dir,
+    locked,
+    replace_file,
+    sha256_file,
+    write_read_only,
 )
 from convserve.store.location import StoreLocation
 from convserve.store.work_dir import WorkDir, check_job_id

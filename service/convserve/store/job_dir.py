@@ -29,8 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from convserve.store.durable_files import replace_file
 from convserve.contracts.errors import ClaimLost
+from convserve.store.durable_files import replace_file
 
 RECORD_FILE = "job.json"
 EVENTS_FILE = "events.jsonl"

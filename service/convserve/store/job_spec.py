@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from convserve.store.durable_files import replace_file
-from convserve.store.location import StoreLocation
 from convserve.contracts.errors import ConfigError
 from convserve.contracts.gate_policy import GatePolicy
 from convserve.contracts.spec import TrainConfig
+from convserve.store.durable_files import replace_file
+from convserve.store.location import StoreLocation
 
 SPEC_FILE = "spec.json"  # in the job's directory (convserve.store.job_dir)
 FORMAT = 1

@@ -27,6 +27,7 @@ How each guarantee of `convserve.store.base` holds:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -263,11 +264,9 @@ class S3Store:
     def _write_history(self, pointer: Pointer) -> None:
         if pointer.entry is None:
             return
-        try:
+        with contextlib.suppress(PreconditionFailed):  # written already, by whoever came first
             self.objects.put(f"{HISTORY}{pointer.seq:012d}",
                              json.dumps(pointer.entry.to_dict()).encode(), create_only=True)
-        except PreconditionFailed:
-            pass  # written already (by its promoter, or by a reader who recovered it)
 
     def _history_entry(self, name: str) -> HistoryEntry:
         blob = self.objects.get(name)
@@ -299,7 +298,6 @@ class S3Store:
                                  f"model object hashes to {hashed.digest.hexdigest()!r}")
 
     def _put_card(self, version: int, text: str) -> None:
-        try:
+        # We hold the number's claim: only our own write, retried by boto3, can have made it.
+        with contextlib.suppress(PreconditionFailed):
             self.objects.put(f"models/{version}/{CARD_FILE}", text.encode(), create_only=True)
-        except PreconditionFailed:
-            pass  # we hold the number's claim: only our own retried write can have made it
