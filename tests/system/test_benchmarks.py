@@ -95,3 +95,21 @@ def test_job_queue_benchmark_measures_files_and_postgresql(repo_root: Path, tmp_
         assert backend["watch"]["received"] == 10
         assert backend["watch"]["latency_ms"]["p50"] > 0
     assert re.search(r"^\| postgresql \| [\d,]+ / [\d,]+ \| ", result.stdout, re.MULTILINE)
+
+
+def test_store_benchmark_measures_both_backends(repo_root: Path, tmp_path: Path, s3_weed) -> None:
+    """benchmarks/store.py at tiny sizes (its own SeaweedFS, one replica per backend): every
+    phase ran on both backends and each promotion reached the replica."""
+    out = tmp_path / "store.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/store.py", "--rounds", "1", "--replicas", "1",
+         "--poll-calls", "20", "--big-mb", "1", "--idle-s", "1", "--poll-interval-s", "0.2",
+         "--json", str(out)], cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    samples = json.loads(out.read_text())
+    for backend in ("directory", "s3"):
+        assert len(samples["polls"][backend]["seconds"]) == 20
+        assert all(samples["downloads"][backend][v]["cold"] for v in ("1", "2"))
+        [promotion] = samples["replicas"][backend]["promotions"]
+        assert len(promotion["replica_s"]) == 1 and 0 < promotion["replica_s"][0] < 30
+    assert re.search(r"^\| s3 \| GET models/PROMOTED", result.stdout, re.MULTILINE)
