@@ -7,6 +7,7 @@ when all is well.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,18 @@ def wait_until(condition: Callable[[], T], what: str, timeout: float = DEFAULT_L
         if time.monotonic() > deadline:
             raise AssertionError(f"gave up waiting for {what} after {timeout:.0f} s")
         time.sleep(interval)
+    return result
+
+
+async def until(condition: Callable[[], T], what: str, timeout: float = DEFAULT_LIMIT_S,
+                interval: float = 0.002) -> T:
+    """`wait_until` for a coroutine: checks `condition` between turns of the event loop, so the
+    tasks (and worker threads) that make it true keep running; fails naming `what`."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what} after {timeout:.0f} s")
+        await asyncio.sleep(interval)
     return result
 
 

@@ -8,7 +8,6 @@ import asyncio
 import logging
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from convserve.serving.loader import (
 from convserve.serving.manager import ModelManager
 from convserve.store.base import ModelStore
 from tests.conftest import REPO_ROOT, python_env
+from tests.waits import until
 
 CLASSES = ["airplane", "bird", "cat"]
 TRT = "TensorrtExecutionProvider"
@@ -324,10 +324,7 @@ def test_run_picks_up_a_promotion_at_its_next_poll(store: ModelStore, first: Pat
     manager.refresh = counted_refresh  # type: ignore[method-assign]
 
     async def until_live(version: int) -> None:
-        deadline = time.monotonic() + 60  # bounds a failure only
-        while manager.live_version != version:
-            assert time.monotonic() < deadline, f"version {version} never became live"
-            await asyncio.sleep(0.01)
+        await until(lambda: manager.live_version == version, f"version {version} to become live")
 
     async def scenario() -> int:
         stop = asyncio.Event()
